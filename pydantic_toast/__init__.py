@@ -1,0 +1,32 @@
+"""pydantic-toast: store Pydantic models out of line and pass tiny references instead."""
+
+from pydantic_toast.backends.base import StorageBackend
+from pydantic_toast.bridge import aclose, close
+from pydantic_toast.errors import (
+    ExternalStorageError,
+    RecordNotFoundError,
+    StorageConnectionError,
+    StorageValidationError,
+)
+from pydantic_toast.model import (
+    ExternalBaseModel,
+    ExternalConfigDict,
+    ExternalMetadata,
+    ExternalReference,
+)
+from pydantic_toast.registry import register_backend
+
+__all__ = [
+    "ExternalBaseModel",
+    "ExternalConfigDict",
+    "ExternalMetadata",
+    "ExternalReference",
+    "ExternalStorageError",
+    "RecordNotFoundError",
+    "StorageBackend",
+    "StorageConnectionError",
+    "StorageValidationError",
+    "aclose",
+    "close",
+    "register_backend",
+]

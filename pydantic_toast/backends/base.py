@@ -1,0 +1,272 @@
+"""The backend contract: `StorageBackend`, the `Record` it moves, and the envelope codec.
+
+Backends know nothing of models. They move *records*: an id, a class name, the model's fields
+as JSON bytes (produced once by Pydantic's serializer) and the record's metadata.
+
+A custom backend implements four methods on plain dicts (`connect`, `disconnect`, `save`,
+`load`); every other operation has a default built from those. Built-in backends override the
+record methods (`write_record`, `read_record` and their batch forms) so that the JSON bytes
+reach the driver untouched: no dict round trip, no second encoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from typing import Any, ClassVar, TypeVar
+from uuid import UUID
+
+from pydantic_toast.errors import (
+    ExternalStorageError,
+    StorageConnectionError,
+    StorageValidationError,
+    mask_url,
+)
+
+__all__ = [
+    "Record",
+    "StorageBackend",
+    "check_class_name",
+    "decode_envelope",
+    "encode_envelope",
+]
+
+A = TypeVar("A")
+T = TypeVar("T")
+
+# Class names become parts of keys, object names and file paths: letters, digits, "_", "." and
+# "-" only, starting with a letter or "_". That excludes "/", "..", ":", "*", spaces and
+# control characters, so no name can leave its backend's namespace.
+_CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,199}")
+
+# How many single operations a default batch runs at once.
+DEFAULT_BATCH_CONCURRENCY = 16
+
+
+def check_class_name(class_name: object) -> str:
+    """Return ``class_name`` if it is safe to put in a key or path, else raise."""
+    if not isinstance(class_name, str) or _CLASS_NAME.fullmatch(class_name) is None:
+        shown = repr(class_name)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        raise StorageValidationError(
+            f"invalid class name {shown}: use letters, digits, '_', '.' and '-' "
+            "(at most 200 characters, starting with a letter or '_')"
+        )
+    return class_name
+
+
+@dataclass(slots=True)
+class Record:
+    """One stored model: its id, class name, JSON fields and metadata.
+
+    ``data`` is the JSON text of the model's fields, exactly as Pydantic wrote it.
+    ``created_at`` and ``updated_at`` are timezone-aware UTC datetimes.
+    """
+
+    id: UUID
+    class_name: str
+    data: bytes
+    schema_version: int
+    created_at: datetime
+    updated_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as the JSON-ready dict a four-method backend stores."""
+        return {
+            "class_name": self.class_name,
+            "schema_version": self.schema_version,
+            "created_at": _timestamp(self.created_at),
+            "updated_at": _timestamp(self.updated_at),
+            "data": json.loads(self.data),
+        }
+
+    @classmethod
+    def from_dict(cls, id: UUID, class_name: str, stored: object) -> Record:
+        """Rebuild a record from what a four-method backend's `load` returned."""
+        try:
+            if not isinstance(stored, dict):
+                raise TypeError(f"expected a dict, got {type(stored).__name__}")
+            return cls(
+                id=id,
+                class_name=_expect(stored, "class_name", str),
+                data=json.dumps(_expect(stored, "data", dict), separators=(",", ":")).encode(),
+                schema_version=_expect(stored, "schema_version", int),
+                created_at=_parse_timestamp(_expect(stored, "created_at", str)),
+                updated_at=_parse_timestamp(_expect(stored, "updated_at", str)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise StorageValidationError(
+                f"stored {class_name} record {id} is not a pydantic-toast record: {exc}"
+            ) from exc
+
+
+def _expect(stored: dict[str, Any], key: str, kind: type[T]) -> T:
+    value = stored.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"{key!r} must be {kind.__name__}")
+    return value
+
+
+def _timestamp(moment: datetime) -> str:
+    """Fixed-width ISO 8601 (32 characters for UTC), so it can be found by offset."""
+    return moment.isoformat(timespec="microseconds")
+
+
+def _parse_timestamp(text: str) -> datetime:
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError(f"timestamp {text!r} has no timezone")
+    return moment
+
+
+# The envelope: how byte-oriented backends (Redis, S3, files) store a record. The metadata
+# comes first, in a fixed order and width, and the model's JSON last, so that reading a record
+# slices the model's bytes out instead of parsing and re-encoding them, and Redis can keep
+# `created_at` atomically by overwriting a fixed byte range.
+_ENVELOPE_START = b'{"created_at":"'
+_DATA_MARKER = b',"data":'
+CREATED_AT_OFFSET = len(_ENVELOPE_START)
+CREATED_AT_WIDTH = 32
+
+
+def encode_envelope(record: Record) -> bytes:
+    """Encode a record as one JSON object holding its metadata and the model's fields."""
+    return b"".join(
+        (
+            _ENVELOPE_START,
+            _timestamp(record.created_at).encode(),
+            b'","updated_at":"',
+            _timestamp(record.updated_at).encode(),
+            b'","schema_version":',
+            str(record.schema_version).encode(),
+            b',"class_name":"',
+            record.class_name.encode(),
+            b'"',
+            _DATA_MARKER,
+            record.data,
+            b"}",
+        )
+    )
+
+
+def decode_envelope(raw: bytes, id: UUID, class_name: str) -> Record:
+    """Decode what `encode_envelope` wrote; anything else is a `StorageValidationError`.
+
+    Only the small metadata header is parsed here; the model's JSON is validated later by the
+    model itself, so a corrupt payload still ends as a clear error naming class and id.
+    """
+    marker = raw.find(_DATA_MARKER, 0, 512)
+    try:
+        if not raw.startswith(_ENVELOPE_START) or marker < 0 or not raw.endswith(b"}"):
+            raise ValueError("not a pydantic-toast envelope")
+        header = json.loads(raw[:marker] + b"}")
+        return Record(
+            id=id,
+            class_name=_expect(header, "class_name", str),
+            data=raw[marker + len(_DATA_MARKER) : -1],
+            schema_version=_expect(header, "schema_version", int),
+            created_at=_parse_timestamp(_expect(header, "created_at", str)),
+            updated_at=_parse_timestamp(_expect(header, "updated_at", str)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise StorageValidationError(f"stored {class_name} record {id} is corrupt: {exc}") from exc
+
+
+class StorageBackend(ABC):
+    """Base class of storage backends, built-in and custom.
+
+    A custom backend subclasses this and implements `connect`, `disconnect`, `save` and
+    `load`; it receives the storage URL in its constructor (``self.url``, also ``self._url``).
+    ``save`` gets a JSON-ready dict (the record: metadata plus the model's fields under
+    ``"data"``) and ``load`` returns that dict, or ``None`` when there is no record.
+    The constructor must not do I/O: the library builds one when a model class is defined,
+    to check its URL early; `connect` opens connections, once per backend.
+    """
+
+    #: How many records the default batch operations handle at once.
+    batch_concurrency: ClassVar[int] = DEFAULT_BATCH_CONCURRENCY
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._url = url
+        cls = type(self)
+        for dict_level, record_level in (("save", "write_record"), ("load", "read_record")):
+            if getattr(cls, dict_level) is getattr(StorageBackend, dict_level) and getattr(
+                cls, record_level
+            ) is getattr(StorageBackend, record_level):
+                raise TypeError(f"{cls.__name__} must implement {dict_level}()")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({mask_url(self.url)!r})"
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Open connections or pools. Called once, before the first operation."""
+
+    @abstractmethod
+    async def disconnect(self) -> None:
+        """Close what `connect` opened."""
+
+    async def save(self, id: UUID, class_name: str, data: dict[str, Any]) -> None:
+        """Store ``data`` for ``id``, replacing any record stored for it."""
+        await self.write_record(Record.from_dict(id, class_name, data))
+
+    async def load(self, id: UUID, class_name: str) -> dict[str, Any] | None:
+        """Return what `save` stored for ``id``, or ``None``."""
+        record = await self.read_record(class_name, id)
+        return None if record is None else record.to_dict()
+
+    # Record operations. The defaults are built from `save` and `load`; built-in backends
+    # override them to hand the driver the JSON bytes directly (and `save` and `load` then
+    # come from them). A backend must implement one of the two pairs.
+
+    async def write_record(self, record: Record) -> None:
+        """Store a record, keeping the stored ``created_at`` when one exists."""
+        await self._guard(
+            self.save(record.id, record.class_name, record.to_dict()), "save", record.class_name
+        )
+
+    async def read_record(self, class_name: str, id: UUID) -> Record | None:
+        """Return the record stored for ``id``, or ``None``."""
+        stored = await self._guard(self.load(id, class_name), "load", class_name)
+        return None if stored is None else Record.from_dict(id, class_name, stored)
+
+    async def write_records(self, records: Sequence[Record]) -> None:
+        """Store many records. The default runs `write_record` with bounded concurrency."""
+        await self._bounded(self.write_record, records)
+
+    async def read_records(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
+        """Return the record for each id, in order, ``None`` where there is none."""
+        return await self._bounded(partial(self.read_record, class_name), ids)
+
+    async def _bounded(self, operation: Callable[[A], Awaitable[T]], items: Sequence[A]) -> list[T]:
+        """Run ``operation`` on every item, at most `batch_concurrency` at a time, in order."""
+        if len(items) == 1:
+            return [await operation(items[0])]
+        gate = asyncio.Semaphore(self.batch_concurrency)
+
+        async def run(item: A) -> T:
+            async with gate:
+                return await operation(item)
+
+        return list(await asyncio.gather(*(run(item) for item in items)))
+
+    async def _guard(self, operation: Awaitable[T], verb: str, class_name: str) -> T:
+        """Await a custom backend's call, turning a foreign exception into ours."""
+        try:
+            return await operation
+        except ExternalStorageError:
+            raise
+        except Exception as exc:
+            raise StorageConnectionError(
+                f"{type(self).__name__}.{verb} failed for {class_name}: "
+                f"{type(exc).__name__}: {exc}",
+                self.url,
+            ) from exc

@@ -1,0 +1,60 @@
+"""``memory://name``: records in this process's memory, for tests and notebooks.
+
+Backends are per event loop, but the data is per URL: every ``memory://name`` backend in the
+process (the sync bridge's included) shares one store, so a record saved synchronously can be
+loaded asynchronously. Nothing survives the process.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import ClassVar
+from uuid import UUID
+
+from pydantic_toast.backends.base import Record, StorageBackend, check_class_name
+
+__all__ = ["MemoryBackend"]
+
+
+class MemoryBackend(StorageBackend):
+    """Keeps `Record` objects in a dict; their bytes are immutable, so nothing is copied."""
+
+    _stores: ClassVar[dict[str, dict[UUID, Record]]] = {}
+    _stores_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self._name = url.partition("://")[2]
+        self._store: dict[UUID, Record] = {}
+
+    async def connect(self) -> None:
+        with self._stores_lock:
+            self._store = self._stores.setdefault(self._name, {})
+
+    async def disconnect(self) -> None:
+        """Keeps the data: other backends of the same URL may still use it."""
+
+    async def write_record(self, record: Record) -> None:
+        check_class_name(record.class_name)
+        existing = self._store.get(record.id)
+        if existing is not None:
+            record.created_at = existing.created_at
+        self._store[record.id] = record
+
+    async def read_record(self, class_name: str, id: UUID) -> Record | None:
+        return self._store.get(id)
+
+    async def write_records(self, records: Sequence[Record]) -> None:
+        for record in records:
+            await self.write_record(record)
+
+    async def read_records(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
+        store = self._store
+        return [store.get(id) for id in ids]
+
+    @classmethod
+    def clear(cls, url: str) -> None:
+        """Forget every record of the ``memory://`` store named by ``url``."""
+        with cls._stores_lock:
+            cls._stores.get(url.partition("://")[2], {}).clear()

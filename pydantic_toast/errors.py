@@ -1,0 +1,106 @@
+"""The library's exceptions, and the URL masking that keeps passwords out of them.
+
+Every error a user can see passes through here, so this is the one place that decides how a
+storage URL is shown: with its password replaced by ``***``.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+__all__ = [
+    "ExternalStorageError",
+    "RecordNotFoundError",
+    "StorageConnectionError",
+    "StorageValidationError",
+    "mask_url",
+    "scrub_password",
+]
+
+_MASK = "***"
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***``.
+
+    Query options that carry secrets (``password``, ``secret``, ``token`` ...) are masked too.
+    The function never raises: a URL it cannot parse is reduced to its scheme, because an
+    unparseable string might still contain a password.
+    """
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hostinfo = netloc.rpartition("@")
+            user, sep, _password = userinfo.partition(":")
+            netloc = f"{user}{':' + _MASK if sep else ''}@{hostinfo}"
+        query = parts.query
+        if query:
+            masked = []
+            for pair in query.split("&"):
+                key, sep, _value = pair.partition("=")
+                if sep and _is_secret_option(key):
+                    pair = f"{key}={_MASK}"
+                masked.append(pair)
+            query = "&".join(masked)
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        scheme, sep, _ = url.partition("://")
+        return f"{scheme}://{_MASK}" if sep else _MASK
+
+
+def scrub_password(text: str, url: str) -> str:
+    """Remove ``url``'s password from ``text`` (a driver's message may quote the DSN)."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return text
+    if not password or len(password) < 4:
+        return text
+    for form in {password, unquote(password)}:
+        text = text.replace(form, _MASK)
+    return text
+
+
+def _is_secret_option(key: str) -> bool:
+    key = key.lower()
+    return any(word in key for word in ("password", "passwd", "secret", "token", "key"))
+
+
+class ExternalStorageError(Exception):
+    """Base class of every error pydantic-toast raises."""
+
+
+class StorageConnectionError(ExternalStorageError):
+    """The storage could not be reached, or it failed while talking to it.
+
+    ``url`` is the storage URL with its password masked; the driver's own exception is
+    chained as ``__cause__``.
+    """
+
+    def __init__(self, message: str, url: str) -> None:
+        self.url = mask_url(url)
+        super().__init__(f"{scrub_password(message, url)} ({self.url})")
+
+
+class RecordNotFoundError(ExternalStorageError):
+    """No record exists for the reference.
+
+    ``id`` is the first missing id; ``ids`` lists every missing id of a batch.
+    """
+
+    def __init__(self, class_name: str, ids: list[str], url: str = "") -> None:
+        self.class_name = class_name
+        self.ids = ids
+        self.id = ids[0] if ids else ""
+        self.url = mask_url(url) if url else ""
+        where = f" in {self.url}" if self.url else ""
+        if len(ids) == 1:
+            message = f"no {class_name} record with id {ids[0]}{where}"
+        else:
+            message = f"no {class_name} records with ids {', '.join(ids)}{where}"
+        super().__init__(message)
+
+
+class StorageValidationError(ExternalStorageError):
+    """Configuration, a reference or a stored record is not what it must be."""
