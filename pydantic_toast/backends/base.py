@@ -246,6 +246,21 @@ class StorageBackend(ABC):
         """Return the record for each id, in order, ``None`` where there is none."""
         return await self._bounded(partial(self.read_record, class_name), ids)
 
+    async def delete(self, id: UUID, class_name: str) -> bool:
+        """Delete the record for ``id``; return whether there was one.
+
+        Optional for custom backends: the four required methods cannot express deletion, so
+        the default says it is not supported.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not support deleting records")
+
+    async def delete_records(self, class_name: str, ids: Sequence[UUID]) -> int:
+        """Delete the records of ``ids``; return how many existed. Missing ids are no error."""
+        deleted = await self._bounded(
+            lambda id: self._guard(self.delete(id, class_name), "delete", class_name), ids
+        )
+        return sum(deleted)
+
     async def _bounded(self, operation: Callable[[A], Awaitable[T]], items: Sequence[A]) -> list[T]:
         """Run ``operation`` on every item, at most `batch_concurrency` at a time, in order."""
         if len(items) == 1:
@@ -262,7 +277,7 @@ class StorageBackend(ABC):
         """Await a custom backend's call, turning a foreign exception into ours."""
         try:
             return await operation
-        except ExternalStorageError:
+        except (ExternalStorageError, NotImplementedError):
             raise
         except Exception as exc:
             raise StorageConnectionError(
