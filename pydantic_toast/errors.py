@@ -6,7 +6,7 @@ storage URL is shown: with its password replaced by ``***``.
 
 from __future__ import annotations
 
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 __all__ = [
     "ExternalStorageError",
@@ -24,29 +24,27 @@ def mask_url(url: str) -> str:
     """Return ``url`` with any password replaced by ``***``.
 
     Query options that carry secrets (``password``, ``secret``, ``token`` ...) are masked too.
-    The function never raises: a URL it cannot parse is reduced to its scheme, because an
-    unparseable string might still contain a password.
+    Everything else is left exactly as written. The function never raises: a URL it cannot
+    parse is reduced to its scheme, because an unparseable string might still hold a password.
     """
     try:
         parts = urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, _, hostinfo = netloc.rpartition("@")
-            user, sep, _password = userinfo.partition(":")
-            netloc = f"{user}{':' + _MASK if sep else ''}@{hostinfo}"
-        query = parts.query
-        if query:
-            masked = []
-            for pair in query.split("&"):
-                key, sep, _value = pair.partition("=")
-                if sep and _is_secret_option(key):
-                    pair = f"{key}={_MASK}"
-                masked.append(pair)
-            query = "&".join(masked)
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
     except ValueError:
         scheme, sep, _ = url.partition("://")
-        return f"{scheme}://{_MASK}" if sep else _MASK
+        return f"{scheme}://{_MASK}" if sep and scheme.isalnum() else _MASK
+    masked = url
+    if "@" in parts.netloc:
+        userinfo, _, hostinfo = parts.netloc.rpartition("@")
+        user, sep, _password = userinfo.partition(":")
+        netloc = f"{user}{':' + _MASK if sep else ''}@{hostinfo}"
+        masked = masked.replace(parts.netloc, netloc, 1)
+    if parts.query:
+        pairs = []
+        for pair in parts.query.split("&"):
+            key, sep, _value = pair.partition("=")
+            pairs.append(f"{key}={_MASK}" if sep and _is_secret_option(key) else pair)
+        masked = masked.replace(parts.query, "&".join(pairs), 1)
+    return masked
 
 
 def scrub_password(text: str, url: str) -> str:
@@ -64,7 +62,10 @@ def scrub_password(text: str, url: str) -> str:
 
 def _is_secret_option(key: str) -> bool:
     key = key.lower()
-    return any(word in key for word in ("password", "passwd", "secret", "token", "key"))
+    return any(
+        word in key
+        for word in ("password", "passwd", "secret", "token", "access_key", "api_key", "private")
+    )
 
 
 class ExternalStorageError(Exception):

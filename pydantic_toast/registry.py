@@ -82,6 +82,8 @@ def backend_class_for(url: str) -> type[StorageBackend]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        if exc.name == module_name:
+            raise
         extra = _EXTRA_FOR_MODULE.get(module_name.rpartition(".")[2], "all")
         raise StorageValidationError(
             f"the {scheme!r} backend needs a driver that is not installed ({exc.name}): "

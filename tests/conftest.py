@@ -21,7 +21,9 @@ import pytest
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-POSTGRES_URL = os.environ.get("TOAST_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+POSTGRES_URL = os.environ.get(
+    "TOAST_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 REDIS_URL = os.environ.get("TOAST_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 

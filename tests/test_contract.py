@@ -99,7 +99,9 @@ def sample_profile(cls: type[ExternalBaseModel]) -> ExternalBaseModel:
         score=99.5,
         active=True,
         uid=uuid4(),
-        joined=dt.datetime(2024, 2, 29, 12, 30, 15, 123456, tzinfo=dt.timezone(dt.timedelta(hours=5, minutes=30))),
+        joined=dt.datetime(
+            2024, 2, 29, 12, 30, 15, 123456, tzinfo=dt.timezone(dt.timedelta(hours=5, minutes=30))
+        ),
         local_time=dt.datetime(2025, 1, 1, 0, 0, 0, 1),
         birthday=dt.date(1815, 12, 10),
         alarm=dt.time(6, 45, 30, 500),
@@ -113,7 +115,7 @@ def sample_profile(cls: type[ExternalBaseModel]) -> ExternalBaseModel:
         nickname="Countess",
         raw=b"\x00\x01binary\xff",
         numbers=(1, 2, 3),
-        unicode="naïve café — 数学 🚀 \"quoted\" \\ back",
+        unicode='naïve café — 数学 🚀 "quoted" \\ back',
     )
 
 
@@ -279,9 +281,7 @@ async def test_500_concurrent_saves_and_loads(storage: str) -> None:
 async def test_batch_record_operations_keep_order_and_report_missing(storage: str) -> None:
     backend = await get_backend(storage)
     now = dt.datetime.now(dt.UTC)
-    records = [
-        Record(uuid4(), "Batch", b'{"n":%d}' % i, 1, now, now) for i in range(50)
-    ]
+    records = [Record(uuid4(), "Batch", b'{"n":%d}' % i, 1, now, now) for i in range(50)]
     await backend.write_records(records)
     missing = uuid4()
     ids = [records[3].id, missing, records[0].id, *(r.id for r in records[10:])]

@@ -1,0 +1,472 @@
+"""ExternalBaseModel's own behaviour: class definition checks, references, masking, and the
+lifecycle of backends (one per URL and loop, connected once, closed on request and at exit)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import threading
+import traceback
+from typing import Any, ClassVar
+from uuid import UUID, uuid4
+
+import pytest
+from pydantic import BaseModel
+
+import pydantic_toast
+from pydantic_toast import (
+    ExternalBaseModel,
+    ExternalConfigDict,
+    StorageBackend,
+    StorageConnectionError,
+    StorageValidationError,
+    register_backend,
+)
+from pydantic_toast.backends.base import Record
+from pydantic_toast.errors import mask_url
+from pydantic_toast.registry import get_backend
+
+
+class CountingBackend(StorageBackend):
+    """Counts connects and disconnects; stores in memory, four methods only."""
+
+    connects: ClassVar[int] = 0
+    disconnects: ClassVar[int] = 0
+
+    async def connect(self) -> None:
+        await asyncio.sleep(0.01)  # a slow handshake invites concurrent connects
+        type(self).connects += 1
+        self.store: dict[UUID, dict[str, Any]] = {}
+
+    async def disconnect(self) -> None:
+        type(self).disconnects += 1
+
+    async def save(self, id: UUID, class_name: str, data: dict[str, Any]) -> None:
+        self.store[id] = data
+
+    async def load(self, id: UUID, class_name: str) -> dict[str, Any] | None:
+        return self.store.get(id)
+
+
+@pytest.fixture
+def counting() -> type[CountingBackend]:
+    CountingBackend.connects = CountingBackend.disconnects = 0
+    register_backend("counting", CountingBackend)
+    return CountingBackend
+
+
+# --- class definition ------------------------------------------------------------------------
+
+
+def test_missing_storage_fails_at_class_definition() -> None:
+    with pytest.raises(StorageValidationError) as caught:
+
+        class NoStorage(ExternalBaseModel):
+            name: str
+
+    message = str(caught.value)
+    assert "NoStorage has no storage" in message
+    assert "registered schemes:" in message and "sqlite" in message and "postgresql" in message
+
+
+def test_unknown_scheme_fails_at_class_definition_naming_class_and_schemes() -> None:
+    with pytest.raises(StorageValidationError) as caught:
+
+        class Unknown(ExternalBaseModel):
+            model_config = ExternalConfigDict(storage="mongodb://user:hunter2pw@host/db")
+
+    message = str(caught.value)
+    assert "Unknown" in message
+    assert "unknown storage scheme 'mongodb'" in message
+    assert "memory, postgres, postgresql, redis, rediss, s3, sqlite" in message
+    assert "hunter2pw" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("", "has no storage"),
+        ("not a url", "malformed storage URL 'not a url'"),
+        ("sqlite:/no-slashes.db", "malformed storage URL"),
+        ("sqlite://host/x.db", "sqlite URLs have no host"),
+        ("sqlite:///:memory:", "for memory use memory://"),
+        ("sqlite:///x.db?colour=blue", "unknown sqlite option"),
+        ("sqlite:///x.db?table=x;drop", "invalid table name"),
+        ("file://remote-host/dir", "file URLs name a local directory"),
+        ("http://[::1/x", "malformed storage URL"),
+    ],
+)
+def test_malformed_urls_fail_at_class_definition(url: str, message: str) -> None:
+    with pytest.raises(StorageValidationError, match=message.replace("?", r"\?")) as caught:
+
+        class Broken(ExternalBaseModel):
+            model_config = ExternalConfigDict(storage=url)
+
+    assert "Broken" in str(caught.value)
+
+
+def test_storage_must_be_a_string() -> None:
+    with pytest.raises(StorageValidationError, match="must be a non-empty string"):
+
+        class Numeric(ExternalBaseModel):
+            model_config = ExternalConfigDict(storage=123)  # type: ignore[typeddict-item]
+
+
+@pytest.mark.parametrize("version", [0, -1, "2", True, 1.5])
+def test_schema_version_must_be_a_positive_int(version: Any) -> None:
+    with pytest.raises(StorageValidationError, match="schema_version must be a positive int"):
+
+        class Versioned(ExternalBaseModel):
+            model_config = ExternalConfigDict(storage="memory://x", schema_version=version)
+
+
+def test_file_url_with_empty_host_is_accepted(tmp_path: Any) -> None:
+    class Note(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=f"file://{tmp_path}/notes")
+        text: str
+
+    reference = Note(text="hi").save_external_sync()
+    assert Note.load_external_sync(reference) == Note(text="hi")
+    stored = tmp_path / "notes" / "Note" / f"{reference['id']}.json"
+    assert stored.is_file()
+
+
+def test_config_is_inherited_and_plain_pydantic_still_works() -> None:
+    class Base(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage="memory://inherit", frozen=True)
+
+    class Child(Base):
+        name: str
+        size: int = 0
+
+    child = Child(name="c", size=2)
+    assert child.model_dump() == {"name": "c", "size": 2}
+    assert child.model_dump_json() == '{"name":"c","size":2}'
+    assert Child.model_validate({"name": "c", "size": 2}) == child
+    assert Child.model_validate_json('{"name":"c","size":2}') == child
+    assert Child.model_json_schema()["required"] == ["name"]
+    with pytest.raises(Exception, match="frozen"):
+        child.name = "d"  # type: ignore[misc]
+    reference = child.save_external_sync()
+    assert Child.load_external_sync(reference) == child
+
+
+def test_user_backend_replaces_a_builtin_scheme(tmp_path: Any) -> None:
+    from pydantic_toast.backends.file import FileBackend
+    from pydantic_toast.registry import backend_class_for
+
+    class MyFiles(CountingBackend):
+        pass
+
+    register_backend("file", MyFiles)
+    try:
+        assert backend_class_for("file:///tmp/x") is MyFiles
+    finally:
+        register_backend("file", FileBackend)
+
+
+def test_register_backend_rejects_non_backends() -> None:
+    with pytest.raises(TypeError, match="is not a StorageBackend subclass"):
+        register_backend("bad", dict)  # type: ignore[arg-type]
+
+
+def test_a_backend_without_save_or_load_is_refused() -> None:
+    class Half(StorageBackend):
+        async def connect(self) -> None: ...
+
+        async def disconnect(self) -> None: ...
+
+    with pytest.raises(TypeError, match="Half must implement save"):
+        Half("half://x")
+
+
+# --- references ------------------------------------------------------------------------------
+
+
+class Thing(ExternalBaseModel):
+    model_config = ExternalConfigDict(storage="memory://things")
+    value: int
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"class_name": "Thing", "id": str(uuid4())}, True),
+        ({"class_name": "Thing", "id": uuid4()}, True),
+        ({"class_name": "Other", "id": str(uuid4())}, True),
+        ({"class_name": "Thing", "id": "nope"}, False),
+        ({"class_name": "Thing", "id": str(uuid4()), "x": 1}, False),
+        ({"class_name": 1, "id": str(uuid4())}, False),
+        ({"id": str(uuid4())}, False),
+        ({"class_name": "Thing", "id": "a" * 1_000_000}, False),
+        ([("class_name", "Thing")], False),
+        ("Thing", False),
+        (None, False),
+    ],
+)
+def test_is_external_reference(data: Any, expected: bool) -> None:
+    assert ExternalBaseModel.is_external_reference(data) is expected
+
+
+def test_is_external_reference_on_a_subclass_checks_the_class() -> None:
+    reference = {"class_name": "Thing", "id": str(uuid4())}
+    assert Thing.is_external_reference(reference)
+    assert not Thing.is_external_reference({**reference, "class_name": "Other"})
+
+
+def test_a_copy_is_a_new_record_and_equality_ignores_metadata() -> None:
+    thing = Thing(value=1)
+    reference = thing.save_external_sync()
+    assert thing == Thing(value=1)  # metadata takes no part in equality
+    copy = thing.model_copy()
+    assert copy.external_metadata is None
+    assert copy.save_external_sync() != reference
+
+
+# --- masking ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("postgresql://user:pa%40ss@db:5432/app", "postgresql://user:***@db:5432/app"),
+        ("redis://:hunter2@[::1]:6379/0", "redis://:***@[::1]:6379/0"),
+        (
+            "postgresql://user@db/app?password=x&sslmode=require",
+            "postgresql://user@db/app?password=***&sslmode=require",
+        ),
+        ("sqlite:////var/data/app.db", "sqlite:////var/data/app.db"),
+        ("s3://bucket/p?aws_secret_access_key=k", "s3://bucket/p?aws_secret_access_key=***"),
+        ("redis://user:pw@h/0?prefix=app", "redis://user:***@h/0?prefix=app"),
+    ],
+)
+def test_mask_url(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
+
+
+class LeakyBackend(StorageBackend):
+    """A backend whose driver quotes the whole DSN in its errors, as some drivers do."""
+
+    async def connect(self) -> None:
+        raise OSError(f"could not reach {self.url}")
+
+    async def disconnect(self) -> None: ...
+
+    async def save(self, id: UUID, class_name: str, data: dict[str, Any]) -> None: ...
+
+    async def load(self, id: UUID, class_name: str) -> dict[str, Any] | None:
+        return None
+
+
+async def test_passwords_never_appear_in_errors_reprs_or_tracebacks() -> None:
+    register_backend("leaky", LeakyBackend)
+
+    class Secretive(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage="leaky://admin:Sup3rS3cret@db.internal:99/x")
+        value: int
+
+    with pytest.raises(StorageConnectionError) as caught:
+        await Secretive(value=1).save_external()
+    error = caught.value
+    shown = "".join(traceback.format_exception(error))
+    assert "Sup3rS3cret" not in str(error) + repr(error)
+    assert "db.internal" in str(error)
+    assert "admin:***@db.internal" in error.url
+    assert isinstance(error.__cause__, OSError)
+    # The chained driver error is the driver's own text; what the library adds is clean.
+    assert shown.count("Sup3rS3cret") <= 1
+    backend = LeakyBackend("leaky://admin:Sup3rS3cret@db.internal:99/x")
+    assert "Sup3rS3cret" not in repr(backend)
+
+
+# --- lifecycle -------------------------------------------------------------------------------
+
+
+async def test_one_backend_per_url_connected_once_under_concurrency(
+    counting: type[CountingBackend],
+) -> None:
+    backends = await asyncio.gather(*(get_backend("counting://a") for _ in range(50)))
+    assert len({id(b) for b in backends}) == 1
+    assert counting.connects == 1
+    assert await get_backend("counting://b") is not backends[0]
+    assert counting.connects == 2
+
+
+async def test_aclose_closes_and_the_next_call_reconnects(counting: type[CountingBackend]) -> None:
+    class Counted(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage="counting://close")
+        value: int
+
+    await Counted(value=1).save_external()
+    await pydantic_toast.aclose()
+    assert counting.disconnects == 1
+    await Counted(value=2).save_external()
+    assert counting.connects == 2
+
+
+def test_backends_close_when_their_loop_shuts_down(counting: type[CountingBackend]) -> None:
+    class Counted(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage="counting://loop")
+        value: int
+
+    async def use() -> None:
+        await Counted(value=1).save_external()
+        await Counted(value=2).save_external()
+
+    asyncio.run(use())
+    assert (counting.connects, counting.disconnects) == (1, 1)
+    asyncio.run(use())  # a new loop gets its own backend
+    assert (counting.connects, counting.disconnects) == (2, 2)
+
+
+def test_sync_calls_reuse_one_backend(counting: type[CountingBackend]) -> None:
+    class Counted(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage="counting://sync")
+        value: int
+
+    references = [Counted(value=i).save_external_sync() for i in range(20)]
+    assert [Counted.load_external_sync(r).value for r in references] == list(range(20))
+    assert counting.connects == 1
+    pydantic_toast.close()
+    assert counting.disconnects == 1
+
+
+def test_sync_api_from_eight_threads(sqlite_url: str) -> None:
+    class Shared(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=sqlite_url)
+        thread: int
+        index: int
+
+    results: dict[int, list[Shared]] = {}
+    errors: list[BaseException] = []
+
+    def work(thread: int) -> None:
+        try:
+            refs = [Shared(thread=thread, index=i).save_external_sync() for i in range(50)]
+            results[thread] = [Shared.load_external_sync(r) for r in refs]
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    assert all(not thread.is_alive() for thread in threads)
+    for n in range(8):
+        assert results[n] == [Shared(thread=n, index=i) for i in range(50)]
+
+
+async def test_a_sync_call_from_inside_a_backend_is_a_clear_error() -> None:
+    class Reentrant(StorageBackend):
+        async def connect(self) -> None: ...
+
+        async def disconnect(self) -> None: ...
+
+        async def save(self, id: UUID, class_name: str, data: dict[str, Any]) -> None:
+            Thing(value=1).save_external_sync()
+
+        async def load(self, id: UUID, class_name: str) -> dict[str, Any] | None:
+            return None
+
+    register_backend("reentrant", Reentrant)
+
+    class Inner(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage="reentrant://x")
+        value: int
+
+    with pytest.raises(StorageConnectionError, match="called from inside an async operation"):
+        Inner(value=1).save_external_sync()
+
+
+async def test_1000_concurrent_saves_on_the_embedded_default(sqlite_url: str) -> None:
+    class Event(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=sqlite_url)
+        index: int
+        payload: dict[str, list[int]]
+
+    events = [Event(index=i, payload={"values": list(range(i % 7))}) for i in range(1000)]
+    references = await asyncio.gather(*(event.save_external() for event in events))
+    assert len({r["id"] for r in references}) == 1000
+    loaded = await asyncio.gather(*(Event.load_external(r) for r in references))
+    assert loaded == events
+
+    import sqlite3
+
+    path = sqlite_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("SELECT count(*) FROM external_models").fetchone() == (1000,)
+
+
+def test_interpreter_exit_with_open_backends_is_clean(tmp_path: Any) -> None:
+    script = textwrap.dedent(
+        f"""
+        import asyncio
+        from pydantic_toast import ExternalBaseModel, ExternalConfigDict
+
+        class Item(ExternalBaseModel):
+            model_config = ExternalConfigDict(storage="sqlite:///{tmp_path}/exit.db")
+            value: int
+
+        reference = Item(value=1).save_external_sync()
+
+        async def main():
+            await Item(value=2).save_external()
+            print(Item.load_external_sync(reference).value)
+
+        asyncio.run(main())
+        print("done")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "done"]
+    assert result.stderr == ""
+
+
+def test_a_model_with_a_nested_plain_model() -> None:
+    class Inner(BaseModel):
+        x: int
+
+    class Outer(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage="memory://nested")
+        inner: Inner
+        inners: list[Inner]
+
+    outer = Outer(inner=Inner(x=1), inners=[Inner(x=2)])
+    assert Outer.load_external_sync(outer.save_external_sync()) == outer
+
+
+def test_records_from_a_custom_backend_that_are_not_records(
+    counting: type[CountingBackend],
+) -> None:
+    class Counted(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage="counting://shape")
+        value: int
+
+    reference = Counted(value=1).save_external_sync()
+
+    async def corrupt() -> None:
+        backend = await get_backend("counting://shape")
+        await backend.save(UUID(reference["id"]), "Counted", {"value": 1})
+
+    from pydantic_toast.bridge import run_sync
+
+    run_sync(corrupt())
+    with pytest.raises(StorageValidationError, match="is not a pydantic-toast record"):
+        Counted.load_external_sync(reference)
+
+
+def test_record_from_dict_rejects_wrong_shapes() -> None:
+    id = uuid4()
+    for stored in ([], {"data": []}, {"class_name": "X", "data": {}, "schema_version": "1"}):
+        with pytest.raises(StorageValidationError, match=str(id)):
+            Record.from_dict(id, "X", stored)
