@@ -6,10 +6,10 @@ move the bytes, the registry finds the live backend, the bridge runs the sync tw
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Self, TypedDict
+from typing import Any, ClassVar, Literal, Self, TypedDict, overload
 from uuid import UUID, uuid4
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -18,6 +18,7 @@ from pydantic_core import PydanticSerializationError
 from pydantic_toast.backends.base import Record, check_class_name
 from pydantic_toast.bridge import run_sync
 from pydantic_toast.errors import RecordNotFoundError, StorageValidationError, mask_url
+from pydantic_toast.loader import load_record
 from pydantic_toast.registry import check_storage_url, get_backend, registered_schemes
 
 __all__ = ["ExternalBaseModel", "ExternalConfigDict", "ExternalMetadata", "ExternalReference"]
@@ -41,6 +42,10 @@ class ExternalReference(TypedDict):
 
     class_name: str
     id: str
+
+
+# What the load methods accept: a reference, or any mapping shaped like one (checked).
+_ReferenceLike = ExternalReference | Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,24 +127,8 @@ class ExternalBaseModel(BaseModel):
         The first save assigns an id; saving the same instance again updates that record
         (``created_at`` stays, ``updated_at`` moves). The record is written when this returns.
         """
-        cls = type(self)
-        metadata = _metadata_of(self)
-        now = datetime.now(UTC)
-        try:
-            data = cls.__pydantic_serializer__.to_json(self)
-        except PydanticSerializationError as exc:
-            raise StorageValidationError(
-                f"{cls.__external_class_name__} cannot be serialized to JSON: {exc}"
-            ) from exc
-        record = Record(
-            id=uuid4() if metadata is None else metadata.id,
-            class_name=cls.__external_class_name__,
-            data=data,
-            schema_version=cls.__external_schema_version__,
-            created_at=now if metadata is None else metadata.created_at,
-            updated_at=now,
-        )
-        backend = await get_backend(cls.__external_storage__)
+        record = self._to_record(datetime.now(UTC))
+        backend = await get_backend(type(self).__external_storage__)
         await backend.write_record(record)
         _set_metadata(self, record)
         return {"class_name": record.class_name, "id": str(record.id)}
@@ -149,24 +138,142 @@ class ExternalBaseModel(BaseModel):
         return run_sync(self.save_external())
 
     @classmethod
-    async def load_external(cls, reference: ExternalReference | Mapping[str, Any]) -> Self:
+    async def load_external(cls, reference: _ReferenceLike) -> Self:
         """Load the model a reference points to.
 
         Raises `RecordNotFoundError` when there is no such record, and
         `StorageValidationError` when the reference is malformed, names another class, or the
-        stored data no longer validates.
+        stored data no longer validates. Loads that tasks issue in the same event-loop turn
+        reach the backend as one batch.
         """
         id = cls._reference_id(reference)
         backend = await get_backend(cls.__external_storage__)
-        record = await backend.read_record(cls.__external_class_name__, id)
+        record = await load_record(backend, cls.__external_class_name__, id)
         if record is None:
             raise RecordNotFoundError(cls.__external_class_name__, [str(id)], backend.url)
         return cls._from_record(record)
 
     @classmethod
-    def load_external_sync(cls, reference: ExternalReference | Mapping[str, Any]) -> Self:
+    def load_external_sync(cls, reference: _ReferenceLike) -> Self:
         """`load_external` for synchronous code, including code inside a running loop."""
         return run_sync(cls.load_external(reference))
+
+    @classmethod
+    async def save_external_many(cls, models: Iterable[Self]) -> list[ExternalReference]:
+        """Store many models in one batch per storage; return their references, in order.
+
+        Each model keeps or gets its id exactly as with `save_external`; an instance listed
+        twice is written once.
+        """
+        now = datetime.now(UTC)
+        models = list(models)
+        records: dict[int, Record] = {}
+        batches: dict[str, list[Record]] = {}
+        for model in models:
+            if not isinstance(model, cls):
+                raise TypeError(f"save_external_many of {cls.__name__} got {type(model).__name__}")
+            if id(model) not in records:
+                record = records[id(model)] = model._to_record(now)
+                batches.setdefault(type(model).__external_storage__, []).append(record)
+        for storage, batch in batches.items():
+            backend = await get_backend(storage)
+            await backend.write_records(batch)
+        for model in models:
+            _set_metadata(model, records[id(model)])
+        return [
+            {"class_name": record.class_name, "id": str(record.id)}
+            for record in (records[id(model)] for model in models)
+        ]
+
+    @classmethod
+    def save_external_many_sync(cls, models: Iterable[Self]) -> list[ExternalReference]:
+        """`save_external_many` for synchronous code."""
+        return run_sync(cls.save_external_many(models))
+
+    @overload
+    @classmethod
+    async def load_external_many(
+        cls,
+        references: Iterable[_ReferenceLike],
+        *,
+        missing_ok: Literal[False] = False,
+    ) -> list[Self]: ...
+
+    @overload
+    @classmethod
+    async def load_external_many(
+        cls, references: Iterable[_ReferenceLike], *, missing_ok: bool
+    ) -> list[Self | None]: ...
+
+    @classmethod
+    async def load_external_many(
+        cls,
+        references: Iterable[_ReferenceLike],
+        *,
+        missing_ok: bool = False,
+    ) -> list[Self] | list[Self | None]:
+        """Load many models in one batch read, in the order of ``references``.
+
+        Missing records raise one `RecordNotFoundError` naming every missing id, or, with
+        ``missing_ok=True``, come back as ``None``. A reference listed twice gives the same
+        instance twice.
+        """
+        ids = [cls._reference_id(reference) for reference in references]
+        unique = list(dict.fromkeys(ids))
+        backend = await get_backend(cls.__external_storage__)
+        records = await backend.read_records(cls.__external_class_name__, unique)
+        missing = [str(id) for id, record in zip(unique, records, strict=True) if record is None]
+        if missing and not missing_ok:
+            raise RecordNotFoundError(cls.__external_class_name__, missing, backend.url)
+        loaded = {
+            id: None if record is None else cls._from_record(record)
+            for id, record in zip(unique, records, strict=True)
+        }
+        return [loaded[id] for id in ids]
+
+    @overload
+    @classmethod
+    def load_external_many_sync(
+        cls,
+        references: Iterable[_ReferenceLike],
+        *,
+        missing_ok: Literal[False] = False,
+    ) -> list[Self]: ...
+
+    @overload
+    @classmethod
+    def load_external_many_sync(
+        cls, references: Iterable[_ReferenceLike], *, missing_ok: bool
+    ) -> list[Self | None]: ...
+
+    @classmethod
+    def load_external_many_sync(
+        cls,
+        references: Iterable[_ReferenceLike],
+        *,
+        missing_ok: bool = False,
+    ) -> list[Self] | list[Self | None]:
+        """`load_external_many` for synchronous code."""
+        return run_sync(cls.load_external_many(references, missing_ok=missing_ok))
+
+    def _to_record(self, now: datetime) -> Record:
+        """This model as a record: its id and ``created_at`` if it was saved or loaded before."""
+        cls = type(self)
+        metadata = _metadata_of(self)
+        try:
+            data = cls.__pydantic_serializer__.to_json(self)
+        except PydanticSerializationError as exc:
+            raise StorageValidationError(
+                f"{cls.__external_class_name__} cannot be serialized to JSON: {exc}"
+            ) from exc
+        return Record(
+            id=uuid4() if metadata is None else metadata.id,
+            class_name=cls.__external_class_name__,
+            data=data,
+            schema_version=cls.__external_schema_version__,
+            created_at=now if metadata is None else metadata.created_at,
+            updated_at=now,
+        )
 
     @classmethod
     def _reference_id(cls, reference: object) -> UUID:

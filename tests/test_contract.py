@@ -308,3 +308,78 @@ async def test_sync_twins_inside_a_running_loop(storage: str) -> None:
     reference = profile.save_external_sync()  # as a Jupyter cell or a sync handler would
     assert Profile.load_external_sync(reference) == profile
     assert await Profile.load_external(reference) == profile
+
+
+async def test_delete_records_counts_what_existed(storage: str) -> None:
+    backend = await get_backend(storage)
+    now = dt.datetime.now(dt.UTC)
+    records = [Record(uuid4(), "Gone", b'{"n":%d}' % i, 1, now, now) for i in range(5)]
+    await backend.write_records(records)
+    try:
+        deleted = await backend.delete_records("Gone", [records[0].id, records[1].id, uuid4()])
+    except NotImplementedError:
+        assert storage.startswith("dictstore://"), "only four-method backends may lack delete"
+        return
+    assert deleted == 2
+    found = await backend.read_records("Gone", [r.id for r in records])
+    assert [r is None for r in found] == [True, True, False, False, False]
+
+
+async def test_save_and_load_many_keep_order_and_identity(storage: str) -> None:
+    class Row(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=storage)
+        index: int
+        text: str
+
+    rows = [Row(index=i, text="x" * (i % 50)) for i in range(1000)]
+    references = await Row.save_external_many([*rows, rows[0]])
+    assert len(references) == 1001
+    assert references[-1] == references[0]  # an instance listed twice is written once
+    assert len({r["id"] for r in references}) == 1000
+    assert all(row.external_metadata is not None for row in rows)
+
+    loaded = await Row.load_external_many(reversed(references[:1000]))
+    assert loaded == rows[::-1]
+    twice = await Row.load_external_many([references[5], references[5]])
+    assert twice[0] is twice[1]
+    assert twice[0] == rows[5]
+
+    rows[1].text = "changed"
+    again = await Row.save_external_many(rows[:2])
+    assert again == references[:2]
+    assert (await Row.load_external(references[1])).text == "changed"
+
+
+async def test_load_many_reports_every_missing_id(storage: str) -> None:
+    class Row(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=storage)
+        index: int
+
+    present = await Row.save_external_many([Row(index=1), Row(index=2)])
+    gone = [{"class_name": "Row", "id": str(uuid4())} for _ in range(2)]
+    with pytest.raises(RecordNotFoundError) as caught:
+        await Row.load_external_many([present[0], gone[0], present[1], gone[1]])
+    assert caught.value.ids == [gone[0]["id"], gone[1]["id"]]
+    assert gone[0]["id"] in str(caught.value) and gone[1]["id"] in str(caught.value)
+
+    loaded = await Row.load_external_many([gone[0], present[1]], missing_ok=True)
+    assert loaded == [None, Row(index=2)]
+
+
+async def test_concurrent_single_loads_each_get_their_own_result(storage: str) -> None:
+    class Row(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=storage)
+        index: int
+
+    references = await Row.save_external_many([Row(index=i) for i in range(64)])
+    missing = {"class_name": "Row", "id": str(uuid4())}
+    results = await asyncio.gather(
+        *(Row.load_external(r) for r in references),
+        Row.load_external(missing),
+        Row.load_external(references[3]),
+        return_exceptions=True,
+    )
+    assert results[:64] == [Row(index=i) for i in range(64)]
+    assert isinstance(results[64], RecordNotFoundError)
+    assert results[64].id == missing["id"]
+    assert results[65] == Row(index=3)

@@ -470,3 +470,87 @@ def test_record_from_dict_rejects_wrong_shapes() -> None:
     for stored in ([], {"data": []}, {"class_name": "X", "data": {}, "schema_version": "1"}):
         with pytest.raises(StorageValidationError, match=str(id)):
             Record.from_dict(id, "X", stored)
+
+
+# --- coalescing ------------------------------------------------------------------------------
+
+
+class BatchCounting(CountingBackend):
+    """Counts single and batch reads, and can be told to fail."""
+
+    single_reads: ClassVar[int] = 0
+    batch_reads: ClassVar[list[int]] = []
+    fail: ClassVar[bool] = False
+
+    async def read_record(self, class_name: str, id: UUID) -> Record | None:
+        type(self).single_reads += 1
+        return (await self.read_records(class_name, [id]))[0]
+
+    async def read_records(self, class_name: str, ids: Any) -> list[Record | None]:
+        if self.fail:
+            raise StorageConnectionError("the server went away", self.url)
+        type(self).batch_reads.append(len(ids))
+        return [await StorageBackend.read_record(self, class_name, id) for id in ids]
+
+
+@pytest.fixture
+def batch_counting() -> type[BatchCounting]:
+    BatchCounting.single_reads = 0
+    BatchCounting.batch_reads = []
+    BatchCounting.fail = False
+    register_backend("batchcounting", BatchCounting)
+    return BatchCounting
+
+
+async def test_loads_in_one_loop_turn_go_out_as_one_batch(
+    batch_counting: type[BatchCounting],
+) -> None:
+    class Row(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage="batchcounting://coalesce")
+        index: int
+
+    references = await Row.save_external_many([Row(index=i) for i in range(64)])
+    loaded = await asyncio.gather(*(Row.load_external(r) for r in references))
+    assert loaded == [Row(index=i) for i in range(64)]
+    assert batch_counting.batch_reads == [64]
+    assert batch_counting.single_reads == 0
+
+    # A lone load is sent at once as a single read.
+    assert await asyncio.wait_for(Row.load_external(references[0]), timeout=1) == Row(index=0)
+    assert batch_counting.single_reads == 1
+
+
+async def test_a_failed_batch_fails_every_caller_and_the_next_one_works(
+    batch_counting: type[BatchCounting],
+) -> None:
+    class Row(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage="batchcounting://failing")
+        index: int
+
+    references = await Row.save_external_many([Row(index=i) for i in range(3)])
+    batch_counting.fail = True
+    results = await asyncio.gather(
+        *(Row.load_external(r) for r in references), return_exceptions=True
+    )
+    assert all(isinstance(r, StorageConnectionError) for r in results)
+    batch_counting.fail = False
+    assert await asyncio.gather(*(Row.load_external(r) for r in references)) == [
+        Row(index=i) for i in range(3)
+    ]
+
+
+async def test_a_cancelled_load_does_not_disturb_the_others(
+    batch_counting: type[BatchCounting],
+) -> None:
+    class Row(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage="batchcounting://cancel")
+        index: int
+
+    references = await Row.save_external_many([Row(index=i) for i in range(3)])
+    tasks = [asyncio.create_task(Row.load_external(r)) for r in references]
+    await asyncio.sleep(0)
+    tasks[1].cancel()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    assert done[0] == Row(index=0)
+    assert isinstance(done[1], asyncio.CancelledError)
+    assert done[2] == Row(index=2)

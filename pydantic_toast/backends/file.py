@@ -92,6 +92,20 @@ class FileBackend(StorageBackend):
             ) from exc
         return decode_envelope(raw, id, class_name)
 
+    async def delete_records(self, class_name: str, ids: Sequence[UUID]) -> int:
+        deleted = 0
+        for id in ids:
+            try:
+                self._path(class_name, id).unlink()
+                deleted += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise StorageConnectionError(
+                    f"cannot delete {class_name} record {id}: {exc}", self.url
+                ) from exc
+        return deleted
+
     async def write_records(self, records: Sequence[Record]) -> None:
         for record in records:
             await self.write_record(record)

@@ -53,6 +53,10 @@ class MemoryBackend(StorageBackend):
         store = self._store
         return [store.get(id) for id in ids]
 
+    async def delete_records(self, class_name: str, ids: Sequence[UUID]) -> int:
+        store = self._store
+        return sum(store.pop(id, None) is not None for id in ids)
+
     @classmethod
     def clear(cls, url: str) -> None:
         """Forget every record of the ``memory://`` store named by ``url``."""

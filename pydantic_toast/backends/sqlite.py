@@ -128,6 +128,21 @@ class SQLiteBackend(StorageBackend):
                     found[row[0]] = _record(row)
         return [found.get(key) for key in keys]
 
+    async def delete_records(self, class_name: str, ids: Sequence[UUID]) -> int:
+        deleted = 0
+        with self._errors("delete"):
+            connection = self._open()
+            keys = [str(id) for id in ids]
+            for start in range(0, len(keys), _IDS_PER_SELECT):
+                chunk = keys[start : start + _IDS_PER_SELECT]
+                cursor = connection.execute(
+                    f'DELETE FROM "{self.table}" WHERE class_name = ? AND id IN '
+                    f"({', '.join('?' * len(chunk))})",
+                    [class_name, *chunk],
+                )
+                deleted += cursor.rowcount
+        return deleted
+
     def _open(self) -> sqlite3.Connection:
         if self._connection is None:
             raise StorageConnectionError("the sqlite backend is closed", self.url)
