@@ -8,6 +8,15 @@ from pydantic_toast.errors import (
     StorageConnectionError,
     StorageValidationError,
 )
+from pydantic_toast.external import (
+    External,
+    dump,
+    dump_json,
+    dump_json_sync,
+    dump_sync,
+    validate,
+    validate_sync,
+)
 from pydantic_toast.model import (
     ExternalBaseModel,
     ExternalConfigDict,
@@ -17,6 +26,7 @@ from pydantic_toast.model import (
 from pydantic_toast.registry import register_backend
 
 __all__ = [
+    "External",
     "ExternalBaseModel",
     "ExternalConfigDict",
     "ExternalMetadata",
@@ -28,5 +38,11 @@ __all__ = [
     "StorageValidationError",
     "aclose",
     "close",
+    "dump",
+    "dump_json",
+    "dump_json_sync",
+    "dump_sync",
     "register_backend",
+    "validate",
+    "validate_sync",
 ]

@@ -256,12 +256,15 @@ class ExternalBaseModel(BaseModel):
         """`load_external_many` for synchronous code."""
         return run_sync(cls.load_external_many(references, missing_ok=missing_ok))
 
-    def _to_record(self, now: datetime) -> Record:
-        """This model as a record: its id and ``created_at`` if it was saved or loaded before."""
+    def _to_record(self, now: datetime, context: Any = None) -> Record:
+        """This model as a record: its id and ``created_at`` if it was saved or loaded before.
+
+        ``context`` reaches `External` fields of this model when it is stored by a dump.
+        """
         cls = type(self)
         metadata = _metadata_of(self)
         try:
-            data = cls.__pydantic_serializer__.to_json(self)
+            data = cls.__pydantic_serializer__.to_json(self, context=context)
         except PydanticSerializationError as exc:
             raise StorageValidationError(
                 f"{cls.__external_class_name__} cannot be serialized to JSON: {exc}"

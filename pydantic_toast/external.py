@@ -1,0 +1,555 @@
+"""`External[T]`: fields that dump to references and resolve references on validation.
+
+``External[Line]`` is ``Annotated[Line, _ExternalMarker()]``: a type checker sees ``Line``,
+and Pydantic asks the marker for the core schema. Validation is a tagged union of "a
+reference" and "the value", so full values stay on Pydantic's native (JSON) path; dumping goes
+through a wrap serializer that stores the value and emits its reference.
+
+Pydantic's hooks are synchronous and the backends are async, so there are two paths:
+
+* The batched path, `dump` / `validate` (and their sync twins): the serializer only *stages*
+  values in a `_Session` carried by the context, and the session writes them afterwards in one
+  batch per backend; references in the input are collected and read one level at a time, in
+  one batch per backend and class, before validation runs on what was read.
+* The plain path, ``model_dump(context={"storage": ...})`` and
+  ``model_validate(data, context={"storage": ...})``: each value is written (or each reference
+  read) on the spot through the sync bridge, so a reference is never handed out before its
+  record is written. Correct everywhere, including inside a running event loop; one round trip
+  per value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, cast, overload
+from uuid import UUID, uuid4
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic_core import PydanticCustomError, PydanticSerializationUnexpectedValue, core_schema
+
+from pydantic_toast.backends.base import Record, StorageBackend, check_class_name
+from pydantic_toast.bridge import run_sync
+from pydantic_toast.errors import StorageValidationError
+from pydantic_toast.model import ExternalBaseModel, _parse_id, _set_metadata
+from pydantic_toast.registry import get_backend
+
+__all__ = [
+    "DEFAULT_MAX_DEPTH",
+    "External",
+    "dump",
+    "dump_json",
+    "dump_json_sync",
+    "dump_sync",
+    "validate",
+    "validate_sync",
+]
+
+T = TypeVar("T")
+M = TypeVar("M")
+
+#: How deep references may nest (a reference inside a referenced value counts one level).
+DEFAULT_MAX_DEPTH = 32
+
+# The context key under which the batched path carries its session.
+_SESSION_KEY = "pydantic_toast.session"
+
+Storage = str | StorageBackend
+
+
+# --- the type ----------------------------------------------------------------------------------
+
+if TYPE_CHECKING:
+    External = Annotated[T, ...]
+else:
+
+    class External:
+        """``External[T]``: a field holding a ``T`` that travels as a reference when dumped
+        with a storage in the context, and accepts the value or a reference on validation."""
+
+        __slots__ = ()
+
+        def __class_getitem__(cls, item: Any) -> Any:
+            return Annotated[item, _ExternalMarker()]
+
+
+@dataclass(frozen=True)
+class _ExternalMarker:
+    """The Annotated metadata behind `External`; frozen (hashable) so ``External[X] | None``
+    works."""
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: Callable[[Any], core_schema.CoreSchema]
+    ) -> core_schema.CoreSchema:
+        value_schema = handler(source)
+        target = _Target(source)
+        reference_schema = core_schema.typed_dict_schema(
+            {
+                "class_name": core_schema.typed_dict_field(
+                    core_schema.literal_schema([target.class_name])
+                ),
+                "id": core_schema.typed_dict_field(core_schema.uuid_schema()),
+            },
+            extra_behavior="forbid",
+            metadata={"pydantic_js_functions": [target.reference_json_schema]},
+        )
+        return core_schema.tagged_union_schema(
+            choices={
+                "reference": core_schema.with_info_after_validator_function(
+                    target.resolve, reference_schema
+                ),
+                "value": value_schema,
+            },
+            discriminator=_reference_or_value,
+            serialization=core_schema.wrap_serializer_function_ser_schema(
+                target.serialize, info_arg=True, schema=value_schema
+            ),
+        )
+
+
+def _reference_or_value(data: Any) -> str:
+    return "reference" if _looks_like_reference(data) else "value"
+
+
+def _looks_like_reference(data: Any) -> bool:
+    return isinstance(data, dict) and len(data) == 2 and "class_name" in data and "id" in data
+
+
+# Every External target by class name, so that the batched path knows which storage an
+# `ExternalBaseModel` reference in the input resolves through.
+_targets: dict[str, _Target] = {}
+
+
+class _Target:
+    """What `External[T]` needs to know about one ``T``."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+        is_class = isinstance(source, type)
+        self.model = source if is_class and issubclass(source, ExternalBaseModel) else None
+        if self.model is not None:
+            self.class_name = self.model.__external_class_name__
+        elif is_class:
+            self.class_name = source.__name__
+        else:
+            self.class_name = re.sub(r"[^A-Za-z0-9_.\-]+", "_", repr(source)).strip("_.-")
+        check_class_name(self.class_name)
+        self.instance_of = source if is_class else None
+        _targets.setdefault(self.class_name, self)
+
+    def reference_json_schema(
+        self, schema: core_schema.CoreSchema, handler: Callable[[Any], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Title the reference branch, so OpenAPI shows "Line or LineReference"."""
+        json_schema = handler(schema)
+        json_schema["title"] = f"{self.class_name}Reference"
+        json_schema["description"] = f"A reference to a stored {self.class_name}."
+        return json_schema
+
+    @property
+    def own_storage(self) -> str | None:
+        return None if self.model is None else self.model.__external_storage__
+
+    @cached_property
+    def adapter(self) -> TypeAdapter[Any]:
+        return TypeAdapter(self.source)
+
+    def to_json(self, value: Any, context: Any) -> bytes:
+        if isinstance(value, BaseModel):
+            return type(value).__pydantic_serializer__.to_json(value, context=context)
+        return self.adapter.dump_json(value, context=context)
+
+    def from_json(self, data: bytes, context: Any) -> Any:
+        if isinstance(self.source, type) and issubclass(self.source, BaseModel):
+            return self.source.model_validate_json(data, context=context)
+        return self.adapter.validate_json(data, context=context)
+
+    # Serialization ------------------------------------------------------------------------
+
+    def serialize(
+        self, value: Any, handler: core_schema.SerializerFunctionWrapHandler, info: Any
+    ) -> Any:
+        if self.instance_of is not None and not isinstance(value, self.instance_of):
+            # In a union of several External types, say "not mine" so the next one is tried.
+            raise PydanticSerializationUnexpectedValue(
+                f"expected {self.class_name}, got {type(value).__name__}"
+            )
+        context = info.context
+        if not isinstance(context, Mapping) or "storage" not in context:
+            return handler(value)
+        storage = self.own_storage or context.get("storage")
+        if storage is None:
+            return handler(value)
+        session = _session_for(context)
+        return session.store(self, value, storage, context)
+
+    # Validation ---------------------------------------------------------------------------
+
+    def resolve(self, reference: dict[str, Any], info: core_schema.ValidationInfo) -> Any:
+        id: UUID = reference["id"]
+        context = info.context
+        storage = self.own_storage
+        if storage is None and isinstance(context, Mapping):
+            storage = context.get("storage")
+        if storage is None:
+            raise PydanticCustomError(
+                "external_storage_missing",
+                "a storage is needed to resolve this reference to {class_name} {id}: "
+                "validate with context={'storage': URL} or pydantic_toast.validate(...)",
+                {"class_name": self.class_name, "id": str(id)},
+            )
+        session = _session_for(context)
+        key = (_storage_key(storage), self.class_name, id)
+        if key in session.resolving:
+            raise PydanticCustomError(
+                "external_cycle",
+                "reference cycle: {class_name} {id} refers back to itself",
+                {"class_name": self.class_name, "id": str(id)},
+            )
+        if len(session.resolving) >= session.max_depth:
+            raise PydanticCustomError(
+                "external_too_deep",
+                "references nest deeper than {max_depth} levels at {class_name} {id}",
+                {"max_depth": session.max_depth, "class_name": self.class_name, "id": str(id)},
+            )
+        record = session.fetch(storage, self.class_name, id)
+        if record is None:
+            raise PydanticCustomError(
+                "external_not_found",
+                "no {class_name} record with id {id}",
+                {"class_name": self.class_name, "id": str(id)},
+            )
+        if record.class_name != self.class_name:
+            raise PydanticCustomError(
+                "external_class_mismatch",
+                "record {id} belongs to class {stored}, not {class_name}",
+                {"id": str(id), "stored": record.class_name, "class_name": self.class_name},
+            )
+        session.resolving.append(key)
+        try:
+            value = self.from_json(record.data, context)
+        except ValidationError as exc:
+            raise PydanticCustomError(
+                "external_invalid",
+                "stored {class_name} record {id} does not validate: {errors}",
+                {"class_name": self.class_name, "id": str(id), "errors": str(exc)},
+            ) from exc
+        finally:
+            session.resolving.pop()
+        if isinstance(value, ExternalBaseModel):
+            _set_metadata(value, record)
+        return value
+
+
+def _storage_key(storage: Storage) -> str | int:
+    return storage if isinstance(storage, str) else id(storage)
+
+
+async def _backend(storage: Storage) -> StorageBackend:
+    return storage if isinstance(storage, StorageBackend) else await get_backend(storage)
+
+
+# --- sessions ------------------------------------------------------------------------------------
+
+
+class _Session:
+    """Bookkeeping of one dump or validate.
+
+    ``batched`` sessions (the `dump`/`validate` API) stage writes and serve prefetched
+    records; plain ones write and read on the spot through the sync bridge.
+    """
+
+    def __init__(self, context: object, *, batched: bool, max_depth: int = DEFAULT_MAX_DEPTH):
+        self.context = context
+        self.batched = batched
+        self.max_depth = max_depth
+        # id(value) -> (value, record): the value is kept alive so its id is not reused.
+        self.stored: dict[int, tuple[Any, Record]] = {}
+        self.staged: dict[str | int, tuple[Storage, list[Record]]] = {}
+        self.fetched: dict[tuple[str | int, str, UUID], Record | None] = {}
+        self.resolving: list[tuple[str | int, str, UUID]] = []
+
+    def store(self, target: _Target, value: Any, storage: Storage, context: Any) -> Any:
+        known = self.stored.get(id(value))
+        if known is not None and self.batched:
+            record = known[1]
+        else:
+            record = self._record(target, value, context, None if known is None else known[1])
+            self.stored[id(value)] = (value, record)
+            if self.batched:
+                key = _storage_key(storage)
+                self.staged.setdefault(key, (storage, []))[1].append(record)
+            else:
+                run_sync(_write(storage, record))
+                if isinstance(value, ExternalBaseModel):
+                    _set_metadata(value, record)
+        return {"class_name": record.class_name, "id": str(record.id)}
+
+    @staticmethod
+    def _record(target: _Target, value: Any, context: Any, earlier: Record | None) -> Record:
+        now = datetime.now(UTC)
+        if isinstance(value, ExternalBaseModel):
+            return value._to_record(now, context=context)
+        try:
+            data = target.to_json(value, context)
+        except ValueError as exc:
+            raise StorageValidationError(
+                f"{target.class_name} cannot be serialized to JSON: {exc}"
+            ) from exc
+        return Record(
+            id=uuid4() if earlier is None else earlier.id,
+            class_name=target.class_name,
+            data=data,
+            schema_version=1,
+            created_at=now if earlier is None else earlier.created_at,
+            updated_at=now,
+        )
+
+    def fetch(self, storage: Storage, class_name: str, id: UUID) -> Record | None:
+        key = (_storage_key(storage), class_name, id)
+        if key in self.fetched:
+            return self.fetched[key]
+        return run_sync(_read(storage, class_name, id))
+
+    async def flush(self) -> None:
+        """Write everything staged, one batch per backend, then give models their metadata."""
+        staged, self.staged = self.staged, {}
+        await asyncio.gather(
+            *(_write_many(storage, records) for storage, records in staged.values())
+        )
+        for value, record in self.stored.values():
+            if isinstance(value, ExternalBaseModel):
+                _set_metadata(value, record)
+
+    async def prefetch(self, data: Any, default_storage: Storage | None) -> None:
+        """Read every reference reachable from ``data``, one level per round of batches."""
+        pending = self._unfetched(_references_in(data), default_storage)
+        for _ in range(self.max_depth):
+            if not pending:
+                return
+            groups: dict[tuple[str | int, str], tuple[Storage, list[UUID]]] = {}
+            for (key, class_name, id), storage in pending.items():
+                groups.setdefault((key, class_name), (storage, []))[1].append(id)
+            results = await asyncio.gather(
+                *(_read_many(storage, name, ids) for (_, name), (storage, ids) in groups.items())
+            )
+            found: list[Any] = []
+            for ((key, class_name), (_, ids)), records in zip(groups.items(), results, strict=True):
+                for id, record in zip(ids, records, strict=True):
+                    self.fetched[(key, class_name, id)] = record
+                    if record is not None and b'"class_name"' in record.data:
+                        found.extend(_references_in(json.loads(record.data)))
+            pending = self._unfetched(found, default_storage)
+
+    def _unfetched(
+        self, references: list[tuple[str, UUID]], default_storage: Storage | None
+    ) -> dict[tuple[str | int, str, UUID], Storage]:
+        pending: dict[tuple[str | int, str, UUID], Storage] = {}
+        for class_name, id in references:
+            target = _targets.get(class_name)
+            storage = (target.own_storage if target else None) or default_storage
+            if storage is None:
+                continue  # validation reports it, naming the field
+            key = (_storage_key(storage), class_name, id)
+            if key not in self.fetched:
+                pending[key] = storage
+        return pending
+
+
+_plain_session: contextvars.ContextVar[_Session | None] = contextvars.ContextVar(
+    "pydantic_toast_plain_session", default=None
+)
+
+
+def _session_for(context: Any) -> _Session:
+    """The batched session carried by the context, or the plain session of this context."""
+    if isinstance(context, Mapping):
+        session = context.get(_SESSION_KEY)
+        if isinstance(session, _Session):
+            return session
+    session = _plain_session.get()
+    if session is None or session.context is not context:
+        session = _Session(context, batched=False)
+        _plain_session.set(session)
+    return session
+
+
+def _references_in(data: Any) -> list[tuple[str, UUID]]:
+    """Every reference-shaped dict in parsed input (iteratively: input depth is unbounded)."""
+    found: list[tuple[str, UUID]] = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if _looks_like_reference(item):
+                class_name, id = item["class_name"], _parse_id(item["id"])
+                if isinstance(class_name, str) and id is not None:
+                    found.append((class_name, id))
+                continue
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, BaseModel):
+            stack.extend(item.__dict__.values())
+    return found
+
+
+async def _write(storage: Storage, record: Record) -> None:
+    await (await _backend(storage)).write_record(record)
+
+
+async def _write_many(storage: Storage, records: list[Record]) -> None:
+    await (await _backend(storage)).write_records(records)
+
+
+async def _read(storage: Storage, class_name: str, id: UUID) -> Record | None:
+    return await (await _backend(storage)).read_record(class_name, id)
+
+
+async def _read_many(storage: Storage, class_name: str, ids: list[UUID]) -> list[Record | None]:
+    return await (await _backend(storage)).read_records(class_name, ids)
+
+
+# --- the batched API ---------------------------------------------------------------------------
+
+
+def _context(
+    storage: Storage | None, context: Mapping[str, Any] | None, session: _Session
+) -> dict[str, Any]:
+    merged = dict(context or {})
+    merged["storage"] = storage
+    merged[_SESSION_KEY] = session
+    session.context = merged
+    return merged
+
+
+async def dump(
+    value: Any,
+    *,
+    storage: Storage | None = None,
+    as_type: Any = None,
+    mode: Literal["json", "python"] = "python",
+    context: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Dump ``value`` with every `External` value stored and replaced by its reference.
+
+    All writes of the dump go out together, one batch per backend, before this returns.
+    ``storage`` (a URL or a connected `StorageBackend`) serves every External value; without
+    it, `ExternalBaseModel` values go to their own storage and other values stay inline.
+    ``as_type`` says how to dump a value that is not a model (``list[External[Line]]``).
+    Other keyword arguments go to ``model_dump`` (``by_alias``, ``exclude`` ...).
+    """
+    session = _Session(None, batched=True)
+    merged = _context(storage, context, session)
+    if isinstance(value, BaseModel):
+        result = value.model_dump(mode=mode, context=merged, **kwargs)
+    else:
+        adapter = _adapter(as_type or type(value))
+        result = adapter.dump_python(value, mode=mode, context=merged, **kwargs)
+    await session.flush()
+    return result
+
+
+async def dump_json(
+    value: Any,
+    *,
+    storage: Storage | None = None,
+    as_type: Any = None,
+    context: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> str:
+    """`dump` as JSON text, like ``model_dump_json``."""
+    session = _Session(None, batched=True)
+    merged = _context(storage, context, session)
+    if isinstance(value, BaseModel):
+        result = value.model_dump_json(context=merged, **kwargs)
+    else:
+        result = (
+            _adapter(as_type or type(value)).dump_json(value, context=merged, **kwargs).decode()
+        )
+    await session.flush()
+    return result
+
+
+@overload
+async def validate(
+    type_: type[M],
+    data: Any,
+    *,
+    storage: Storage | None = ...,
+    context: Mapping[str, Any] | None = ...,
+    max_depth: int = ...,
+) -> M: ...
+
+
+@overload
+async def validate(
+    type_: Any,
+    data: Any,
+    *,
+    storage: Storage | None = ...,
+    context: Mapping[str, Any] | None = ...,
+    max_depth: int = ...,
+) -> Any: ...
+
+
+async def validate(
+    type_: Any,
+    data: Any,
+    *,
+    storage: Storage | None = None,
+    context: Mapping[str, Any] | None = None,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+) -> Any:
+    """Validate ``data`` (a dict, or JSON text) as ``type_``, resolving every reference.
+
+    References are read before validation, level by level, one batch per backend and class,
+    each record once however often it is referenced. ``storage`` resolves every reference;
+    without it, references to `ExternalBaseModel` classes resolve through their own storage.
+    References nested deeper than ``max_depth`` or forming a cycle are validation errors.
+    """
+    session = _Session(None, batched=True, max_depth=max_depth)
+    merged = _context(storage, context, session)
+    is_json = isinstance(data, str | bytes | bytearray)
+    await session.prefetch(json.loads(data) if is_json else data, storage)
+    if isinstance(type_, type) and issubclass(type_, BaseModel):
+        if is_json:
+            return type_.model_validate_json(data, context=merged)
+        return type_.model_validate(data, context=merged)
+    adapter = _adapter(type_)
+    if is_json:
+        return adapter.validate_json(data, context=merged)
+    return adapter.validate_python(data, context=merged)
+
+
+_adapters: dict[Any, TypeAdapter[Any]] = {}
+
+
+def _adapter(type_: Any) -> TypeAdapter[Any]:
+    """A cached TypeAdapter: building one costs far more than using it."""
+    adapter = _adapters.get(type_)
+    if adapter is None:
+        adapter = _adapters[type_] = TypeAdapter(type_)
+    return adapter
+
+
+def dump_sync(value: Any, **kwargs: Any) -> Any:
+    """`dump` for synchronous code."""
+    return run_sync(dump(value, **kwargs))
+
+
+def dump_json_sync(value: Any, **kwargs: Any) -> str:
+    """`dump_json` for synchronous code."""
+    return run_sync(dump_json(value, **kwargs))
+
+
+def validate_sync(type_: type[M], data: Any, **kwargs: Any) -> M:
+    """`validate` for synchronous code."""
+    return cast(M, run_sync(validate(type_, data, **kwargs)))

@@ -1,0 +1,508 @@
+"""`External[T]` fields: every shape, both paths (plain model_dump/model_validate and the
+batched dump/validate API), errors, JSON schema, and the number of backend round trips."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from collections.abc import Sequence
+from typing import Any, Generic, TypeVar
+from uuid import UUID, uuid4
+
+import pytest
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+
+import pydantic_toast
+from pydantic_toast import External, ExternalBaseModel, ExternalConfigDict, StorageBackend
+from pydantic_toast.backends.base import Record
+from pydantic_toast.registry import get_backend
+
+BACKENDS = ["memory", "sqlite", "file", "custom", "postgresql", "redis", "s3"]
+
+
+@pytest.fixture(params=BACKENDS)
+def storage(request: pytest.FixtureRequest, namespace: str) -> str:
+    if request.param == "custom":
+        from . import dict_backend  # noqa: F401 - registers dictstore://
+
+        return f"dictstore://{namespace}"
+    url: str = request.getfixturevalue(f"{request.param}_url")
+    return url
+
+
+class Line(BaseModel):
+    sku: str
+    quantity: int
+    price: float = 0.0
+
+
+class Tag(BaseModel):
+    label: str
+
+
+class Note(BaseModel):
+    text: str
+
+
+class Order(BaseModel):
+    number: int
+    first: External[Line]
+    lines: list[External[Line]]
+    gift: External[Line] | None = None
+    by_sku: dict[str, External[Line]] = {}
+    attachment: External[Tag] | External[Note] | None = None
+
+
+def make_order(lines: int = 3) -> Order:
+    items = [Line(sku=f"sku-{i}", quantity=i, price=i * 1.5) for i in range(lines)]
+    return Order(
+        number=7,
+        first=items[0],
+        lines=items,
+        gift=Line(sku="gift", quantity=1),
+        by_sku={line.sku: line for line in items},
+        attachment=Note(text="fragile"),
+    )
+
+
+class CountingStore(StorageBackend):
+    """Wraps a connected backend and counts the batches that reach it."""
+
+    def __init__(self, inner: StorageBackend) -> None:
+        super().__init__(inner.url)
+        self.inner = inner
+        self.writes: list[int] = []
+        self.reads: list[int] = []
+        self.single = 0
+
+    async def connect(self) -> None: ...
+
+    async def disconnect(self) -> None: ...
+
+    async def write_record(self, record: Record) -> None:
+        self.single += 1
+        await self.inner.write_record(record)
+
+    async def read_record(self, class_name: str, id: UUID) -> Record | None:
+        self.single += 1
+        return await self.inner.read_record(class_name, id)
+
+    async def write_records(self, records: Sequence[Record]) -> None:
+        self.writes.append(len(records))
+        await self.inner.write_records(records)
+
+    async def read_records(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
+        self.reads.append(len(ids))
+        return await self.inner.read_records(class_name, ids)
+
+
+def is_reference(value: Any, class_name: str) -> bool:
+    return (
+        isinstance(value, dict)
+        and set(value) == {"class_name", "id"}
+        and value["class_name"] == class_name
+        and UUID(value["id"]).version == 4
+    )
+
+
+# --- without a storage: plain Pydantic -------------------------------------------------------
+
+
+def test_without_storage_external_fields_dump_inline() -> None:
+    class Plain(BaseModel):
+        number: int
+        first: Line
+        lines: list[Line]
+        gift: Line | None = None
+        by_sku: dict[str, Line] = {}
+        attachment: Tag | Note | None = None
+
+    order = make_order()
+    plain = Plain.model_validate(order.model_dump())
+    assert order.model_dump() == plain.model_dump()
+    assert order.model_dump_json() == plain.model_dump_json()
+    assert order.model_dump(context={"other": 1}) == plain.model_dump()
+    assert Order.model_validate(order.model_dump()) == order
+    assert Order.model_validate_json(order.model_dump_json()) == order
+
+
+# --- the plain path: model_dump / model_validate with a storage in the context ----------------
+
+
+async def test_plain_dump_and_validate_round_trip(storage: str) -> None:
+    order = make_order()
+    dumped = order.model_dump(context={"storage": storage})
+
+    assert dumped["number"] == 7
+    assert is_reference(dumped["first"], "Line")
+    assert all(is_reference(item, "Line") for item in dumped["lines"])
+    assert is_reference(dumped["gift"], "Line")
+    assert all(is_reference(item, "Line") for item in dumped["by_sku"].values())
+    assert is_reference(dumped["attachment"], "Note")
+    # one instance, one record, one reference
+    assert dumped["first"] == dumped["lines"][0] == dumped["by_sku"]["sku-0"]
+
+    # records are written before the dump returns: read them back with the backend
+    backend = await get_backend(storage)
+    record = await backend.read_record("Line", UUID(dumped["lines"][1]["id"]))
+    assert record is not None
+    assert Line.model_validate_json(record.data) == order.lines[1]
+
+    assert Order.model_validate(dumped, context={"storage": storage}) == order
+    as_json = order.model_dump_json(context={"storage": storage})
+    assert Order.model_validate_json(as_json, context={"storage": storage}) == order
+
+
+def test_plain_path_works_in_sync_code(memory_url: str) -> None:
+    order = make_order()
+    dumped = order.model_dump(mode="json", context={"storage": memory_url})
+    assert (
+        Order.model_validate(json.loads(json.dumps(dumped)), context={"storage": memory_url})
+        == order
+    )
+
+
+async def test_batched_api_round_trip(storage: str) -> None:
+    order = make_order()
+    dumped = await pydantic_toast.dump(order, storage=storage)
+    assert is_reference(dumped["first"], "Line")
+    assert dumped["first"] == dumped["lines"][0]
+    assert await pydantic_toast.validate(Order, dumped, storage=storage) == order
+
+    as_json = await pydantic_toast.dump_json(order, storage=storage)
+    assert json.loads(as_json)["attachment"]["class_name"] == "Note"
+    assert await pydantic_toast.validate(Order, as_json, storage=storage) == order
+
+
+def test_batched_api_sync_twins(memory_url: str) -> None:
+    order = make_order()
+    dumped = pydantic_toast.dump_sync(order, storage=memory_url)
+    assert pydantic_toast.validate_sync(Order, dumped, storage=memory_url) == order
+    as_json = pydantic_toast.dump_json_sync(order, storage=memory_url)
+    assert pydantic_toast.validate_sync(Order, as_json, storage=memory_url) == order
+
+
+async def test_values_and_references_mix_freely(memory_url: str) -> None:
+    stored = await pydantic_toast.dump(Line(sku="stored", quantity=2), storage=memory_url)
+    data = {
+        "number": 1,
+        "first": {"sku": "inline", "quantity": 1},
+        "lines": [stored, {"sku": "inline-2", "quantity": 3}, stored],
+        "gift": None,
+        "attachment": {"label": "a tag"},
+    }
+    order = await pydantic_toast.validate(Order, data, storage=memory_url)
+    assert order.first == Line(sku="inline", quantity=1)
+    assert order.lines == [
+        Line(sku="stored", quantity=2),
+        Line(sku="inline-2", quantity=3),
+        Line(sku="stored", quantity=2),
+    ]
+    assert order.attachment == Tag(label="a tag")
+    assert Order.model_validate(data, context={"storage": memory_url}) == order
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+async def test_a_reference_without_storage_is_a_validation_error_naming_the_field() -> None:
+    reference = {"class_name": "Line", "id": str(uuid4())}
+    with pytest.raises(ValidationError) as caught:
+        Order.model_validate({"number": 1, "first": reference, "lines": []})
+    (error,) = caught.value.errors()
+    assert error["loc"][0] == "first"
+    assert error["type"] == "external_storage_missing"
+    assert "a storage is needed" in error["msg"]
+    assert reference["id"] in error["msg"]
+    assert "context={'storage': URL}" in error["msg"]
+
+
+@pytest.mark.parametrize("batched", [False, True])
+async def test_a_dangling_reference_names_the_field_and_the_id(
+    memory_url: str, batched: bool
+) -> None:
+    missing = str(uuid4())
+    data = {
+        "number": 1,
+        "first": {"sku": "x", "quantity": 1},
+        "lines": [{"sku": "y", "quantity": 1}, {"class_name": "Line", "id": missing}],
+    }
+
+    async def attempt() -> Order:
+        if batched:
+            return await pydantic_toast.validate(Order, data, storage=memory_url)
+        return Order.model_validate(data, context={"storage": memory_url})
+
+    with pytest.raises(ValidationError) as caught:
+        await attempt()
+    (error,) = caught.value.errors()
+    assert error["loc"][:2] == ("lines", 1)
+    assert error["type"] == "external_not_found"
+    assert error["msg"] == f"no Line record with id {missing}"
+
+
+def test_a_reference_for_the_wrong_class_is_rejected(memory_url: str) -> None:
+    tag = Tag(label="t")
+    reference = TypeAdapter(External[Tag]).dump_python(tag, context={"storage": memory_url})
+    with pytest.raises(ValidationError) as caught:
+        Order.model_validate(
+            {"number": 1, "first": reference, "lines": []}, context={"storage": memory_url}
+        )
+    assert caught.value.errors()[0]["loc"][0] == "first"
+
+
+def test_a_stored_value_that_no_longer_validates(memory_url: str) -> None:
+    class Loose(BaseModel):
+        sku: str
+
+    class Holder(BaseModel):
+        item: External[Loose]
+
+    dumped = Holder(item=Loose(sku="x")).model_dump(context={"storage": memory_url})
+
+    class Line(BaseModel):  # the same stored name, now needing a quantity
+        sku: str
+        quantity: int
+
+    class Strict(BaseModel):
+        item: External[Line]
+
+    reference = {"class_name": "Line", "id": dumped["item"]["id"]}
+    backend_records = asyncio.run(_copy_record(memory_url, "Loose", "Line", reference["id"]))
+    assert backend_records
+    with pytest.raises(ValidationError) as caught:
+        Strict.model_validate({"item": reference}, context={"storage": memory_url})
+    error = caught.value.errors()[0]
+    assert error["type"] == "external_invalid"
+    assert reference["id"] in error["msg"] and "quantity" in error["msg"]
+
+
+async def _copy_record(storage: str, old: str, new: str, id: str) -> bool:
+    backend = await get_backend(storage)
+    record = await backend.read_record(old, UUID(id))
+    assert record is not None
+    record.class_name = new
+    await backend.write_record(record)
+    return True
+
+
+# --- shapes -----------------------------------------------------------------------------------
+
+
+class Level3(BaseModel):
+    value: int
+
+
+class Level2(BaseModel):
+    inner: External[Level3]
+    siblings: list[External[Level3]] = []
+
+
+class Level1(BaseModel):
+    inner: External[Level2]
+
+
+async def test_nested_external_values_several_levels_deep(memory_url: str) -> None:
+    deep = Level1(inner=Level2(inner=Level3(value=3), siblings=[Level3(value=4)]))
+    for dumped in (
+        deep.model_dump(context={"storage": memory_url}),
+        await pydantic_toast.dump(deep, storage=memory_url),
+    ):
+        assert set(dumped) == {"inner"} and is_reference(dumped["inner"], "Level2")
+        assert Level1.model_validate(dumped, context={"storage": memory_url}) == deep
+        assert await pydantic_toast.validate(Level1, dumped, storage=memory_url) == deep
+
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[External[T]]  # type: ignore[valid-type]
+    total: int
+
+
+async def test_type_adapter_and_generic_containers(memory_url: str) -> None:
+    adapter = TypeAdapter(list[External[Line]])
+    lines = [Line(sku="a", quantity=1), Line(sku="b", quantity=2)]
+    batched = await pydantic_toast.dump(lines, storage=memory_url, as_type=list[External[Line]])
+    assert all(is_reference(item, "Line") for item in batched)
+    dumped = adapter.dump_python(lines, context={"storage": memory_url})
+    assert all(is_reference(item, "Line") for item in dumped)
+    assert adapter.validate_python(dumped, context={"storage": memory_url}) == lines
+    assert await pydantic_toast.validate(list[External[Line]], dumped, storage=memory_url) == lines
+
+    page = Page[Line](items=lines, total=2)
+    dumped_page = await pydantic_toast.dump(page, storage=memory_url)
+    assert all(is_reference(item, "Line") for item in dumped_page["items"])
+    assert await pydantic_toast.validate(Page[Line], dumped_page, storage=memory_url) == page
+
+
+async def test_non_model_types_can_be_external(memory_url: str) -> None:
+    class Matrix(BaseModel):
+        rows: External[list[list[float]]]
+        when: External[dt.datetime]
+
+    matrix = Matrix(rows=[[1.0, 2.0], [3.0, 4.5]], when=dt.datetime(2024, 1, 2, tzinfo=dt.UTC))
+    dumped = await pydantic_toast.dump(matrix, storage=memory_url)
+    assert dumped["rows"]["class_name"] == "list_list_float"
+    assert dumped["when"]["class_name"] == "datetime"
+    assert await pydantic_toast.validate(Matrix, dumped, storage=memory_url) == matrix
+
+
+async def test_strict_models_validate_json_on_the_native_path(memory_url: str) -> None:
+    class StrictLine(BaseModel):
+        model_config = ConfigDict(strict=True)
+        when: dt.datetime
+        sku: str
+
+    class StrictOrder(BaseModel):
+        model_config = ConfigDict(strict=True)
+        line: External[StrictLine]
+
+    order = StrictOrder(line=StrictLine(when=dt.datetime(2024, 5, 6, 7, 8, 9), sku="s"))
+    as_json = order.model_dump_json()  # inline value: a datetime as a string is valid JSON-strict
+    assert StrictOrder.model_validate_json(as_json) == order
+    stored = await pydantic_toast.dump_json(order, storage=memory_url)
+    assert await pydantic_toast.validate(StrictOrder, stored, storage=memory_url) == order
+
+
+def test_json_schema_shows_value_or_reference() -> None:
+    for mode in ("validation", "serialization"):
+        schema = Order.model_json_schema(mode=mode)  # type: ignore[arg-type]
+        first = schema["properties"]["first"]
+        choices = first.get("oneOf") or first.get("anyOf")
+        assert choices is not None, first
+        rendered = json.dumps(choices)
+        assert "#/$defs/Line" in rendered
+        reference = next(c for c in choices if c.get("title") == "LineReference")
+        assert reference["required"] == ["class_name", "id"]
+        assert reference["properties"]["class_name"]["const"] == "Line"
+        assert reference["properties"]["id"]["format"] == "uuid"
+        assert reference["additionalProperties"] is False
+
+
+# --- ExternalBaseModel values ---------------------------------------------------------------
+
+
+async def test_external_base_models_use_their_own_storage(memory_url: str, namespace: str) -> None:
+    own = f"memory://{namespace}-customers"
+
+    class Customer(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=own)
+        name: str
+
+    class Invoice(BaseModel):
+        customer: External[Customer]
+        lines: list[External[Line]]
+
+    invoice = Invoice(customer=Customer(name="Ada"), lines=[Line(sku="a", quantity=1)])
+    dumped = invoice.model_dump(context={"storage": None})  # no storage: own storage only
+    assert is_reference(dumped["customer"], "Customer")
+    assert dumped["lines"] == [{"sku": "a", "quantity": 1, "price": 0.0}]
+    # the reference is the customer's own record, loadable directly
+    assert await Customer.load_external(dumped["customer"]) == invoice.customer
+    assert invoice.customer.external_metadata is not None
+    assert str(invoice.customer.external_metadata.id) == dumped["customer"]["id"]
+    # resolving needs no storage in the context
+    assert Invoice.model_validate(dumped) == invoice
+
+    batched = await pydantic_toast.dump(invoice, storage=memory_url)
+    assert batched["customer"] == dumped["customer"]  # same instance, same record
+    assert is_reference(batched["lines"][0], "Line")
+    loaded = await pydantic_toast.validate(Invoice, batched, storage=memory_url)
+    assert loaded == invoice
+    assert loaded.customer.external_metadata is not None
+
+
+# --- cycles and depth ---------------------------------------------------------------------------
+
+
+class Node(BaseModel):
+    name: str
+    next: External[Node] | None = None
+
+
+async def test_a_reference_cycle_is_a_clear_error(memory_url: str) -> None:
+    backend = await get_backend(memory_url)
+    a, b = uuid4(), uuid4()
+    now = dt.datetime.now(dt.UTC)
+    await backend.write_records(
+        [
+            Record(
+                a,
+                "Node",
+                b'{"name":"a","next":{"class_name":"Node","id":"%s"}}' % str(b).encode(),
+                1,
+                now,
+                now,
+            ),
+            Record(
+                b,
+                "Node",
+                b'{"name":"b","next":{"class_name":"Node","id":"%s"}}' % str(a).encode(),
+                1,
+                now,
+                now,
+            ),
+        ]
+    )
+    reference = {"class_name": "Node", "id": str(a)}
+    for attempt in (
+        lambda: pydantic_toast.validate(External[Node], reference, storage=memory_url),
+        lambda: asyncio.to_thread(
+            TypeAdapter(External[Node]).validate_python, reference, context={"storage": memory_url}
+        ),
+    ):
+        with pytest.raises(ValidationError, match="reference cycle: Node") as caught:
+            await attempt()
+        assert str(a) in str(caught.value)
+
+
+async def test_depth_is_bounded(memory_url: str) -> None:
+    chain = Node(name="0")
+    for i in range(1, 12):
+        chain = Node(name=str(i), next=chain)
+    dumped = await pydantic_toast.dump(chain, storage=memory_url)
+    assert await pydantic_toast.validate(Node, dumped, storage=memory_url) == chain
+    with pytest.raises(ValidationError, match="references nest deeper than 5 levels"):
+        await pydantic_toast.validate(Node, dumped, storage=memory_url, max_depth=5)
+
+
+# --- batching: round trips ------------------------------------------------------------------------
+
+
+async def test_1000_items_cost_one_write_batch_and_one_read_batch(storage: str) -> None:
+    counting = CountingStore(await get_backend(storage))
+    order = make_order(1000)
+    dumped = await pydantic_toast.dump(order, storage=counting)
+    # 1000 lines + the gift + the note, all in one write batch
+    assert counting.writes == [1002]
+    assert counting.single == 0
+
+    loaded = await pydantic_toast.validate(Order, dumped, storage=counting)
+    assert loaded == order
+    assert sorted(counting.reads) == [1, 1001]  # one batch per class: Line and Note
+    assert counting.single == 0
+
+
+async def test_references_shared_across_levels_are_read_once(memory_url: str) -> None:
+    counting = CountingStore(await get_backend(memory_url))
+    tags = [Level3(value=i) for i in range(3)]
+    items = [Level2(inner=tags[i % 3], siblings=tags) for i in range(50)]
+    adapter = TypeAdapter(list[External[Level2]])
+    dumped = await pydantic_toast.dump(items, storage=counting, as_type=list[External[Level2]])
+    assert counting.writes == [53]
+    loaded = await pydantic_toast.validate(list[External[Level2]], dumped, storage=counting)
+    assert loaded == items
+    assert counting.reads == [50, 3]  # two levels, each record once
+    assert adapter.validate_python(dumped, context={"storage": memory_url}) == items
+
+
+def test_the_plain_path_inside_a_running_loop(memory_url: str) -> None:
+    async def handler() -> Order:  # as a sync call inside an async framework would
+        order = make_order()
+        dumped = order.model_dump(context={"storage": memory_url})
+        return Order.model_validate(dumped, context={"storage": memory_url})
+
+    assert asyncio.run(handler()) == make_order()
