@@ -1,0 +1,463 @@
+"""The S3 backend against moto's standalone server over HTTP (the `s3_endpoint` fixture).
+
+What the shared contract suite cannot see: the exact object keys and content type, the stored
+body, connect-time failures, the one shared client, endpoint resolution from the environment,
+corrupt objects, bounded batch concurrency, deletion, and URL checking at class definition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+
+pytest.importorskip("aiobotocore")
+
+from aiobotocore.session import AioSession  # type: ignore[import-untyped]
+
+from pydantic_toast import (
+    ExternalBaseModel,
+    ExternalConfigDict,
+    RecordNotFoundError,
+    StorageConnectionError,
+    StorageValidationError,
+)
+from pydantic_toast.backends import s3
+from pydantic_toast.backends.base import Record, encode_envelope
+from pydantic_toast.backends.s3 import S3Backend
+from pydantic_toast.registry import get_backend
+
+
+def define_thing(storage: str) -> type[ExternalBaseModel]:
+    class Thing(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=storage)
+        name: str
+        size: int = 0
+
+    return Thing
+
+
+def boto3_client(endpoint: str) -> Any:
+    import boto3  # type: ignore[import-untyped]
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+# --- stored layout --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "expected_prefix"),
+    [("/models", "models/"), ("", ""), ("/", ""), ("/a/b/", "a/b/")],
+)
+async def test_object_key_content_type_and_body(
+    s3_endpoint: str, s3_bucket: str, path: str, expected_prefix: str
+) -> None:
+    Thing = define_thing(f"s3://{s3_bucket}{path}?endpoint_url={s3_endpoint}")
+    thing = Thing(name="ünïcode ✓", size=3)  # type: ignore[call-arg]
+    reference = await thing.save_external()
+
+    key = f"{expected_prefix}Thing/{reference['id']}.json"
+    client = boto3_client(s3_endpoint)
+    listed = client.list_objects_v2(Bucket=s3_bucket)
+    assert [item["Key"] for item in listed["Contents"]] == [key]
+    stored = client.get_object(Bucket=s3_bucket, Key=key)
+    assert stored["ContentType"] == "application/json"
+    body = json.loads(stored["Body"].read())
+
+    metadata = thing.external_metadata
+    assert metadata is not None
+    assert body == {
+        "created_at": metadata.created_at.isoformat(timespec="microseconds"),
+        "updated_at": metadata.updated_at.isoformat(timespec="microseconds"),
+        "schema_version": 1,
+        "class_name": "Thing",
+        "data": {"name": "ünïcode ✓", "size": 3},
+    }
+    assert await Thing.load_external(reference) == thing
+
+
+async def test_resave_overwrites_the_same_object(s3_url: str, s3_endpoint: str) -> None:
+    Thing = define_thing(s3_url)
+    thing = Thing(name="a")  # type: ignore[call-arg]
+    reference = await thing.save_external()
+    thing.size = 9  # type: ignore[attr-defined]
+    assert await thing.save_external() == reference
+    bucket = s3_url.removeprefix("s3://").split("/")[0]
+    listed = boto3_client(s3_endpoint).list_objects_v2(Bucket=bucket)
+    assert len(listed["Contents"]) == 1
+    assert (await Thing.load_external(reference)).size == 9  # type: ignore[attr-defined]
+
+
+# --- connecting ---------------------------------------------------------------------------
+
+
+async def test_missing_bucket_is_a_connection_error_naming_it(s3_endpoint: str) -> None:
+    backend = S3Backend(f"s3://no-such-bucket-{uuid4().hex[:8]}/x?endpoint_url={s3_endpoint}")
+    with pytest.raises(StorageConnectionError, match=r"no-such-bucket-.* does not exist") as caught:
+        await backend.connect()
+    assert s3_endpoint in str(caught.value)
+    assert backend._s3 is None
+
+
+async def test_missing_bucket_through_the_model(s3_endpoint: str) -> None:
+    Thing = define_thing(f"s3://absent-{uuid4().hex[:8]}?endpoint_url={s3_endpoint}")
+    with pytest.raises(StorageConnectionError, match="absent-"):
+        await Thing(name="x").save_external()  # type: ignore[call-arg]
+
+
+async def test_unreachable_endpoint_fails_quickly_naming_it(s3_endpoint: str) -> None:
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    backend = S3Backend(f"s3://some-bucket?endpoint_url={endpoint}&timeout=2")
+    started = time.monotonic()
+    with pytest.raises(StorageConnectionError) as caught:
+        await backend.connect()
+    assert time.monotonic() - started < 10
+    assert endpoint in str(caught.value)
+    assert "some-bucket" in str(caught.value)
+    assert caught.value.__cause__ is not None
+    assert type(caught.value.__cause__).__name__ == "EndpointConnectionError"
+
+
+async def test_operations_after_connect_fail_as_connection_errors(
+    s3_endpoint: str, s3_bucket: str
+) -> None:
+    backend = S3Backend(f"s3://{s3_bucket}?endpoint_url={s3_endpoint}")
+    await backend.connect()
+    try:
+        boto3_client(s3_endpoint).delete_bucket(Bucket=s3_bucket)
+        record = Record(uuid4(), "Thing", b'{"name":"x"}', 1, now(), now())
+        with pytest.raises(StorageConnectionError, match="NoSuchBucket") as caught:
+            await backend.write_record(record)
+        assert s3_bucket in str(caught.value)
+        from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+
+        assert isinstance(caught.value.__cause__, ClientError)
+        with pytest.raises(StorageConnectionError, match="NoSuchBucket"):
+            await backend.read_record("Thing", record.id)
+    finally:
+        await backend.disconnect()
+    assert backend._s3 is None
+
+
+async def test_one_client_is_created_and_reused(
+    s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    created: list[Any] = []
+    create_client = AioSession.create_client
+
+    def counting_create_client(self: AioSession, *args: Any, **kwargs: Any) -> Any:
+        created.append(args)
+        return create_client(self, *args, **kwargs)
+
+    monkeypatch.setattr(AioSession, "create_client", counting_create_client)
+    Thing = define_thing(s3_url)
+
+    first = await Thing(name="first").save_external()  # type: ignore[call-arg]
+    backend = await get_backend(s3_url)
+    assert isinstance(backend, S3Backend)
+    client = backend._s3
+    assert client is not None
+    for index in range(10):
+        reference = await Thing(name=f"n{index}").save_external()  # type: ignore[call-arg]
+        assert (await Thing.load_external(reference)).name == f"n{index}"  # type: ignore[attr-defined]
+        assert backend._s3 is client
+    await asyncio.gather(*(Thing.load_external(first) for _ in range(20)))
+
+    assert await get_backend(s3_url) is backend
+    assert backend._s3 is client
+    assert created == [("s3",)]
+
+
+async def test_endpoint_from_the_environment(
+    s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    Thing = define_thing(f"s3://{s3_bucket}/from-env")
+    reference = await Thing(name="env").save_external()  # type: ignore[call-arg]
+    backend = await get_backend(f"s3://{s3_bucket}/from-env")
+    assert isinstance(backend, S3Backend)
+    assert backend.endpoint_url is None
+    assert backend._s3.meta.endpoint_url == s3_endpoint
+    stored = boto3_client(s3_endpoint).head_object(
+        Bucket=s3_bucket, Key=f"from-env/Thing/{reference['id']}.json"
+    )
+    assert stored["ContentType"] == "application/json"
+    assert (await Thing.load_external(reference)).name == "env"  # type: ignore[attr-defined]
+
+
+# --- reading ------------------------------------------------------------------------------
+
+
+async def test_missing_object_is_record_not_found(s3_url: str) -> None:
+    Thing = define_thing(s3_url)
+    missing = str(uuid4())
+    with pytest.raises(RecordNotFoundError) as caught:
+        await Thing.load_external({"class_name": "Thing", "id": missing})
+    assert caught.value.id == missing
+    assert caught.value.class_name == "Thing"
+
+
+def other_class_envelope(id: UUID) -> bytes:
+    return encode_envelope(Record(id, "Other", b'{"name":"x"}', 1, now(), now()))
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (lambda id: b"\x00\xffgarbage", "is corrupt"),
+        (lambda id: b"", "is corrupt"),
+        (lambda id: b'{"hello": "world"}', "is corrupt"),
+        (lambda id: b"[1, 2, 3]", "is corrupt"),
+        (
+            lambda id: encode_envelope(Record(id, "Thing", b'{"name":"x"}', 1, now(), now()))[:40],
+            "is corrupt",
+        ),
+        (lambda id: other_class_envelope(id), "belongs to class 'Other', not Thing"),
+        (
+            lambda id: encode_envelope(Record(id, "Thing", b'{"size":"big"}', 1, now(), now())),
+            "no longer validates",
+        ),
+    ],
+)
+async def test_corrupt_objects_are_validation_errors_naming_class_and_id(
+    s3_url: str,
+    s3_endpoint: str,
+    s3_bucket: str,
+    body: Callable[[UUID], bytes],
+    message: str,
+) -> None:
+    Thing = define_thing(s3_url)
+    id = uuid4()
+    boto3_client(s3_endpoint).put_object(
+        Bucket=s3_bucket, Key=f"models/Thing/{id}.json", Body=body(id)
+    )
+    with pytest.raises(StorageValidationError, match=message) as caught:
+        await Thing.load_external({"class_name": "Thing", "id": str(id)})
+    assert "Thing" in str(caught.value)
+    assert str(id) in str(caught.value)
+
+
+async def test_max_size_refuses_large_objects(s3_endpoint: str, s3_bucket: str) -> None:
+    url = f"s3://{s3_bucket}?endpoint_url={s3_endpoint}&max_size=200"
+    Thing = define_thing(url)
+    small = await Thing(name="small").save_external()  # type: ignore[call-arg]
+    large = await Thing(name="x" * 500).save_external()  # type: ignore[call-arg]
+    assert (await Thing.load_external(small)).name == "small"  # type: ignore[attr-defined]
+    with pytest.raises(StorageValidationError, match=r"Thing record .* more than max_size=200"):
+        await Thing.load_external(large)
+
+
+# --- batches and deletion -------------------------------------------------------------------
+
+
+def track_in_flight(
+    monkeypatch: pytest.MonkeyPatch, client: Any, names: list[str]
+) -> dict[str, int]:
+    """Wrap the real client's methods to record the peak number of requests in flight."""
+    counts = {"now": 0, "peak": 0, "calls": 0}
+
+    def wrap(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def wrapper(**kwargs: Any) -> Any:
+            counts["now"] += 1
+            counts["calls"] += 1
+            counts["peak"] = max(counts["peak"], counts["now"])
+            try:
+                return await method(**kwargs)
+            finally:
+                counts["now"] -= 1
+
+        return wrapper
+
+    for name in names:
+        monkeypatch.setattr(client, name, wrap(getattr(client, name)))
+    return counts
+
+
+async def test_batches_of_200_with_bounded_concurrency(
+    s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = S3Backend(f"s3://{s3_bucket}/batch?endpoint_url={s3_endpoint}&max_concurrency=5")
+    await backend.connect()
+    try:
+        counts = track_in_flight(
+            monkeypatch, backend._s3, ["put_object", "get_object", "head_object"]
+        )
+        records = [Record(uuid4(), "Batch", b'{"n":%d}' % i, 1, now(), now()) for i in range(200)]
+        await backend.write_records(records)
+        assert counts["calls"] == 200
+        assert 1 < counts["peak"] <= 5
+
+        missing = uuid4()
+        ids = [missing, *(record.id for record in reversed(records))]
+        found = await backend.read_records("Batch", ids)
+        assert found[0] is None
+        assert [r.data if r else None for r in found[1:]] == [r.data for r in reversed(records)]
+        assert all(r is not None and r.class_name == "Batch" for r in found[1:])
+        assert 1 < counts["peak"] <= 5
+
+        listed = boto3_client(s3_endpoint).list_objects_v2(Bucket=s3_bucket, Prefix="batch/")
+        assert listed["KeyCount"] == 200
+
+        assert await backend.delete_records("Batch", [*ids, records[0].id]) == 200
+        assert counts["peak"] <= 5
+        listed = boto3_client(s3_endpoint).list_objects_v2(Bucket=s3_bucket, Prefix="batch/")
+        assert listed["KeyCount"] == 0
+    finally:
+        await backend.disconnect()
+
+
+async def test_batch_failure_is_a_connection_error(s3_endpoint: str, s3_bucket: str) -> None:
+    backend = S3Backend(f"s3://{s3_bucket}?endpoint_url={s3_endpoint}")
+    await backend.connect()
+    try:
+        boto3_client(s3_endpoint).delete_bucket(Bucket=s3_bucket)
+        records = [Record(uuid4(), "Batch", b"{}", 1, now(), now()) for _ in range(40)]
+        with pytest.raises(StorageConnectionError, match="NoSuchBucket"):
+            await backend.write_records(records)
+        with pytest.raises(StorageConnectionError, match="NoSuchBucket"):
+            await backend.read_records("Batch", [r.id for r in records])
+    finally:
+        await backend.disconnect()
+
+
+async def test_delete_counts_existing_and_chunks(
+    s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert s3.DELETE_CHUNK == 1000  # S3's limit per DeleteObjects; smaller here to keep it quick
+    monkeypatch.setattr(s3, "DELETE_CHUNK", 4)
+    backend = S3Backend(f"s3://{s3_bucket}?endpoint_url={s3_endpoint}")
+    await backend.connect()
+    try:
+        records = [Record(uuid4(), "Gone", b"{}", 1, now(), now()) for _ in range(3)]
+        await backend.write_records(records)
+        assert await backend.delete(records[0].id, "Gone") is True
+        assert await backend.delete(records[0].id, "Gone") is False
+        assert await backend.read_record("Gone", records[0].id) is None
+
+        counts = track_in_flight(monkeypatch, backend._s3, ["delete_objects"])
+        ids = [records[1].id, *(uuid4() for _ in range(8)), records[2].id, records[1].id]
+        assert await backend.delete_records("Gone", ids) == 2  # duplicates count once
+        assert counts["calls"] == 3  # 10 distinct keys in chunks of 4
+        assert await backend.read_records("Gone", [r.id for r in records]) == [None] * 3
+        assert await backend.delete_records("Gone", []) == 0
+    finally:
+        await backend.disconnect()
+
+
+async def test_bad_class_names_are_refused_before_any_request(s3_url: str) -> None:
+    backend = S3Backend(s3_url)  # never connected: a request would fail differently
+    record = Record(uuid4(), "../escape", b"{}", 1, now(), now())
+    with pytest.raises(StorageValidationError, match="invalid class name"):
+        await backend.write_record(record)
+    with pytest.raises(StorageValidationError, match="invalid class name"):
+        await backend.write_records([record, record])
+    with pytest.raises(StorageValidationError, match="invalid class name"):
+        await backend.read_records("a/b", [uuid4(), uuid4()])
+
+
+# --- URLs and options -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("s3://", "S3 URLs name a bucket"),
+        ("s3:///prefix", "S3 URLs name a bucket"),
+        ("s3://Bad_Bucket!/x", "invalid S3 bucket name 'Bad_Bucket!'"),
+        ("s3://ab", "invalid S3 bucket name"),
+        ("s3://-bucket", "invalid S3 bucket name"),
+        ("s3://my..bucket", "invalid S3 bucket name"),
+        ("s3://192.168.1.1", "invalid S3 bucket name"),
+        ("s3://bucket/x?colour=red", "unknown S3 option.*colour"),
+        ("s3://bucket/x#part", "no '#' fragment"),
+        ("s3://bucket/x?region=a&region=b", "given twice"),
+        ("s3://bucket/a//b", "invalid S3 key prefix"),
+        ("s3://bucket/a/../b", "invalid S3 key prefix"),
+        ("s3://bucket?max_concurrency=0", "max_concurrency must be a positive int"),
+        ("s3://bucket?max_concurrency=many", "max_concurrency must be a positive int"),
+        ("s3://bucket?timeout=-1", "timeout must be a positive float"),
+        ("s3://bucket?max_size=1.5", "max_size must be a positive int"),
+        ("s3://bucket?endpoint_url=ftp://host", "invalid S3 endpoint_url"),
+        ("s3://bucket?endpoint_url=localhost:9000", "invalid S3 endpoint_url"),
+        ("s3://bucket?region=", "region must be a non-empty name"),
+    ],
+)
+def test_invalid_urls_fail_at_class_definition(url: str, message: str) -> None:
+    with pytest.raises(StorageValidationError, match=message) as caught:
+        define_thing(url)
+    assert ".Thing: " in str(caught.value)  # the model's qualified name leads the message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "s3://AKIAEXAMPLE:hunter2secret@bucket/x",
+        "s3://bucket/x?endpoint_url=http://admin:hunter2secret@localhost:9000",
+    ],
+)
+def test_credentials_in_urls_are_refused_without_echo(url: str) -> None:
+    with pytest.raises(StorageValidationError, match="credentials") as caught:
+        define_thing(url)
+    assert "hunter2secret" not in str(caught.value)
+    assert "hunter2secret" not in repr(caught.value)
+
+
+def test_options_from_query_and_keywords() -> None:
+    backend = S3Backend(
+        "s3://my-bucket/deep/prefix/?endpoint_url=http://localhost:9000&region=eu-west-1"
+        "&profile=dev&max_concurrency=8&timeout=2.5&max_size=1000"
+    )
+    assert (backend.bucket, backend.prefix) == ("my-bucket", "deep/prefix")
+    assert backend.endpoint_url == "http://localhost:9000"
+    assert (backend.region, backend.profile) == ("eu-west-1", "dev")
+    assert (backend.max_concurrency, backend.timeout, backend.max_size) == (8, 2.5, 1000)
+    assert backend._key("Thing", UUID(int=1)) == (
+        "deep/prefix/Thing/00000000-0000-0000-0000-000000000001.json"
+    )
+
+    overridden = S3Backend(
+        "s3://my-bucket?region=eu-west-1&max_concurrency=8",
+        region="us-west-2",
+        max_concurrency=2,
+        timeout=1,
+    )
+    assert (overridden.region, overridden.max_concurrency, overridden.timeout) == (
+        "us-west-2",
+        2,
+        1.0,
+    )
+    assert overridden.prefix == ""
+    assert (
+        overridden._key("Thing", UUID(int=1)) == "Thing/00000000-0000-0000-0000-000000000001.json"
+    )
+
+    defaults = S3Backend("s3://my-bucket")
+    assert (defaults.endpoint_url, defaults.region, defaults.profile) == (None, None, None)
+    assert (defaults.max_concurrency, defaults.timeout, defaults.max_size) == (32, None, None)
+    with pytest.raises(StorageValidationError, match="max_concurrency"):
+        S3Backend("s3://my-bucket", max_concurrency=-3)
+
+
+def test_unknown_profile_is_a_connection_error(s3_endpoint: str, s3_bucket: str) -> None:
+    backend = S3Backend(f"s3://{s3_bucket}?endpoint_url={s3_endpoint}&profile=no-such-profile")
+    with pytest.raises(StorageConnectionError, match="no-such-profile"):
+        asyncio.run(backend.connect())
