@@ -219,22 +219,24 @@ class _Target:
                 {"max_depth": session.max_depth, "class_name": self.class_name, "id": str(id)},
             )
         record = session.fetch(storage, self.class_name, id)
+        if self.model is not None:
+            record = self.model._live(record)
         if record is None:
             raise PydanticCustomError(
                 "external_not_found",
                 "no {class_name} record with id {id}",
                 {"class_name": self.class_name, "id": str(id)},
             )
-        if record.class_name != self.class_name:
-            raise PydanticCustomError(
-                "external_class_mismatch",
-                "record {id} belongs to class {stored}, not {class_name}",
-                {"id": str(id), "stored": record.class_name, "class_name": self.class_name},
-            )
         session.resolving.append(key)
         try:
-            value = self.from_json(record.data, context)
-        except ValidationError as exc:
+            if self.model is not None:
+                return self.model._from_record(record, context)
+            if record.class_name != self.class_name:
+                raise StorageValidationError(
+                    f"record {id} belongs to class {record.class_name}, not {self.class_name}"
+                )
+            return self.from_json(record.data, context)
+        except (ValidationError, StorageValidationError) as exc:
             raise PydanticCustomError(
                 "external_invalid",
                 "stored {class_name} record {id} does not validate: {errors}",
@@ -242,9 +244,6 @@ class _Target:
             ) from exc
         finally:
             session.resolving.pop()
-        if isinstance(value, ExternalBaseModel):
-            _set_metadata(value, record)
-        return value
 
 
 def _storage_key(storage: Storage) -> str | int:

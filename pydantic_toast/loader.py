@@ -1,14 +1,16 @@
 """Coalescing of single loads: the DataLoader pattern.
 
 Loads that different tasks issue against the same backend in the same event-loop turn are
-collected and sent as one batch read; each caller gets its own record (or ``None``) back. The
-batch is sent by a task created with the first load, which the loop runs right after the
-callbacks already queued: a lone load waits for nobody, there is no timer.
+sent as one batch read; each caller gets its own record (or ``None``) back. The first load of
+a turn leads: it yields once (``asyncio.sleep(0)``) so that the loads queued behind it in this
+turn can join, then reads for all of them. A lone load pays that one yield and reads by itself;
+there is no timer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from uuid import UUID
 
@@ -16,66 +18,90 @@ from pydantic_toast.backends.base import Record, StorageBackend
 
 __all__ = ["load_record"]
 
-_Waiters = dict[UUID, list["asyncio.Future[Record | None]"]]
+_Key = tuple[str, UUID]
+_Waiters = dict[_Key, list["asyncio.Future[Record | None]"]]
 
 
 class _Loader:
-    __slots__ = ("backend", "pending", "task")
+    __slots__ = ("backend", "gathering", "handoffs")
 
     def __init__(self, backend: StorageBackend) -> None:
         self.backend = backend
-        self.pending: dict[str, _Waiters] = {}
-        self.task: asyncio.Task[None] | None = None
+        self.gathering: _Waiters | None = None
+        self.handoffs: set[asyncio.Task[None]] = set()
 
-    def load(self, class_name: str, id: UUID) -> asyncio.Future[Record | None]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Record | None] = loop.create_future()
-        if not self.pending:
-            self.task = loop.create_task(self._send())
-        self.pending.setdefault(class_name, {}).setdefault(id, []).append(future)
-        return future
-
-    async def _send(self) -> None:
-        batch, self.pending = self.pending, {}
-        if len(batch) == 1:
-            for class_name, waiters in batch.items():
-                await self._read(class_name, waiters)
-        else:
-            await asyncio.gather(*(self._read(name, waiters) for name, waiters in batch.items()))
-
-    async def _read(self, class_name: str, waiters: _Waiters) -> None:
-        ids = list(waiters)
+    async def load(self, class_name: str, id: UUID) -> Record | None:
+        key = (class_name, id)
+        gathering = self.gathering
+        if gathering is not None:  # a leader is collecting this turn's loads: join it
+            future: asyncio.Future[Record | None] = asyncio.get_running_loop().create_future()
+            gathering.setdefault(key, []).append(future)
+            return await future
+        self.gathering = gathering = {}
         try:
-            if len(ids) == 1:
-                records = [await self.backend.read_record(class_name, ids[0])]
-            else:
-                records = await self.backend.read_records(class_name, ids)
-        except BaseException as exc:
+            await asyncio.sleep(0)
+        except BaseException:
+            self._hand_off(gathering)
+            raise
+        finally:
+            self.gathering = None
+        if not gathering:
+            return await self.backend.read_record(class_name, id)
+        gathering.setdefault(key, [])
+        try:
+            return (await self._serve(gathering))[key]
+        except asyncio.CancelledError:
+            self._hand_off(gathering)
+            raise
+
+    async def _serve(self, waiters: _Waiters) -> dict[_Key, Record | None]:
+        """Read every waiter's record, one batch per class, and give each its result."""
+        by_class: dict[str, list[UUID]] = {}
+        for class_name, id in waiters:
+            by_class.setdefault(class_name, []).append(id)
+        try:
+            batches = await asyncio.gather(
+                *(self._read(class_name, ids) for class_name, ids in by_class.items())
+            )
+        except Exception as exc:
             for futures in waiters.values():
                 for future in futures:
-                    if future.done():
-                        continue
-                    if isinstance(exc, asyncio.CancelledError):
-                        future.cancel()
-                    else:
+                    if not future.done():
                         future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for id, record in zip(ids, records, strict=True):
-            for future in waiters[id]:
-                if not future.done():
-                    future.set_result(record)
+            raise
+        results: dict[_Key, Record | None] = {}
+        for (class_name, ids), records in zip(by_class.items(), batches, strict=True):
+            for id, record in zip(ids, records, strict=True):
+                results[class_name, id] = record
+                for future in waiters[class_name, id]:
+                    if not future.done():
+                        future.set_result(record)
+        return results
+
+    async def _read(self, class_name: str, ids: list[UUID]) -> list[Record | None]:
+        if len(ids) == 1:
+            return [await self.backend.read_record(class_name, ids[0])]
+        return await self.backend.read_records(class_name, ids)
+
+    def _hand_off(self, waiters: _Waiters) -> None:
+        """The leader was cancelled: serve the loads that joined it in a task of their own."""
+        pending = {key: futures for key, futures in waiters.items() if futures}
+        if pending:
+            task = asyncio.get_running_loop().create_task(self._serve_quietly(pending))
+            self.handoffs.add(task)
+            task.add_done_callback(self.handoffs.discard)
+
+    async def _serve_quietly(self, waiters: _Waiters) -> None:
+        with contextlib.suppress(Exception):  # _serve delivered it to every waiter
+            await self._serve(waiters)
 
 
 _loaders: weakref.WeakKeyDictionary[StorageBackend, _Loader] = weakref.WeakKeyDictionary()
 
 
-def load_record(
-    backend: StorageBackend, class_name: str, id: UUID
-) -> asyncio.Future[Record | None]:
+async def load_record(backend: StorageBackend, class_name: str, id: UUID) -> Record | None:
     """Read one record through ``backend``, batched with the other loads of this loop turn."""
     loader = _loaders.get(backend)
     if loader is None:
         loader = _loaders[backend] = _Loader(backend)
-    return loader.load(class_name, id)
+    return await loader.load(class_name, id)

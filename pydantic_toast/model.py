@@ -6,22 +6,31 @@ move the bytes, the registry finds the live backend, the bridge runs the sync tw
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
+import json
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, ClassVar, Literal, Self, TypedDict, overload
 from uuid import UUID, uuid4
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import PydanticSerializationError
 
-from pydantic_toast.backends.base import Record, check_class_name
+from pydantic_toast.backends.base import Record, StorageBackend, check_class_name
 from pydantic_toast.bridge import run_sync
 from pydantic_toast.errors import RecordNotFoundError, StorageValidationError, mask_url
 from pydantic_toast.loader import load_record
 from pydantic_toast.registry import check_storage_url, get_backend, registered_schemes
 
-__all__ = ["ExternalBaseModel", "ExternalConfigDict", "ExternalMetadata", "ExternalReference"]
+__all__ = [
+    "ExternalBaseModel",
+    "ExternalConfigDict",
+    "ExternalMetadata",
+    "ExternalNameWarning",
+    "ExternalReference",
+]
 
 # The longest id string worth parsing: a UUID is 36 characters, 38 with braces, 45 as a URN.
 _MAX_ID_LENGTH = 64
@@ -34,7 +43,21 @@ class ExternalConfigDict(ConfigDict, total=False):
     """The storage URL, such as ``"sqlite:///models.db"`` or ``"postgresql://host/db"``."""
 
     schema_version: int
-    """Stored with every record (default 1); raise it when the model's shape changes."""
+    """Stored with every record (default 1); raise it when the model's shape changes, and
+    register a `migration` from the previous version."""
+
+    class_name: str
+    """The stable name records are stored under (default: the class's ``__name__``). Set it to
+    rename or move the class without orphaning its records, or to tell apart two classes of
+    the same name in one storage (``"billing.User"``)."""
+
+    ttl: float | timedelta
+    """Time to live of the records (seconds or a timedelta), counted from their last save.
+    Redis expires them itself; elsewhere an expired record loads as missing, and
+    `purge_external` deletes them."""
+
+    save_migrated: bool
+    """Write a record back after a load migrated it to the current schema version."""
 
 
 class ExternalReference(TypedDict):
@@ -59,6 +82,18 @@ class ExternalMetadata:
     updated_at: datetime
 
 
+class _instance_or_class:
+    """A method callable on the class (``User.delete_external(ref)``) and on an instance
+    (``user.delete_external()``): the function gets the class and the instance or ``None``."""
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self.__func__ = function
+        self.__doc__ = function.__doc__
+
+    def __get__(self, instance: object, owner: type) -> Callable[..., Any]:
+        return partial(self.__func__, owner, instance)
+
+
 class ExternalBaseModel(BaseModel):
     """A Pydantic model stored out of line and passed around as an `ExternalReference`.
 
@@ -71,9 +106,13 @@ class ExternalBaseModel(BaseModel):
     # part in equality, dumps or copies: a loaded model equals the one that was saved.
     __slots__ = ("_external_metadata",)
 
+    model_config = ConfigDict(ignored_types=(_instance_or_class,))
+
     __external_storage__: ClassVar[str]
     __external_class_name__: ClassVar[str]
     __external_schema_version__: ClassVar[int]
+    __external_ttl__: ClassVar[timedelta | None]
+    __external_migrations__: ClassVar[dict[int, Callable[[dict[str, Any]], dict[str, Any]]]]
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -94,12 +133,20 @@ class ExternalBaseModel(BaseModel):
                 f"{owner}: schema_version must be a positive int, not {version!r}"
             )
         try:
-            class_name = check_class_name(cls.__name__)
+            class_name = check_class_name(config.get("class_name") or cls.__name__)
         except StorageValidationError as exc:
             raise StorageValidationError(f"{owner}: {exc}") from exc
+        ttl = config.get("ttl")
+        if isinstance(ttl, int | float) and not isinstance(ttl, bool):
+            ttl = timedelta(seconds=ttl)
+        if ttl is not None and (not isinstance(ttl, timedelta) or ttl <= timedelta(0)):
+            raise StorageValidationError(f"{owner}: ttl must be a positive duration, not {ttl!r}")
+        _claim_name(cls, storage, class_name, owner)
         cls.__external_storage__ = storage
         cls.__external_class_name__ = class_name
         cls.__external_schema_version__ = version
+        cls.__external_ttl__ = ttl
+        cls.__external_migrations__ = {}
 
     @property
     def external_metadata(self) -> ExternalMetadata | None:
@@ -148,10 +195,10 @@ class ExternalBaseModel(BaseModel):
         """
         id = cls._reference_id(reference)
         backend = await get_backend(cls.__external_storage__)
-        record = await load_record(backend, cls.__external_class_name__, id)
+        record = cls._live(await load_record(backend, cls.__external_class_name__, id))
         if record is None:
             raise RecordNotFoundError(cls.__external_class_name__, [str(id)], backend.url)
-        return cls._from_record(record)
+        return (await cls._from_records(backend, [record]))[id]
 
     @classmethod
     def load_external_sync(cls, reference: _ReferenceLike) -> Self:
@@ -221,15 +268,14 @@ class ExternalBaseModel(BaseModel):
         ids = [cls._reference_id(reference) for reference in references]
         unique = list(dict.fromkeys(ids))
         backend = await get_backend(cls.__external_storage__)
-        records = await backend.read_records(cls.__external_class_name__, unique)
+        records = [
+            cls._live(r) for r in await backend.read_records(cls.__external_class_name__, unique)
+        ]
         missing = [str(id) for id, record in zip(unique, records, strict=True) if record is None]
         if missing and not missing_ok:
             raise RecordNotFoundError(cls.__external_class_name__, missing, backend.url)
-        loaded = {
-            id: None if record is None else cls._from_record(record)
-            for id, record in zip(unique, records, strict=True)
-        }
-        return [loaded[id] for id in ids]
+        loaded = await cls._from_records(backend, (r for r in records if r is not None))
+        return [loaded.get(id) for id in ids]
 
     @overload
     @classmethod
@@ -255,6 +301,113 @@ class ExternalBaseModel(BaseModel):
     ) -> list[Self] | list[Self | None]:
         """`load_external_many` for synchronous code."""
         return run_sync(cls.load_external_many(references, missing_ok=missing_ok))
+
+    @classmethod
+    async def exists_external(cls, reference: _ReferenceLike) -> bool:
+        """Whether the record a reference points to exists (and has not expired)."""
+        id = cls._reference_id(reference)
+        backend = await get_backend(cls.__external_storage__)
+        return cls._live(await load_record(backend, cls.__external_class_name__, id)) is not None
+
+    @classmethod
+    def exists_external_sync(cls, reference: _ReferenceLike) -> bool:
+        """`exists_external` for synchronous code."""
+        return run_sync(cls.exists_external(reference))
+
+    @classmethod
+    async def delete_external_many(
+        cls, references: Iterable[_ReferenceLike], *, missing_ok: bool = True
+    ) -> int:
+        """Delete the records of ``references`` in one batch; return how many existed.
+
+        Missing records are no error, unless ``missing_ok=False``: then, if any was missing,
+        `RecordNotFoundError` is raised after the others are deleted.
+        """
+        ids = list(dict.fromkeys(cls._reference_id(reference) for reference in references))
+        backend = await get_backend(cls.__external_storage__)
+        deleted = await backend.delete_records(cls.__external_class_name__, ids)
+        if deleted < len(ids) and not missing_ok:
+            raise RecordNotFoundError(
+                cls.__external_class_name__,
+                [f"{len(ids) - deleted} of {len(ids)} ids"],
+                backend.url,
+            )
+        return deleted
+
+    @classmethod
+    def delete_external_many_sync(
+        cls, references: Iterable[_ReferenceLike], *, missing_ok: bool = True
+    ) -> int:
+        """`delete_external_many` for synchronous code."""
+        return run_sync(cls.delete_external_many(references, missing_ok=missing_ok))
+
+    @_instance_or_class
+    async def delete_external(
+        cls: type[ExternalBaseModel],
+        instance: ExternalBaseModel | None,
+        reference: _ReferenceLike | None = None,
+        *,
+        missing_ok: bool = True,
+    ) -> bool:
+        """Delete a record: ``await model.delete_external()`` deletes the model's own record,
+        ``await User.delete_external(reference)`` the one a reference points to.
+
+        Returns whether a record was deleted; a missing one is no error unless
+        ``missing_ok=False`` (then `RecordNotFoundError`). A deleted model forgets its id, so
+        saving it again creates a new record.
+        """
+        if instance is not None:
+            metadata = _metadata_of(instance)
+            if metadata is None:
+                if missing_ok:
+                    return False
+                raise RecordNotFoundError(cls.__external_class_name__, ["(never saved)"])
+            reference = {"class_name": metadata.class_name, "id": str(metadata.id)}
+        if reference is None:
+            raise TypeError(f"{cls.__name__}.delete_external() needs a reference")
+        id = cls._reference_id(reference)
+        backend = await get_backend(cls.__external_storage__)
+        deleted = await backend.delete_records(cls.__external_class_name__, [id]) > 0
+        if instance is not None:
+            _METADATA_SLOT.__delete__(instance)
+        if not deleted and not missing_ok:
+            raise RecordNotFoundError(cls.__external_class_name__, [str(id)], backend.url)
+        return deleted
+
+    @_instance_or_class
+    def delete_external_sync(
+        cls: type[ExternalBaseModel],
+        instance: ExternalBaseModel | None,
+        reference: _ReferenceLike | None = None,
+        *,
+        missing_ok: bool = True,
+    ) -> bool:
+        """`delete_external` for synchronous code (``model.delete_external_sync()`` or
+        ``User.delete_external_sync(reference)``)."""
+        delete = cls.delete_external if instance is None else instance.delete_external
+        result: bool = run_sync(delete(reference, missing_ok=missing_ok))
+        return result
+
+    @classmethod
+    async def purge_external(
+        cls, *, older_than: timedelta | None = None, before: datetime | None = None
+    ) -> int:
+        """Delete this class's records not updated since ``before`` (or for ``older_than``),
+        in batches; without either, those past the class's ttl. Returns how many."""
+        if before is None:
+            age = older_than if older_than is not None else cls.__external_ttl__
+            if age is None:
+                raise ValueError(f"{cls.__name__}.purge_external needs older_than or before")
+            before = datetime.now(UTC) - age
+        backend = await get_backend(cls.__external_storage__)
+        return await backend.purge(cls.__external_class_name__, before)
+
+    @classmethod
+    def purge_external_sync(
+        cls, *, older_than: timedelta | None = None, before: datetime | None = None
+    ) -> int:
+        """`purge_external` for synchronous code."""
+        return run_sync(cls.purge_external(older_than=older_than, before=before))
 
     def _to_record(self, now: datetime, context: Any = None) -> Record:
         """This model as a record: its id and ``created_at`` if it was saved or loaded before.
@@ -305,21 +458,122 @@ class ExternalBaseModel(BaseModel):
         return id
 
     @classmethod
-    def _from_record(cls, record: Record) -> Self:
+    def migration(
+        cls, from_version: int
+    ) -> Callable[
+        [Callable[[dict[str, Any]], dict[str, Any]]], Callable[[dict[str, Any]], dict[str, Any]]
+    ]:
+        """Register a function that upgrades a stored dict from ``from_version`` to the next.
+
+        A load of an older record applies the steps in order, then validates::
+
+            @User.migration(from_version=1)
+            def split_name(data: dict[str, Any]) -> dict[str, Any]:
+                first, _, last = data.pop("name").partition(" ")
+                return {**data, "first_name": first, "last_name": last}
+        """
+        if (
+            not isinstance(from_version, int)
+            or not 1 <= from_version < cls.__external_schema_version__
+        ):
+            raise StorageValidationError(
+                f"{cls.__name__}: a migration goes from a version below the current "
+                f"schema_version {cls.__external_schema_version__}, not from {from_version!r}"
+            )
+
+        def register(
+            step: Callable[[dict[str, Any]], dict[str, Any]],
+        ) -> Callable[[dict[str, Any]], dict[str, Any]]:
+            cls.__external_migrations__[from_version] = step
+            return step
+
+        return register
+
+    @classmethod
+    def _from_record(cls, record: Record, context: Any = None) -> Self:
+        """Validate a loaded record as this class, migrating it first if it is older."""
+        return cls._from_record_migrated(record, context)[0]
+
+    @classmethod
+    def _from_record_migrated(
+        cls, record: Record, context: Any = None
+    ) -> tuple[Self, Record | None]:
+        """The model, and the upgraded record when a migration ran (else ``None``)."""
         expected = cls.__external_class_name__
         if record.class_name != expected:
             raise StorageValidationError(
                 f"stored record {record.id} belongs to class {record.class_name!r}, "
                 f"not {expected} ({mask_url(cls.__external_storage__)})"
             )
+        current = cls.__external_schema_version__
+        data = record.data if record.schema_version == current else cls._migrate(record)
         try:
-            model = cls.model_validate_json(record.data)
+            model = cls.model_validate_json(data, context=context)
         except ValidationError as exc:
             raise StorageValidationError(
                 f"stored {expected} record {record.id} no longer validates: {exc}"
             ) from exc
-        _set_metadata(model, record)
-        return model
+        upgraded = None
+        if data is not record.data:
+            upgraded = replace(
+                record, data=cls.__pydantic_serializer__.to_json(model), schema_version=current
+            )
+        _set_metadata(model, upgraded or record)
+        return model, upgraded
+
+    @classmethod
+    def _migrate(cls, record: Record) -> bytes:
+        current = cls.__external_schema_version__
+        name = cls.__external_class_name__
+        if record.schema_version > current:
+            raise StorageValidationError(
+                f"stored {name} record {record.id} has schema version {record.schema_version}, "
+                f"newer than this code's {current}: deploy the newer model first"
+            )
+        try:
+            data = json.loads(record.data)
+        except ValueError as exc:
+            raise StorageValidationError(
+                f"stored {name} record {record.id} is corrupt: {exc}"
+            ) from exc
+        for version in range(record.schema_version, current):
+            step = cls.__external_migrations__.get(version)
+            if step is None:
+                raise StorageValidationError(
+                    f"stored {name} record {record.id} has schema version {record.schema_version} "
+                    f"and no migration from version {version} to {version + 1} is registered"
+                )
+            try:
+                data = step(data)
+            except Exception as exc:
+                raise StorageValidationError(
+                    f"migration of {name} record {record.id} from version {version} failed: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @classmethod
+    def _live(cls, record: Record | None) -> Record | None:
+        """``record``, or ``None`` when there is none or it outlived the class's ttl."""
+        ttl = cls.__external_ttl__
+        if record is not None and ttl is not None and record.updated_at + ttl < datetime.now(UTC):
+            return None
+        return record
+
+    @classmethod
+    async def _from_records(
+        cls, backend: StorageBackend, records: Iterable[Record]
+    ) -> dict[UUID, Self]:
+        """Validate loaded records; write back the migrated ones if the class asks to."""
+        models: dict[UUID, Self] = {}
+        migrated: list[Record] = []
+        for record in records:
+            models[record.id], upgraded = cls._from_record_migrated(record)
+            if upgraded is not None:
+                migrated.append(upgraded)
+        if migrated and cls.model_config.get("save_migrated"):
+            await backend.write_records(migrated)
+        return models
 
 
 _METADATA_SLOT = ExternalBaseModel.__dict__["_external_metadata"]
@@ -344,6 +598,36 @@ def _set_metadata(model: ExternalBaseModel, record: Record) -> None:
             updated_at=record.updated_at,
         ),
     )
+
+
+# Which class stores under which name in which storage: (storage, class name) -> owner.
+_names: dict[tuple[str, str], str] = {}
+
+
+def _claim_name(cls: type, storage: str, class_name: str, owner: str) -> None:
+    """Refuse two different classes storing under one name in one storage.
+
+    Redefining the same class (a notebook cell run again, a reloaded module) is no collision;
+    classes defined inside functions, as tests do, only get a warning.
+    """
+    key = (storage, class_name)
+    holder = _names.get(key)
+    _names[key] = owner
+    if holder is None or holder == owner:
+        return
+    message = (
+        f"{owner} and {holder} both store records as {class_name!r} in "
+        f"{mask_url(storage)}; give one a stable name: ExternalConfigDict(class_name=...)"
+    )
+    if "<locals>" in owner or "<locals>" in holder:
+        warnings.warn(message, ExternalNameWarning, stacklevel=4)
+        return
+    _names[key] = holder
+    raise StorageValidationError(message)
+
+
+class ExternalNameWarning(UserWarning):
+    """Two classes defined inside functions store under one name in one storage."""
 
 
 def _parse_id(value: object) -> UUID | None:

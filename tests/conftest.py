@@ -185,6 +185,22 @@ def s3_url(s3_endpoint: str, s3_bucket: str) -> str:
     return f"s3://{s3_bucket}/models?endpoint_url={s3_endpoint}"
 
 
+# --- every backend -------------------------------------------------------------------------
+
+BACKENDS = ["memory", "sqlite", "file", "custom", "postgresql", "redis", "s3"]
+
+
+@pytest.fixture(params=BACKENDS)
+def storage(request: pytest.FixtureRequest, namespace: str) -> str:
+    """A fresh storage URL on each backend in turn; "custom" is a four-method backend."""
+    if request.param == "custom":
+        from tests import dict_backend  # noqa: F401 - registers dictstore://
+
+        return f"dictstore://{namespace}"
+    url: str = request.getfixturevalue(f"{request.param}_url")
+    return url
+
+
 # --- Embedded --------------------------------------------------------------------------------
 
 

@@ -27,18 +27,6 @@ from pydantic_toast import (
 from pydantic_toast.backends.base import Record
 from pydantic_toast.registry import get_backend
 
-from . import dict_backend  # noqa: F401 - registers dictstore://
-
-BACKENDS = ["memory", "sqlite", "file", "custom", "postgresql", "redis", "s3"]
-
-
-@pytest.fixture(params=BACKENDS)
-def storage(request: pytest.FixtureRequest, namespace: str) -> str:
-    if request.param == "custom":
-        return f"dictstore://{namespace}"
-    url: str = request.getfixturevalue(f"{request.param}_url")
-    return url
-
 
 class Color(enum.Enum):
     RED = "red"

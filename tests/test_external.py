@@ -18,18 +18,6 @@ from pydantic_toast import External, ExternalBaseModel, ExternalConfigDict, Stor
 from pydantic_toast.backends.base import Record
 from pydantic_toast.registry import get_backend
 
-BACKENDS = ["memory", "sqlite", "file", "custom", "postgresql", "redis", "s3"]
-
-
-@pytest.fixture(params=BACKENDS)
-def storage(request: pytest.FixtureRequest, namespace: str) -> str:
-    if request.param == "custom":
-        from . import dict_backend  # noqa: F401 - registers dictstore://
-
-        return f"dictstore://{namespace}"
-    url: str = request.getfixturevalue(f"{request.param}_url")
-    return url
-
 
 class Line(BaseModel):
     sku: str

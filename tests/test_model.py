@@ -554,3 +554,19 @@ async def test_a_cancelled_load_does_not_disturb_the_others(
     assert done[0] == Row(index=0)
     assert isinstance(done[1], asyncio.CancelledError)
     assert done[2] == Row(index=2)
+
+
+async def test_a_cancelled_leader_hands_its_batch_to_the_others(
+    batch_counting: type[BatchCounting],
+) -> None:
+    class Row(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage="batchcounting://leader")
+        index: int
+
+    references = await Row.save_external_many([Row(index=i) for i in range(3)])
+    tasks = [asyncio.create_task(Row.load_external(r)) for r in references]
+    await asyncio.sleep(0)  # task 0 leads and yields; tasks 1 and 2 join it
+    tasks[0].cancel()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(done[0], asyncio.CancelledError)
+    assert done[1:] == [Row(index=1), Row(index=2)]

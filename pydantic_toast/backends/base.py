@@ -15,7 +15,7 @@ import asyncio
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -31,9 +31,11 @@ from pydantic_toast.errors import (
 
 __all__ = [
     "Record",
+    "RecordInfo",
     "StorageBackend",
     "check_class_name",
     "decode_envelope",
+    "decode_envelope_info",
     "encode_envelope",
 ]
 
@@ -126,6 +128,16 @@ def _parse_timestamp(text: str) -> datetime:
     return moment
 
 
+@dataclass(frozen=True, slots=True)
+class RecordInfo:
+    """What a listing shows of a record: no data, only its size in bytes."""
+
+    class_name: str
+    id: UUID
+    size: int
+    updated_at: datetime
+
+
 # The envelope: how byte-oriented backends (Redis, S3, files) store a record. The metadata
 # comes first, in a fixed order and width, and the model's JSON last, so that reading a record
 # slices the model's bytes out instead of parsing and re-encoding them, and Redis can keep
@@ -154,6 +166,16 @@ def encode_envelope(record: Record) -> bytes:
             b"}",
         )
     )
+
+
+def decode_envelope_info(head: bytes, id: UUID, size: int) -> RecordInfo:
+    """The listing view of an envelope of ``size`` bytes, from its first 512 bytes."""
+    marker = head.find(_DATA_MARKER, 0, 512)
+    if marker < 0:
+        raise StorageValidationError(f"stored record {id} is corrupt: no envelope header")
+    header = decode_envelope(head[:marker] + _DATA_MARKER + b"{}}", id, "record")
+    data_size = size - marker - len(_DATA_MARKER) - 1
+    return RecordInfo(header.class_name, id, data_size, header.updated_at)
 
 
 def decode_envelope(raw: bytes, id: UUID, class_name: str) -> Record:
@@ -260,6 +282,26 @@ class StorageBackend(ABC):
             lambda id: self._guard(self.delete(id, class_name), "delete", class_name), ids
         )
         return sum(deleted)
+
+    def scan_records(self, class_name: str | None = None) -> AsyncIterator[RecordInfo]:
+        """Every record of ``class_name`` (or of every class), without its data, in no
+        particular order. Used by listings and `purge`; optional for custom backends."""
+        raise NotImplementedError(f"{type(self).__name__} does not support listing records")
+
+    async def purge(self, class_name: str, before: datetime, *, batch_size: int = 500) -> int:
+        """Delete ``class_name``'s records last updated before ``before``, ``batch_size`` at a
+        time; return how many were deleted. The default scans, then deletes in batches."""
+        deleted = 0
+        doomed: list[UUID] = []
+        async for info in self.scan_records(class_name):
+            if info.updated_at < before:
+                doomed.append(info.id)
+                if len(doomed) >= batch_size:
+                    deleted += await self.delete_records(class_name, doomed)
+                    doomed = []
+        if doomed:
+            deleted += await self.delete_records(class_name, doomed)
+        return deleted
 
     async def _bounded(self, operation: Callable[[A], Awaitable[T]], items: Sequence[A]) -> list[T]:
         """Run ``operation`` on every item, at most `batch_concurrency` at a time, in order."""

@@ -10,16 +10,18 @@ hop to a worker thread.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
 from uuid import UUID, uuid4
 
 from pydantic_toast.backends.base import (
     Record,
+    RecordInfo,
     StorageBackend,
     check_class_name,
     decode_envelope,
+    decode_envelope_info,
     encode_envelope,
 )
 from pydantic_toast.errors import StorageConnectionError, StorageValidationError
@@ -105,6 +107,22 @@ class FileBackend(StorageBackend):
                     f"cannot delete {class_name} record {id}: {exc}", self.url
                 ) from exc
         return deleted
+
+    async def scan_records(self, class_name: str | None = None) -> AsyncIterator[RecordInfo]:
+        if class_name is None:
+            directories = sorted(p for p in self.directory.iterdir() if p.is_dir())
+        else:
+            directories = [self.directory / check_class_name(class_name)]
+        for directory in directories:
+            for path in sorted(directory.glob("*.json")):
+                try:
+                    id = UUID(path.stem)
+                    with open(path, "rb") as file:  # noqa: ASYNC230 - inline by design
+                        head = file.read(512)
+                    size = path.stat().st_size
+                except (ValueError, FileNotFoundError):
+                    continue  # not a record, or deleted while listing
+                yield decode_envelope_info(head, id, size)
 
     async def write_records(self, records: Sequence[Record]) -> None:
         for record in records:

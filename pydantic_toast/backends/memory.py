@@ -8,17 +8,19 @@ loaded asynchronously. Nothing survives the process.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import ClassVar
 from uuid import UUID
 
-from pydantic_toast.backends.base import Record, StorageBackend, check_class_name
+from pydantic_toast.backends.base import Record, RecordInfo, StorageBackend, check_class_name
 
 __all__ = ["MemoryBackend"]
 
 
 class MemoryBackend(StorageBackend):
-    """Keeps `Record` objects in a dict; their bytes are immutable, so nothing is copied."""
+    """Keeps `Record` objects in a dict, copying the small object (never the bytes) on the
+    way in and out so that no caller can change what is stored."""
 
     _stores: ClassVar[dict[str, dict[UUID, Record]]] = {}
     _stores_lock: ClassVar[threading.Lock] = threading.Lock()
@@ -39,11 +41,12 @@ class MemoryBackend(StorageBackend):
         check_class_name(record.class_name)
         existing = self._store.get(record.id)
         if existing is not None:
-            record.created_at = existing.created_at
-        self._store[record.id] = record
+            record.created_at = existing.created_at  # tell the caller, as others do
+        self._store[record.id] = replace(record)
 
     async def read_record(self, class_name: str, id: UUID) -> Record | None:
-        return self._store.get(id)
+        record = self._store.get(id)
+        return None if record is None else replace(record)  # callers may change their copy
 
     async def write_records(self, records: Sequence[Record]) -> None:
         for record in records:
@@ -51,11 +54,16 @@ class MemoryBackend(StorageBackend):
 
     async def read_records(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
         store = self._store
-        return [store.get(id) for id in ids]
+        return [None if (r := store.get(id)) is None else replace(r) for id in ids]
 
     async def delete_records(self, class_name: str, ids: Sequence[UUID]) -> int:
         store = self._store
         return sum(store.pop(id, None) is not None for id in ids)
+
+    async def scan_records(self, class_name: str | None = None) -> AsyncIterator[RecordInfo]:
+        for record in list(self._store.values()):
+            if class_name is None or record.class_name == class_name:
+                yield RecordInfo(record.class_name, record.id, len(record.data), record.updated_at)
 
     @classmethod
     def clear(cls, url: str) -> None:

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 from uuid import UUID
 
-from pydantic_toast.backends.base import Record, StorageBackend, check_class_name
+from pydantic_toast.backends.base import Record, RecordInfo, StorageBackend, check_class_name
 from pydantic_toast.errors import StorageConnectionError, StorageValidationError
 
 __all__ = ["SQLiteBackend"]
@@ -142,6 +142,42 @@ class SQLiteBackend(StorageBackend):
                 )
                 deleted += cursor.rowcount
         return deleted
+
+    async def scan_records(self, class_name: str | None = None) -> AsyncIterator[RecordInfo]:
+        # Keyset pagination: no cursor stays open across a yield, so callers may delete.
+        last = ""
+        while True:
+            with self._errors("list"):
+                rows = (
+                    self._open()
+                    .execute(
+                        "SELECT id, class_name, length(CAST(data AS BLOB)), updated_at"
+                        f' FROM "{self.table}" WHERE id > ?'
+                        " AND (? IS NULL OR class_name = ?) ORDER BY id LIMIT 500",
+                        (last, class_name, class_name),
+                    )
+                    .fetchall()
+                )
+            for id, name, size, updated_at in rows:
+                yield RecordInfo(name, UUID(id), size, datetime.fromisoformat(updated_at))
+            if len(rows) < 500:
+                return
+            last = rows[-1][0]
+
+    async def purge(self, class_name: str, before: datetime, *, batch_size: int = 500) -> int:
+        # Timestamps are stored as UTC ISO text of fixed width, so text order is time order.
+        cutoff = before.astimezone(UTC).isoformat(timespec="microseconds")
+        deleted = 0
+        while True:
+            with self._errors("purge"):
+                cursor = self._open().execute(
+                    f'DELETE FROM "{self.table}" WHERE id IN (SELECT id FROM "{self.table}"'
+                    " WHERE class_name = ? AND updated_at < ? LIMIT ?)",
+                    (class_name, cutoff, batch_size),
+                )
+            deleted += cursor.rowcount
+            if cursor.rowcount < batch_size:
+                return deleted
 
     def _open(self) -> sqlite3.Connection:
         if self._connection is None:
