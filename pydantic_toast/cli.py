@@ -1,0 +1,273 @@
+"""``python -m pydantic_toast``: look after stored records from a shell.
+
+    python -m pydantic_toast --storage URL ping
+    python -m pydantic_toast --storage URL stats
+    python -m pydantic_toast --storage URL ls User [--limit 20]
+    python -m pydantic_toast --storage URL get User 550e8400-...   (or a reference as JSON)
+    python -m pydantic_toast --storage URL rm User ID [ID ...]
+    python -m pydantic_toast --storage URL purge User --older-than 30d [--dry-run]
+
+The storage URL may also come from ``PYDANTIC_TOAST_STORAGE`` (kept out of the process list).
+Output is a table for people, or JSON with ``--json``. The tool works on records, not models,
+so it needs no model classes: it talks to the backend directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TextIO
+from uuid import UUID
+
+from pydantic_toast.backends.base import RecordInfo, StorageBackend, check_class_name
+from pydantic_toast.errors import ExternalStorageError, mask_url
+from pydantic_toast.model import _parse_id
+from pydantic_toast.registry import backend_class_for
+
+__all__ = ["main"]
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``30d``, ``12h``, ``90m``, ``45s``, ``2w``."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use 30d, 12h, 90m, 45s)")
+    return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pydantic_toast", description="Inspect and maintain stored records."
+    )
+    parser.add_argument(
+        "--storage",
+        default=os.environ.get("PYDANTIC_TOAST_STORAGE"),
+        help="storage URL (default: $PYDANTIC_TOAST_STORAGE)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("ping", help="check that the storage answers")
+    commands.add_parser("stats", help="records and bytes per class")
+    ls = commands.add_parser("ls", help="a class's records, newest first, with sizes")
+    ls.add_argument("class_name")
+    ls.add_argument("--limit", type=int, default=50, help="at most this many (0: all)")
+    get = commands.add_parser("get", help="print a record as JSON")
+    get.add_argument("target", nargs="+", help="CLASS ID, or a reference as JSON")
+    rm = commands.add_parser("rm", help="delete records")
+    rm.add_argument("class_name")
+    rm.add_argument("ids", nargs="+")
+    purge = commands.add_parser("purge", help="delete a class's records not updated lately")
+    purge.add_argument("class_name")
+    purge.add_argument("--older-than", type=parse_duration, required=True, metavar="AGE")
+    purge.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = _parser().parse_args(argv)
+    if not arguments.storage:
+        print("error: give --storage URL or set PYDANTIC_TOAST_STORAGE", file=sys.stderr)
+        return 2
+    command: Callable[[StorageBackend, argparse.Namespace], Awaitable[int]] = _COMMANDS[
+        arguments.command
+    ]
+    try:
+        return asyncio.run(_run(arguments.storage, command, arguments))
+    except (ExternalStorageError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _run(
+    url: str,
+    command: Callable[[StorageBackend, argparse.Namespace], Awaitable[int]],
+    arguments: argparse.Namespace,
+) -> int:
+    backend = backend_class_for(url)(url)
+    await backend.connect()
+    try:
+        return await command(backend, arguments)
+    finally:
+        await backend.disconnect()
+
+
+async def _ping(backend: StorageBackend, arguments: argparse.Namespace) -> int:
+    started = asyncio.get_running_loop().time()
+    await backend.read_record("pydantic_toast.ping", UUID(int=0))
+    elapsed = (asyncio.get_running_loop().time() - started) * 1000
+    result = {"storage": mask_url(backend.url), "ok": True, "round_trip_ms": round(elapsed, 3)}
+    if arguments.json:
+        _print_json(result)
+    else:
+        print(f"ok: {result['storage']} answered in {elapsed:.1f} ms")
+    return 0
+
+
+async def _stats(backend: StorageBackend, arguments: argparse.Namespace) -> int:
+    classes: dict[str, dict[str, Any]] = {}
+    progress = _Progress("scanned")
+    async for info in backend.scan_records(None):
+        entry = classes.setdefault(info.class_name, {"records": 0, "bytes": 0, "newest": None})
+        entry["records"] += 1
+        entry["bytes"] += info.size
+        if entry["newest"] is None or info.updated_at > entry["newest"]:
+            entry["newest"] = info.updated_at
+        progress.tick()
+    progress.done()
+    rows = [
+        {"class_name": name, **entry, "newest": entry["newest"].isoformat()}
+        for name, entry in sorted(classes.items())
+    ]
+    if arguments.json:
+        _print_json(rows)
+    else:
+        _print_table(rows, ["class_name", "records", "bytes", "newest"])
+    return 0
+
+
+async def _ls(backend: StorageBackend, arguments: argparse.Namespace) -> int:
+    class_name = check_class_name(arguments.class_name)
+    infos: list[RecordInfo] = [info async for info in backend.scan_records(class_name)]
+    infos.sort(key=lambda info: info.updated_at, reverse=True)
+    if arguments.limit:
+        infos = infos[: arguments.limit]
+    rows = [
+        {"id": str(i.id), "bytes": i.size, "updated_at": i.updated_at.isoformat()} for i in infos
+    ]
+    if arguments.json:
+        _print_json(rows)
+    else:
+        _print_table(rows, ["id", "bytes", "updated_at"])
+    return 0
+
+
+async def _get(backend: StorageBackend, arguments: argparse.Namespace) -> int:
+    class_name, id = _target(arguments.target)
+    record = await backend.read_record(class_name, id)
+    if record is None:
+        print(f"error: no {class_name} record with id {id}", file=sys.stderr)
+        return 1
+    _print_json(
+        {
+            "class_name": record.class_name,
+            "id": str(record.id),
+            "schema_version": record.schema_version,
+            "created_at": record.created_at.isoformat(),
+            "updated_at": record.updated_at.isoformat(),
+            "data": json.loads(record.data),
+        }
+    )
+    return 0
+
+
+async def _rm(backend: StorageBackend, arguments: argparse.Namespace) -> int:
+    class_name = check_class_name(arguments.class_name)
+    ids = [_id(text) for text in arguments.ids]
+    deleted = await backend.delete_records(class_name, ids)
+    if arguments.json:
+        _print_json({"requested": len(ids), "deleted": deleted})
+    else:
+        print(f"deleted {deleted} of {len(ids)} {class_name} records")
+    return 0 if deleted == len(set(ids)) else 1
+
+
+async def _purge(backend: StorageBackend, arguments: argparse.Namespace) -> int:
+    class_name = check_class_name(arguments.class_name)
+    before = datetime.now(UTC) - arguments.older_than
+    if arguments.dry_run:
+        progress = _Progress("scanned")
+        count = 0
+        async for info in backend.scan_records(class_name):
+            count += info.updated_at < before
+            progress.tick()
+        progress.done()
+    else:
+        count = await backend.purge(class_name, before)
+    verb = "would delete" if arguments.dry_run else "deleted"
+    if arguments.json:
+        _print_json({"class_name": class_name, "before": before.isoformat(), verb: count})
+    else:
+        print(f"{verb} {count} {class_name} records not updated since {before:%Y-%m-%d %H:%M} UTC")
+    return 0
+
+
+_COMMANDS: dict[str, Callable[[StorageBackend, argparse.Namespace], Awaitable[int]]] = {
+    "ping": _ping,
+    "stats": _stats,
+    "ls": _ls,
+    "get": _get,
+    "rm": _rm,
+    "purge": _purge,
+}
+
+
+def _target(words: list[str]) -> tuple[str, UUID]:
+    if len(words) == 1:
+        try:
+            reference = json.loads(words[0])
+        except ValueError:
+            raise ValueError("give CLASS ID, or a reference as JSON") from None
+        if not isinstance(reference, dict) or set(reference) != {"class_name", "id"}:
+            raise ValueError('a reference is {"class_name": ..., "id": ...}')
+        return check_class_name(reference["class_name"]), _id(reference["id"])
+    if len(words) == 2:
+        return check_class_name(words[0]), _id(words[1])
+    raise ValueError("give CLASS ID, or a reference as JSON")
+
+
+def _id(text: object) -> UUID:
+    id = _parse_id(text)
+    if id is None:
+        raise ValueError(f"not a UUID: {str(text)[:80]!r}")
+    return id
+
+
+class _Progress:
+    """A counter on stderr for long scans, when a person is watching."""
+
+    def __init__(self, verb: str, stream: TextIO = sys.stderr) -> None:
+        self.verb = verb
+        self.stream = stream
+        self.count = 0
+        self.shown = stream.isatty()
+
+    def tick(self) -> None:
+        self.count += 1
+        if self.shown and self.count % 1000 == 0:
+            print(f"\r{self.verb} {self.count:,} records...", end="", file=self.stream, flush=True)
+
+    def done(self) -> None:
+        if self.shown and self.count >= 1000:
+            print(file=self.stream)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    if not rows:
+        print("(no records)")
+        return
+    cells = [[str(row[column]) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(row[i]) for row in cells)) for i, column in enumerate(columns)]
+    print(
+        "  ".join(
+            column.upper().ljust(width) for column, width in zip(columns, widths, strict=True)
+        )
+    )
+    for row in cells:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
