@@ -10,6 +10,7 @@ from pydantic_toast.errors import (
 )
 from pydantic_toast.external import (
     External,
+    ExternalField,
     dump,
     dump_json,
     dump_json_sync,
@@ -21,6 +22,7 @@ from pydantic_toast.model import (
     ExternalBaseModel,
     ExternalConfigDict,
     ExternalMetadata,
+    ExternalNameWarning,
     ExternalReference,
 )
 from pydantic_toast.registry import register_backend
@@ -29,7 +31,9 @@ __all__ = [
     "External",
     "ExternalBaseModel",
     "ExternalConfigDict",
+    "ExternalField",
     "ExternalMetadata",
+    "ExternalNameWarning",
     "ExternalReference",
     "ExternalStorageError",
     "RecordNotFoundError",

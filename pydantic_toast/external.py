@@ -43,6 +43,7 @@ from pydantic_toast.registry import get_backend
 __all__ = [
     "DEFAULT_MAX_DEPTH",
     "External",
+    "ExternalField",
     "dump",
     "dump_json",
     "dump_json_sync",
@@ -76,19 +77,26 @@ else:
         __slots__ = ()
 
         def __class_getitem__(cls, item: Any) -> Any:
-            return Annotated[item, _ExternalMarker()]
+            return Annotated[item, ExternalField()]
 
 
 @dataclass(frozen=True)
-class _ExternalMarker:
-    """The Annotated metadata behind `External`; frozen (hashable) so ``External[X] | None``
-    works."""
+class ExternalField:
+    """The Annotated metadata behind `External`, for options: ``Annotated[Line,
+    ExternalField(threshold=4096)]`` is ``External[Line]`` that keeps values whose JSON is
+    shorter than ``threshold`` bytes inline, the way PostgreSQL's TOAST keeps short values in
+    the row. ``compress_above`` compresses stored values longer than that many bytes with
+    zstd (on Redis, S3 and file storage). Frozen, so hashable: ``External[X] | None`` works.
+    """
+
+    threshold: int = 0
+    compress_above: int | None = None
 
     def __get_pydantic_core_schema__(
         self, source: Any, handler: Callable[[Any], core_schema.CoreSchema]
     ) -> core_schema.CoreSchema:
         value_schema = handler(source)
-        target = _Target(source)
+        target = _Target(source, self)
         reference_schema = core_schema.typed_dict_schema(
             {
                 "class_name": core_schema.typed_dict_field(
@@ -129,8 +137,10 @@ _targets: dict[str, _Target] = {}
 class _Target:
     """What `External[T]` needs to know about one ``T``."""
 
-    def __init__(self, source: Any) -> None:
+    def __init__(self, source: Any, options: ExternalField) -> None:
         self.source = source
+        self.threshold = options.threshold
+        self.compress_above = options.compress_above
         is_class = isinstance(source, type)
         self.model = source if is_class and issubclass(source, ExternalBaseModel) else None
         if self.model is not None:
@@ -186,6 +196,8 @@ class _Target:
         storage = self.own_storage or context.get("storage")
         if storage is None:
             return handler(value)
+        if self.threshold and len(self.to_json(value, context)) < self.threshold:
+            return handler(value)  # small enough to stay in the row
         session = _session_for(context)
         return session.store(self, value, storage, context)
 
@@ -308,6 +320,7 @@ class _Session:
             schema_version=1,
             created_at=now if earlier is None else earlier.created_at,
             updated_at=now,
+            compress_above=target.compress_above,
         )
 
     def fetch(self, storage: Storage, class_name: str, id: UUID) -> Record | None:

@@ -18,7 +18,7 @@ from uuid import UUID, uuid4
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import PydanticSerializationError
 
-from pydantic_toast.backends.base import Record, StorageBackend, check_class_name
+from pydantic_toast.backends.base import Record, StorageBackend, check_class_name, require_zstd
 from pydantic_toast.bridge import run_sync
 from pydantic_toast.errors import RecordNotFoundError, StorageValidationError, mask_url
 from pydantic_toast.loader import load_record
@@ -58,6 +58,10 @@ class ExternalConfigDict(ConfigDict, total=False):
 
     save_migrated: bool
     """Write a record back after a load migrated it to the current schema version."""
+
+    compress_above: int
+    """Compress a record's JSON with zstd when it is longer than this many bytes, on the
+    backends that store bytes (Redis, S3, files); needs ``pydantic-toast[zstd]``."""
 
 
 class ExternalReference(TypedDict):
@@ -112,6 +116,7 @@ class ExternalBaseModel(BaseModel):
     __external_class_name__: ClassVar[str]
     __external_schema_version__: ClassVar[int]
     __external_ttl__: ClassVar[timedelta | None]
+    __external_compress_above__: ClassVar[int | None]
     __external_migrations__: ClassVar[dict[int, Callable[[dict[str, Any]], dict[str, Any]]]]
 
     @classmethod
@@ -141,12 +146,23 @@ class ExternalBaseModel(BaseModel):
             ttl = timedelta(seconds=ttl)
         if ttl is not None and (not isinstance(ttl, timedelta) or ttl <= timedelta(0)):
             raise StorageValidationError(f"{owner}: ttl must be a positive duration, not {ttl!r}")
+        compress_above = config.get("compress_above")
+        if compress_above is not None:
+            if not isinstance(compress_above, int) or compress_above < 0:
+                raise StorageValidationError(
+                    f"{owner}: compress_above must be a byte count, not {compress_above!r}"
+                )
+            try:
+                require_zstd()
+            except StorageValidationError as exc:
+                raise StorageValidationError(f"{owner}: {exc}") from exc
         _claim_name(cls, storage, class_name, owner)
         cls.__external_storage__ = storage
         cls.__external_class_name__ = class_name
         cls.__external_schema_version__ = version
         cls.__external_ttl__ = ttl
         cls.__external_migrations__ = {}
+        cls.__external_compress_above__ = compress_above
 
     @property
     def external_metadata(self) -> ExternalMetadata | None:
@@ -429,6 +445,7 @@ class ExternalBaseModel(BaseModel):
             schema_version=cls.__external_schema_version__,
             created_at=now if metadata is None else metadata.created_at,
             updated_at=now,
+            compress_above=cls.__external_compress_above__,
         )
 
     @classmethod

@@ -30,6 +30,7 @@ from pydantic_toast.errors import (
 )
 
 __all__ = [
+    "MAX_DECOMPRESSED_SIZE",
     "Record",
     "RecordInfo",
     "StorageBackend",
@@ -78,6 +79,9 @@ class Record:
     schema_version: int
     created_at: datetime
     updated_at: datetime
+    #: Compress ``data`` with zstd when it is longer than this many bytes (on the backends
+    #: that store bytes: Redis, S3, files); ``None`` never compresses.
+    compress_above: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The record as the JSON-ready dict a four-method backend stores."""
@@ -148,9 +152,22 @@ CREATED_AT_OFFSET = len(_ENVELOPE_START)
 CREATED_AT_WIDTH = 32
 
 
+_CODEC_MARKER = b',"codec":"zstd","size":'
+
+#: The largest record a compressed envelope may expand to; a header claiming more, or a frame
+#: that expands past what its header claims, is refused before or while decompressing.
+MAX_DECOMPRESSED_SIZE = 256 * 1024 * 1024
+
+
 def encode_envelope(record: Record) -> bytes:
-    """Encode a record as one JSON object holding its metadata and the model's fields."""
-    return b"".join(
+    """Encode a record as one JSON object holding its metadata and the model's fields.
+
+    When ``record.compress_above`` is set and the data is longer, the data is compressed
+    with zstd instead: the same header, then ``"codec":"zstd","size":N}``, a newline and the
+    frame. The header keeps its layout, so readers (and Redis's atomic ``created_at``) see
+    the metadata the same way.
+    """
+    header = b"".join(
         (
             _ENVELOPE_START,
             _timestamp(record.created_at).encode(),
@@ -161,21 +178,43 @@ def encode_envelope(record: Record) -> bytes:
             b',"class_name":"',
             record.class_name.encode(),
             b'"',
-            _DATA_MARKER,
-            record.data,
-            b"}",
         )
     )
+    limit = record.compress_above
+    if limit is not None and len(record.data) > limit:
+        frame = require_zstd().ZstdCompressor(level=3).compress(record.data)
+        return b"".join((header, _CODEC_MARKER, str(len(record.data)).encode(), b"}\n", frame))
+    return b"".join((header, _DATA_MARKER, record.data, b"}"))
+
+
+def require_zstd() -> Any:
+    """The zstandard module, or a clear error saying which extra installs it."""
+    try:
+        import zstandard
+    except ImportError as exc:
+        raise StorageValidationError(
+            "zstd compression needs the zstandard package: pip install 'pydantic-toast[zstd]'"
+        ) from exc
+    return zstandard
 
 
 def decode_envelope_info(head: bytes, id: UUID, size: int) -> RecordInfo:
     """The listing view of an envelope of ``size`` bytes, from its first 512 bytes."""
+    codec = head.find(_CODEC_MARKER, 0, 512)
+    if codec >= 0:
+        end = head.find(b"}\n", codec)
+        header = json.loads(head[: end + 1]) if end > 0 else {}
+        declared = header.get("size")
+        updated_at = header.get("updated_at")
+        if not isinstance(declared, int) or not isinstance(updated_at, str):
+            raise StorageValidationError(f"stored record {id} is corrupt: bad envelope header")
+        return RecordInfo(header["class_name"], id, declared, _parse_timestamp(updated_at))
     marker = head.find(_DATA_MARKER, 0, 512)
     if marker < 0:
         raise StorageValidationError(f"stored record {id} is corrupt: no envelope header")
-    header = decode_envelope(head[:marker] + _DATA_MARKER + b"{}}", id, "record")
+    parsed = decode_envelope(head[:marker] + _DATA_MARKER + b"{}}", id, "record")
     data_size = size - marker - len(_DATA_MARKER) - 1
-    return RecordInfo(header.class_name, id, data_size, header.updated_at)
+    return RecordInfo(parsed.class_name, id, data_size, parsed.updated_at)
 
 
 def decode_envelope(raw: bytes, id: UUID, class_name: str) -> Record:
@@ -183,22 +222,51 @@ def decode_envelope(raw: bytes, id: UUID, class_name: str) -> Record:
 
     Only the small metadata header is parsed here; the model's JSON is validated later by the
     model itself, so a corrupt payload still ends as a clear error naming class and id.
+    A compressed record is expanded only up to the size its header declares, and never past
+    `MAX_DECOMPRESSED_SIZE`.
     """
-    marker = raw.find(_DATA_MARKER, 0, 512)
     try:
-        if not raw.startswith(_ENVELOPE_START) or marker < 0 or not raw.endswith(b"}"):
+        if not raw.startswith(_ENVELOPE_START):
             raise ValueError("not a pydantic-toast envelope")
-        header = json.loads(raw[:marker] + b"}")
+        codec = raw.find(_CODEC_MARKER, 0, 512)
+        if codec >= 0:
+            end = raw.find(b"}\n", codec, codec + 64)
+            if end < 0:
+                raise ValueError("compressed envelope without a header end")
+            header = json.loads(raw[: end + 1])
+            data = _decompress(raw[end + 2 :], _expect(header, "size", int))
+        else:
+            marker = raw.find(_DATA_MARKER, 0, 512)
+            if marker < 0 or not raw.endswith(b"}"):
+                raise ValueError("not a pydantic-toast envelope")
+            header = json.loads(raw[:marker] + b"}")
+            data = raw[marker + len(_DATA_MARKER) : -1]
         return Record(
             id=id,
             class_name=_expect(header, "class_name", str),
-            data=raw[marker + len(_DATA_MARKER) : -1],
+            data=data,
             schema_version=_expect(header, "schema_version", int),
             created_at=_parse_timestamp(_expect(header, "created_at", str)),
             updated_at=_parse_timestamp(_expect(header, "updated_at", str)),
         )
     except (TypeError, ValueError) as exc:
         raise StorageValidationError(f"stored {class_name} record {id} is corrupt: {exc}") from exc
+
+
+def _decompress(frame: bytes, size: int) -> bytes:
+    if not 0 <= size <= MAX_DECOMPRESSED_SIZE:
+        raise ValueError(f"declared size {size} is beyond the {MAX_DECOMPRESSED_SIZE} byte limit")
+    zstandard = require_zstd()
+    try:
+        # The frame's own content size is the writer's word too: never allocate by it. Read
+        # at most one byte more than declared, so a larger frame is caught, not expanded.
+        with zstandard.ZstdDecompressor().stream_reader(frame) as reader:
+            data: bytes = reader.read(size + 1)
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"zstd frame does not decompress: {exc}") from exc
+    if len(data) != size:
+        raise ValueError(f"zstd frame holds {len(data)} bytes, not the declared {size}")
+    return data
 
 
 class StorageBackend(ABC):
