@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -22,7 +22,8 @@ from pydantic_toast.backends.base import Record, StorageBackend, check_class_nam
 from pydantic_toast.bridge import run_sync
 from pydantic_toast.errors import RecordNotFoundError, StorageValidationError, mask_url
 from pydantic_toast.loader import load_record
-from pydantic_toast.registry import check_storage_url, get_backend, registered_schemes
+from pydantic_toast.registry import check_storage_url, registered_schemes
+from pydantic_toast.retry import RetryPolicy, with_backend
 
 __all__ = [
     "ExternalBaseModel",
@@ -58,6 +59,13 @@ class ExternalConfigDict(ConfigDict, total=False):
 
     save_migrated: bool
     """Write a record back after a load migrated it to the current schema version."""
+
+    retries: int
+    """How many times a load, save or delete is tried again after a connection failure
+    (default 2, with exponential backoff); 0 turns retrying off."""
+
+    retry_backoff: float
+    """Seconds before the first retry (default 0.05), doubling for each next one."""
 
     compress_above: int
     """Compress a record's JSON with zstd when it is longer than this many bytes, on the
@@ -117,6 +125,7 @@ class ExternalBaseModel(BaseModel):
     __external_schema_version__: ClassVar[int]
     __external_ttl__: ClassVar[timedelta | None]
     __external_compress_above__: ClassVar[int | None]
+    _retry: ClassVar[RetryPolicy]
     __external_migrations__: ClassVar[dict[int, Callable[[dict[str, Any]], dict[str, Any]]]]
 
     @classmethod
@@ -156,6 +165,12 @@ class ExternalBaseModel(BaseModel):
                 require_zstd()
             except StorageValidationError as exc:
                 raise StorageValidationError(f"{owner}: {exc}") from exc
+        retries, backoff = config.get("retries", 2), config.get("retry_backoff", 0.05)
+        if not isinstance(retries, int) or retries < 0 or not isinstance(backoff, int | float):
+            raise StorageValidationError(
+                f"{owner}: retries must be a count and retry_backoff seconds, "
+                f"not {retries!r} and {backoff!r}"
+            )
         _claim_name(cls, storage, class_name, owner)
         cls.__external_storage__ = storage
         cls.__external_class_name__ = class_name
@@ -163,6 +178,7 @@ class ExternalBaseModel(BaseModel):
         cls.__external_ttl__ = ttl
         cls.__external_migrations__ = {}
         cls.__external_compress_above__ = compress_above
+        cls._retry = RetryPolicy(retries, float(backoff))
 
     @property
     def external_metadata(self) -> ExternalMetadata | None:
@@ -191,8 +207,10 @@ class ExternalBaseModel(BaseModel):
         (``created_at`` stays, ``updated_at`` moves). The record is written when this returns.
         """
         record = self._to_record(datetime.now(UTC))
-        backend = await get_backend(type(self).__external_storage__)
-        await backend.write_record(record)
+        cls = type(self)
+        await with_backend(
+            cls.__external_storage__, lambda backend: backend.write_record(record), cls._retry
+        )
         _set_metadata(self, record)
         return {"class_name": record.class_name, "id": str(record.id)}
 
@@ -210,11 +228,15 @@ class ExternalBaseModel(BaseModel):
         reach the backend as one batch.
         """
         id = cls._reference_id(reference)
-        backend = await get_backend(cls.__external_storage__)
-        record = cls._live(await load_record(backend, cls.__external_class_name__, id))
+        name = cls.__external_class_name__
+        record = cls._live(
+            await with_backend(
+                cls.__external_storage__, lambda b: load_record(b, name, id), cls._retry
+            )
+        )
         if record is None:
-            raise RecordNotFoundError(cls.__external_class_name__, [str(id)], backend.url)
-        return (await cls._from_records(backend, [record]))[id]
+            raise RecordNotFoundError(name, [str(id)], cls.__external_storage__)
+        return (await cls._from_records([record]))[id]
 
     @classmethod
     def load_external_sync(cls, reference: _ReferenceLike) -> Self:
@@ -239,8 +261,7 @@ class ExternalBaseModel(BaseModel):
                 record = records[id(model)] = model._to_record(now)
                 batches.setdefault(type(model).__external_storage__, []).append(record)
         for storage, batch in batches.items():
-            backend = await get_backend(storage)
-            await backend.write_records(batch)
+            await with_backend(storage, _writer(batch), cls._retry)
         for model in models:
             _set_metadata(model, records[id(model)])
         return [
@@ -283,14 +304,15 @@ class ExternalBaseModel(BaseModel):
         """
         ids = [cls._reference_id(reference) for reference in references]
         unique = list(dict.fromkeys(ids))
-        backend = await get_backend(cls.__external_storage__)
-        records = [
-            cls._live(r) for r in await backend.read_records(cls.__external_class_name__, unique)
-        ]
+        name = cls.__external_class_name__
+        stored = await with_backend(
+            cls.__external_storage__, lambda b: b.read_records(name, unique), cls._retry
+        )
+        records = [cls._live(r) for r in stored]
         missing = [str(id) for id, record in zip(unique, records, strict=True) if record is None]
         if missing and not missing_ok:
-            raise RecordNotFoundError(cls.__external_class_name__, missing, backend.url)
-        loaded = await cls._from_records(backend, (r for r in records if r is not None))
+            raise RecordNotFoundError(name, missing, cls.__external_storage__)
+        loaded = await cls._from_records(r for r in records if r is not None)
         return [loaded.get(id) for id in ids]
 
     @overload
@@ -322,8 +344,11 @@ class ExternalBaseModel(BaseModel):
     async def exists_external(cls, reference: _ReferenceLike) -> bool:
         """Whether the record a reference points to exists (and has not expired)."""
         id = cls._reference_id(reference)
-        backend = await get_backend(cls.__external_storage__)
-        return cls._live(await load_record(backend, cls.__external_class_name__, id)) is not None
+        name = cls.__external_class_name__
+        record = await with_backend(
+            cls.__external_storage__, lambda b: load_record(b, name, id), cls._retry
+        )
+        return cls._live(record) is not None
 
     @classmethod
     def exists_external_sync(cls, reference: _ReferenceLike) -> bool:
@@ -340,13 +365,13 @@ class ExternalBaseModel(BaseModel):
         `RecordNotFoundError` is raised after the others are deleted.
         """
         ids = list(dict.fromkeys(cls._reference_id(reference) for reference in references))
-        backend = await get_backend(cls.__external_storage__)
-        deleted = await backend.delete_records(cls.__external_class_name__, ids)
+        name = cls.__external_class_name__
+        deleted = await with_backend(
+            cls.__external_storage__, lambda b: b.delete_records(name, ids), cls._retry
+        )
         if deleted < len(ids) and not missing_ok:
             raise RecordNotFoundError(
-                cls.__external_class_name__,
-                [f"{len(ids) - deleted} of {len(ids)} ids"],
-                backend.url,
+                name, [f"{len(ids) - deleted} of {len(ids)} ids"], cls.__external_storage__
             )
         return deleted
 
@@ -382,12 +407,17 @@ class ExternalBaseModel(BaseModel):
         if reference is None:
             raise TypeError(f"{cls.__name__}.delete_external() needs a reference")
         id = cls._reference_id(reference)
-        backend = await get_backend(cls.__external_storage__)
-        deleted = await backend.delete_records(cls.__external_class_name__, [id]) > 0
+        name = cls.__external_class_name__
+        deleted = (
+            await with_backend(
+                cls.__external_storage__, lambda b: b.delete_records(name, [id]), cls._retry
+            )
+            > 0
+        )
         if instance is not None:
             _METADATA_SLOT.__delete__(instance)
         if not deleted and not missing_ok:
-            raise RecordNotFoundError(cls.__external_class_name__, [str(id)], backend.url)
+            raise RecordNotFoundError(name, [str(id)], cls.__external_storage__)
         return deleted
 
     @_instance_or_class
@@ -415,8 +445,10 @@ class ExternalBaseModel(BaseModel):
             if age is None:
                 raise ValueError(f"{cls.__name__}.purge_external needs older_than or before")
             before = datetime.now(UTC) - age
-        backend = await get_backend(cls.__external_storage__)
-        return await backend.purge(cls.__external_class_name__, before)
+        name, cutoff = cls.__external_class_name__, before
+        return await with_backend(
+            cls.__external_storage__, lambda b: b.purge(name, cutoff), cls._retry
+        )
 
     @classmethod
     def purge_external_sync(
@@ -578,9 +610,7 @@ class ExternalBaseModel(BaseModel):
         return record
 
     @classmethod
-    async def _from_records(
-        cls, backend: StorageBackend, records: Iterable[Record]
-    ) -> dict[UUID, Self]:
+    async def _from_records(cls, records: Iterable[Record]) -> dict[UUID, Self]:
         """Validate loaded records; write back the migrated ones if the class asks to."""
         models: dict[UUID, Self] = {}
         migrated: list[Record] = []
@@ -589,11 +619,18 @@ class ExternalBaseModel(BaseModel):
             if upgraded is not None:
                 migrated.append(upgraded)
         if migrated and cls.model_config.get("save_migrated"):
-            await backend.write_records(migrated)
+            await with_backend(
+                cls.__external_storage__, lambda b: b.write_records(migrated), cls._retry
+            )
         return models
 
 
 _METADATA_SLOT = ExternalBaseModel.__dict__["_external_metadata"]
+
+
+def _writer(records: list[Record]) -> Callable[[StorageBackend], Awaitable[None]]:
+    """An operation writing ``records``, for `with_backend`."""
+    return lambda backend: backend.write_records(records)
 
 
 def _metadata_of(model: ExternalBaseModel) -> ExternalMetadata | None:

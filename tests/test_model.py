@@ -570,3 +570,73 @@ async def test_a_cancelled_leader_hands_its_batch_to_the_others(
     done = await asyncio.gather(*tasks, return_exceptions=True)
     assert isinstance(done[0], asyncio.CancelledError)
     assert done[1:] == [Row(index=1), Row(index=2)]
+
+
+# --- retries ---------------------------------------------------------------------------------
+
+
+class Flaky(CountingBackend):
+    """Fails its next ``failures`` operations with a connection error, then works."""
+
+    failures: ClassVar[int] = 0
+    attempts: ClassVar[int] = 0
+
+    async def read_record(self, class_name: str, id: UUID) -> Record | None:
+        return await self._maybe_fail(StorageBackend.read_record(self, class_name, id))
+
+    async def write_record(self, record: Record) -> None:
+        await self._maybe_fail(StorageBackend.write_record(self, record))
+
+    async def _maybe_fail(self, operation: Any) -> Any:
+        type(self).attempts += 1
+        if type(self).failures > 0:
+            type(self).failures -= 1
+            operation.close()
+            raise StorageConnectionError("connection reset by peer", self.url)
+        return await operation
+
+
+@pytest.fixture
+def flaky() -> type[Flaky]:
+    Flaky.failures = Flaky.attempts = 0
+    register_backend("flaky", Flaky)
+    return Flaky
+
+
+async def test_transient_failures_are_retried_with_backoff(flaky: type[Flaky]) -> None:
+    class Row(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage="flaky://retry", retry_backoff=0.001)
+        index: int
+
+    flaky.failures = 2
+    reference = await Row(index=1).save_external()
+    assert flaky.attempts == 3
+    flaky.failures, flaky.attempts = 2, 0
+    assert await Row.load_external(reference) == Row(index=1)
+    assert flaky.attempts == 3
+    flaky.failures, flaky.attempts = 3, 0  # one more than the retries
+    with pytest.raises(StorageConnectionError, match="connection reset by peer"):
+        await Row.load_external(reference)
+    assert flaky.attempts == 3
+
+
+async def test_retries_can_be_turned_off(flaky: type[Flaky]) -> None:
+    class Row(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage="flaky://off", retries=0)
+        index: int
+
+    flaky.failures = 1
+    with pytest.raises(StorageConnectionError):
+        await Row(index=1).save_external()
+    assert flaky.attempts == 1
+    assert await Row.load_external(await Row(index=2).save_external()) == Row(index=2)
+
+
+@pytest.mark.parametrize(("retries", "backoff"), [(-1, 0.1), ("2", 0.1), (1, "fast")])
+def test_retry_settings_are_checked(retries: Any, backoff: Any) -> None:
+    with pytest.raises(StorageValidationError, match="retries must be a count"):
+
+        class Row(ExternalBaseModel):
+            model_config = ExternalConfigDict(
+                storage="memory://r", retries=retries, retry_backoff=backoff
+            )
