@@ -24,7 +24,7 @@ import asyncio
 import contextvars
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -38,7 +38,7 @@ from pydantic_toast.backends.base import Record, StorageBackend, check_class_nam
 from pydantic_toast.bridge import run_sync
 from pydantic_toast.errors import StorageValidationError
 from pydantic_toast.model import ExternalBaseModel, _parse_id, _set_metadata
-from pydantic_toast.registry import get_backend
+from pydantic_toast.retry import with_backend
 
 __all__ = [
     "DEFAULT_MAX_DEPTH",
@@ -262,8 +262,12 @@ def _storage_key(storage: Storage) -> str | int:
     return storage if isinstance(storage, str) else id(storage)
 
 
-async def _backend(storage: Storage) -> StorageBackend:
-    return storage if isinstance(storage, StorageBackend) else await get_backend(storage)
+async def _on(storage: Storage, operation: Callable[[StorageBackend], Awaitable[T]]) -> T:
+    """Run ``operation`` on a backend instance as is, or on a URL's live backend with the
+    default retries (every operation here is idempotent)."""
+    if isinstance(storage, StorageBackend):
+        return await operation(storage)
+    return await with_backend(storage, operation)
 
 
 # --- sessions ------------------------------------------------------------------------------------
@@ -413,19 +417,19 @@ def _references_in(data: Any) -> list[tuple[str, UUID]]:
 
 
 async def _write(storage: Storage, record: Record) -> None:
-    await (await _backend(storage)).write_record(record)
+    await _on(storage, lambda backend: backend.write_record(record))
 
 
 async def _write_many(storage: Storage, records: list[Record]) -> None:
-    await (await _backend(storage)).write_records(records)
+    await _on(storage, lambda backend: backend.write_records(records))
 
 
 async def _read(storage: Storage, class_name: str, id: UUID) -> Record | None:
-    return await (await _backend(storage)).read_record(class_name, id)
+    return await _on(storage, lambda backend: backend.read_record(class_name, id))
 
 
 async def _read_many(storage: Storage, class_name: str, ids: list[UUID]) -> list[Record | None]:
-    return await (await _backend(storage)).read_records(class_name, ids)
+    return await _on(storage, lambda backend: backend.read_records(class_name, ids))
 
 
 # --- the batched API ---------------------------------------------------------------------------
