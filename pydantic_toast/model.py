@@ -478,6 +478,7 @@ class ExternalBaseModel(BaseModel):
             created_at=now if metadata is None else metadata.created_at,
             updated_at=now,
             compress_above=cls.__external_compress_above__,
+            ttl=cls.__external_ttl__,
         )
 
     @classmethod
@@ -581,7 +582,7 @@ class ExternalBaseModel(BaseModel):
             )
         try:
             data = json.loads(record.data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise StorageValidationError(
                 f"stored {name} record {record.id} is corrupt: {exc}"
             ) from exc

@@ -42,6 +42,7 @@ _BUILTIN: dict[str, str] = {
     "postgres": "pydantic_toast.backends.postgresql:PostgreSQLBackend",
     "redis": "pydantic_toast.backends.redis:RedisBackend",
     "rediss": "pydantic_toast.backends.redis:RedisBackend",
+    "redis+unix": "pydantic_toast.backends.redis:RedisBackend",
     "s3": "pydantic_toast.backends.s3:S3Backend",
 }
 _EXTRA_FOR_MODULE = {"postgresql": "postgresql", "redis": "redis", "s3": "s3"}

@@ -17,7 +17,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, ClassVar, TypeVar
 from uuid import UUID
@@ -82,15 +82,25 @@ class Record:
     #: Compress ``data`` with zstd when it is longer than this many bytes (on the backends
     #: that store bytes: Redis, S3, files); ``None`` never compresses.
     compress_above: int | None = None
+    #: How long the record lives after this write, for backends that expire records
+    #: themselves (Redis); ``None`` for the backend's own default. Others ignore it: the model
+    #: layer hides expired records and purges them.
+    ttl: timedelta | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The record as the JSON-ready dict a four-method backend stores."""
+        try:
+            data = json.loads(self.data)
+        except (ValueError, RecursionError) as exc:
+            raise StorageValidationError(
+                f"{self.class_name} record {self.id} does not hold a JSON object: {exc}"
+            ) from exc
         return {
             "class_name": self.class_name,
             "schema_version": self.schema_version,
             "created_at": _timestamp(self.created_at),
             "updated_at": _timestamp(self.updated_at),
-            "data": json.loads(self.data),
+            "data": data,
         }
 
     @classmethod
@@ -319,12 +329,15 @@ class StorageBackend(ABC):
 
     async def write_record(self, record: Record) -> None:
         """Store a record, keeping the stored ``created_at`` when one exists."""
+        # A custom backend may build a path or key from the class name: check it first.
+        check_class_name(record.class_name)
         await self._guard(
             self.save(record.id, record.class_name, record.to_dict()), "save", record.class_name
         )
 
     async def read_record(self, class_name: str, id: UUID) -> Record | None:
         """Return the record stored for ``id``, or ``None``."""
+        check_class_name(class_name)
         stored = await self._guard(self.load(id, class_name), "load", class_name)
         return None if stored is None else Record.from_dict(id, class_name, stored)
 
@@ -346,6 +359,7 @@ class StorageBackend(ABC):
 
     async def delete_records(self, class_name: str, ids: Sequence[UUID]) -> int:
         """Delete the records of ``ids``; return how many existed. Missing ids are no error."""
+        check_class_name(class_name)
         deleted = await self._bounded(
             lambda id: self._guard(self.delete(id, class_name), "delete", class_name), ids
         )
