@@ -249,8 +249,11 @@ def decode_envelope(raw: bytes, id: UUID, class_name: str) -> Record:
             marker = raw.find(_DATA_MARKER, 0, 512)
             if marker < 0 or not raw.endswith(b"}"):
                 raise ValueError("not a pydantic-toast envelope")
-            header = json.loads(raw[:marker] + b"}")
             data = raw[marker + len(_DATA_MARKER) : -1]
+            fast = _fixed_header(raw, marker)
+            if fast is not None:
+                return Record(id, fast[0], data, fast[1], fast[2], fast[3])
+            header = json.loads(raw[:marker] + b"}")
         return Record(
             id=id,
             class_name=_expect(header, "class_name", str),
@@ -261,6 +264,27 @@ def decode_envelope(raw: bytes, id: UUID, class_name: str) -> Record:
         )
     except (TypeError, ValueError) as exc:
         raise StorageValidationError(f"stored {class_name} record {id} is corrupt: {exc}") from exc
+
+
+_UPDATED_AT_AT = CREATED_AT_OFFSET + CREATED_AT_WIDTH + len(b'","updated_at":"')
+_VERSION_AT = _UPDATED_AT_AT + CREATED_AT_WIDTH + len(b'","schema_version":')
+_FIXED_HEADER = re.compile(rb'(\d{1,9}),"class_name":"([A-Za-z_][A-Za-z0-9_.\-]{0,199})"')
+
+
+def _fixed_header(raw: bytes, marker: int) -> tuple[str, int, datetime, datetime] | None:
+    """Read the header `encode_envelope` writes by position, without a JSON parser (the
+    common case); ``None`` sends anything unusual to the general path."""
+    if raw[_UPDATED_AT_AT - 16 : _UPDATED_AT_AT] != b'","updated_at":"':
+        return None
+    match = _FIXED_HEADER.fullmatch(raw, _VERSION_AT, marker)
+    if match is None or raw[_VERSION_AT - 19 : _VERSION_AT] != b'","schema_version":':
+        return None
+    try:
+        created = _parse_timestamp(raw[CREATED_AT_OFFSET : _UPDATED_AT_AT - 16].decode())
+        updated = _parse_timestamp(raw[_UPDATED_AT_AT : _VERSION_AT - 19].decode())
+    except ValueError:
+        return None
+    return match[2].decode(), int(match[1]), created, updated
 
 
 def _decompress(frame: bytes, size: int) -> bytes:
