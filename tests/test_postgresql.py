@@ -27,7 +27,7 @@ from pydantic_toast import (
     StorageConnectionError,
     StorageValidationError,
 )
-from pydantic_toast.backends.base import Record
+from pydantic_toast.backends.base import Record, RecordInfo
 from pydantic_toast.backends.postgresql import PostgreSQLBackend
 
 PASSWORD = "s3cretPW"
@@ -543,3 +543,185 @@ def test_postgres_scheme_and_sync_api(postgresql_url: str) -> None:
     User = define_user(postgresql_url.replace("postgresql://", "postgres://", 1))
     reference = User(name="Ada", email="a@b.c").save_external_sync()
     assert User.load_external_sync(reference).name == "Ada"
+
+
+# --- Listing and purging ----------------------------------------------------------------------
+
+
+def aged(class_name: str, n: int, days: float, id: UUID | None = None) -> Record:
+    """A record last updated ``days`` ago (a little more for higher ``n``: distinct times),
+    with data of varying length and some multi-byte characters."""
+    then = dt.datetime.now(dt.UTC) - dt.timedelta(days=days, microseconds=n)
+    pad = "é" * (n % 7) + "x" * (n % 300)
+    data = f'{{"n":{n},"pad":"{pad}"}}'
+    return Record(id or uuid4(), class_name, data.encode(), 1, then, then)
+
+
+async def raw_infos(sql: Any, namespace: str, class_name: str | None = None) -> set[RecordInfo]:
+    """What plain SQL sees, as listing entries: the size is that of the JSON text the driver
+    returns for ``data`` (what a load returns), in UTF-8 bytes."""
+    rows = await sql.fetch(
+        f'SELECT id, class_name, data, updated_at FROM "{namespace}"'
+        " WHERE $1::text IS NULL OR class_name = $1",
+        class_name,
+    )
+    return {
+        RecordInfo(row["class_name"], row["id"], len(row["data"].encode()), row["updated_at"])
+        for row in rows
+    }
+
+
+async def test_scan_lists_every_record_without_data(
+    backend: PostgreSQLBackend, sql: Any, namespace: str
+) -> None:
+    # 700 + 500 records: whole pages of 500, a partial one, and a class that ends exactly on a
+    # page boundary; the smallest and largest UUIDs are ids too.
+    alpha = [aged("Alpha", i, i / 1000) for i in range(698)]
+    alpha += [aged("Alpha", 698, 1, UUID(int=0)), aged("Alpha", 699, 1, UUID(int=2**128 - 1))]
+    beta = [aged("Beta", i, i / 1000) for i in range(500)]
+    await backend.write_records(alpha + beta)
+    await backend.write_record(aged("Alpha", 5, 0, alpha[5].id))  # an update moves updated_at
+
+    for class_name, expected in (("Alpha", 700), ("Beta", 500), (None, 1200)):
+        listed = [info async for info in backend.scan_records(class_name)]
+        assert len(listed) == expected
+        assert len({info.id for info in listed}) == expected  # no record twice
+        assert set(listed) == await raw_infos(sql, namespace, class_name)
+    assert [info async for info in backend.scan_records("Gamma")] == []
+
+    # The size is that of the data a load returns; the time is the stored updated_at.
+    by_id = {info.id: info for info in [i async for i in backend.scan_records("Alpha")]}
+    for loaded in await backend.read_records("Alpha", [r.id for r in alpha[:50]]):
+        assert loaded is not None
+        assert by_id[loaded.id].size == len(loaded.data)
+        assert by_id[loaded.id].updated_at == loaded.updated_at
+    assert by_id[UUID(int=0)].size == len(
+        b'{"n": 698, "pad": "' + "é".encode() * 5 + b"x" * 98 + b'"}'
+    )
+    assert by_id[alpha[5].id].updated_at > alpha[5].updated_at
+
+
+async def test_scan_holds_no_connection_between_pages(
+    backend: PostgreSQLBackend, sql: Any, namespace: str
+) -> None:
+    # The backend's pool has one connection: were a cursor kept open across a yield, the
+    # deletes below would wait for it forever.
+    records = [aged("Scan", i, 0) for i in range(1200)]
+    await backend.write_records(records)
+    ordered = sorted(record.id for record in records)
+    ahead = set(ordered[-200:])  # in the last page: deleted before the scan reaches it
+    seen: list[UUID] = []
+
+    async def scan_and_delete() -> None:
+        async for info in backend.scan_records("Scan"):
+            if not seen:
+                assert await backend.delete_records("Scan", list(ahead)) == 200
+            seen.append(info.id)
+            assert await backend.delete(info.id, "Scan") is True
+
+    await asyncio.wait_for(scan_and_delete(), timeout=60)
+    assert seen == [id for id in ordered if id not in ahead]
+    assert await sql.fetchval(f'SELECT count(*) FROM "{namespace}"') == 0
+
+
+async def test_purge_deletes_old_records_in_batches(
+    backend: PostgreSQLBackend, sql: Any, namespace: str
+) -> None:
+    old = [aged("Event", i, 40) for i in range(1100)]
+    new = [aged("Event", i, 1) for i in range(150)]
+    other = [aged("Other", i, 40) for i in range(200)]
+    await backend.write_records(old + new + other)
+    await backend.purge("Warm", dt.datetime.now(dt.UTC))  # prepare the statement first
+    statements: list[str] = []
+    async with backend._pool.acquire() as connection:
+        connection.add_query_logger(lambda query: statements.append(query.query))
+
+    cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+    assert await backend.purge("Event", cutoff, batch_size=500) == 1100
+    await asyncio.sleep(0)
+    assert len(statements) == 3  # 500, 500, then 100 (fewer than a batch: done)
+    assert all(statement.startswith(f'DELETE FROM "{namespace}"') for statement in statements)
+
+    remaining = await sql.fetch(f'SELECT id, class_name FROM "{namespace}"')
+    assert {row["id"] for row in remaining if row["class_name"] == "Event"} == {r.id for r in new}
+    assert {row["id"] for row in remaining if row["class_name"] == "Other"} == {r.id for r in other}
+    count_old = f'SELECT count(*) FROM "{namespace}" WHERE class_name = $1 AND updated_at < $2'
+    assert await sql.fetchval(count_old, "Event", cutoff) == 0
+    assert await sql.fetchval(count_old, "Other", cutoff) == 200
+
+
+async def test_purge_with_nothing_to_delete_returns_0(
+    backend: PostgreSQLBackend, sql: Any, namespace: str
+) -> None:
+    cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+    assert await backend.purge("Event", cutoff) == 0  # an empty table
+    await backend.write_records([aged("Event", i, 1) for i in range(10)])
+    await backend.write_records([aged("Other", i, 40) for i in range(10)])
+    assert await backend.purge("Event", cutoff) == 0
+    assert await backend.purge("Missing", cutoff) == 0
+    # Exactly one batch of old records: a second statement finds none and ends the purge.
+    await backend.write_records([aged("Event", i, 40) for i in range(5)])
+    assert await backend.purge("Event", cutoff, batch_size=5) == 5
+    assert await backend.purge("Event", cutoff, batch_size=5) == 0
+    assert await sql.fetchval(f'SELECT count(*) FROM "{namespace}"') == 20
+
+
+async def test_purge_leaves_a_record_being_saved(
+    backend: PostgreSQLBackend, postgres_server: str, namespace: str
+) -> None:
+    # Another session re-saves an old record and has not committed yet: the purge neither
+    # waits for it nor deletes it, and the record, now new, stays.
+    old = [aged("Event", i, 40) for i in range(3)]
+    await backend.write_records(old)
+    writer = await asyncpg.connect(postgres_server)
+    try:
+        transaction = writer.transaction()
+        await transaction.start()
+        await writer.execute(
+            f'UPDATE "{namespace}" SET updated_at = now() WHERE id = $1', old[0].id
+        )
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+        assert await asyncio.wait_for(backend.purge("Event", cutoff), timeout=10) == 2
+        await transaction.commit()
+    finally:
+        await writer.close()
+    assert await backend.read_record("Event", old[0].id) is not None
+    assert await backend.purge("Event", dt.datetime.now(dt.UTC) - dt.timedelta(days=30)) == 0
+
+
+async def test_scan_and_purge_check_their_arguments(postgresql_url: str) -> None:
+    backend = PostgreSQLBackend(postgresql_url)
+    cutoff = dt.datetime.now(dt.UTC)
+    with pytest.raises(StorageValidationError, match="invalid class name"):
+        [info async for info in backend.scan_records("a'; DROP TABLE x; --")]
+    with pytest.raises(StorageValidationError, match="invalid class name"):
+        await backend.purge("a/b", cutoff)
+    with pytest.raises(StorageConnectionError, match="not connected"):
+        [info async for info in backend.scan_records()]
+    with pytest.raises(StorageConnectionError, match="not connected"):
+        await backend.purge("Event", cutoff)
+    await backend.connect()
+    try:
+        for bad in (0, -1):
+            with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+                await backend.purge("Event", cutoff, batch_size=bad)
+    finally:
+        await backend.disconnect()
+
+
+async def test_concurrent_purges_share_the_work(
+    backend: PostgreSQLBackend, postgresql_url: str, sql: Any, namespace: str
+) -> None:
+    await backend.write_records([aged("Event", i, 40) for i in range(1100)])
+    others = [PostgreSQLBackend(postgresql_url, min_size=1, max_size=1) for _ in range(2)]
+    await asyncio.gather(*(other.connect() for other in others))
+    try:
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+        counts = await asyncio.gather(
+            backend.purge("Event", cutoff, batch_size=100),
+            *(other.purge("Event", cutoff, batch_size=100) for other in others),
+        )
+    finally:
+        await asyncio.gather(*(other.disconnect() for other in others))
+    assert sum(counts) == 1100  # each record counted by the purge that deleted it
+    assert await sql.fetchval(f'SELECT count(*) FROM "{namespace}"') == 0

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import re
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -30,7 +31,7 @@ from pydantic_toast import (
     StorageValidationError,
 )
 from pydantic_toast.backends import s3
-from pydantic_toast.backends.base import Record, encode_envelope
+from pydantic_toast.backends.base import Record, RecordInfo, encode_envelope
 from pydantic_toast.backends.s3 import S3Backend
 from pydantic_toast.registry import get_backend
 
@@ -461,3 +462,241 @@ def test_unknown_profile_is_a_connection_error(s3_endpoint: str, s3_bucket: str)
     backend = S3Backend(f"s3://{s3_bucket}?endpoint_url={s3_endpoint}&profile=no-such-profile")
     with pytest.raises(StorageConnectionError, match="no-such-profile"):
         asyncio.run(backend.connect())
+
+
+# --- listing and purging --------------------------------------------------------------------
+
+
+def aged(class_name: str, n: int, days: float, id: UUID | None = None) -> Record:
+    """A record last updated ``days`` ago (a little more for higher ``n``: distinct times),
+    with data of varying length, some of it past the 512 bytes a listing reads."""
+    then = now() - dt.timedelta(days=days, microseconds=n)
+    pad = "é" * (n % 7) + "x" * (n % 13 * 97)
+    return Record(id or uuid4(), class_name, f'{{"n":{n},"pad":"{pad}"}}'.encode(), 1, then, then)
+
+
+def raw_infos(endpoint: str, bucket: str, records: dict[UUID, Record]) -> set[RecordInfo]:
+    """The listing boto3 sees of ``records``: the class from the key, the updated_at in the
+    stored body, and the size of the model's JSON at the end of that body."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = boto3_client(endpoint)
+    keys = [
+        (item["Key"], found[1], UUID(found[2]))
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        for item in page.get("Contents", [])
+        if (found := re.fullmatch(r"models/(\w+)/([0-9a-f-]{36})\.json", item["Key"]))
+        and UUID(found[2]) in records
+    ]
+
+    def info(key: str, class_name: str, id: UUID) -> RecordInfo:
+        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        assert body.endswith(b',"data":' + records[id].data + b"}")
+        updated_at = dt.datetime.fromisoformat(json.loads(body)["updated_at"])
+        return RecordInfo(class_name, id, len(records[id].data), updated_at)
+
+    with ThreadPoolExecutor(8) as pool:  # boto3 clients are thread-safe
+        return set(pool.map(lambda key: info(*key), keys))
+
+
+def track_gets(monkeypatch: pytest.MonkeyPatch, client: Any) -> dict[str, Any]:
+    """Record the ranges asked of GetObject and the peak number of requests in flight."""
+    seen: dict[str, Any] = {"ranges": [], "now": 0, "peak": 0}
+    get_object = client.get_object
+
+    async def wrapper(**kwargs: Any) -> Any:
+        seen["ranges"].append(kwargs.get("Range"))
+        seen["now"] += 1
+        seen["peak"] = max(seen["peak"], seen["now"])
+        try:
+            return await get_object(**kwargs)
+        finally:
+            seen["now"] -= 1
+
+    monkeypatch.setattr(client, "get_object", wrapper)
+    return seen
+
+
+@pytest.fixture
+async def lister(
+    s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[S3Backend]:
+    """A connected backend under ``models/`` with 5 requests in flight at most, listing 300
+    keys a page (S3's 1,000 would make 1,200 records only two pages)."""
+    monkeypatch.setattr(s3, "LIST_PAGE", 300)
+    backend = S3Backend(f"s3://{s3_bucket}/models?endpoint_url={s3_endpoint}&max_concurrency=5")
+    await backend.connect()
+    yield backend
+    await backend.disconnect()
+
+
+async def test_scan_lists_every_record_from_ranged_reads(
+    lister: S3Backend, s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alpha = [aged("Alpha", i, i / 1000) for i in range(700)]
+    beta = [aged("Beta", i, i / 1000) for i in range(500)]
+    await lister.write_records(alpha + beta)
+    alpha[5] = aged("Alpha", 12, 0, alpha[5].id)  # rewritten: newer and larger
+    await lister.write_record(alpha[5])
+    records = {record.id: record for record in alpha + beta}
+    assert any(len(encode_envelope(record)) > 1000 for record in alpha)
+
+    # Objects that are not records: wrong names, nested, outside the prefix.
+    client = boto3_client(s3_endpoint)
+    id = uuid4()
+    body = encode_envelope(aged("Alpha", 1, 1, id))
+    for key in (
+        "models/Alpha/not-a-uuid.json",
+        f"models/Alpha/{id}.txt",
+        f"models/Alpha/{id}",
+        f"models/Alpha/sub/{id}.json",
+        f"models/Alpha/{id.hex}.json",
+        f"models/Alpha/{str(id).upper()}.json",
+        f"models/bad name/{id}.json",
+        f"models/{id}.json",
+        "models/README",
+        f"elsewhere/Alpha/{id}.json",
+        f"modelsX/Alpha/{id}.json",
+        f"Alpha/{id}.json",
+    ):
+        client.put_object(Bucket=s3_bucket, Key=key, Body=body)
+
+    seen = track_gets(monkeypatch, lister._s3)
+    everything = raw_infos(s3_endpoint, s3_bucket, records)
+    for class_name, expected in (("Alpha", 700), ("Beta", 500), (None, 1200)):
+        seen["ranges"].clear()
+        listed = [info async for info in lister.scan_records(class_name)]
+        assert len(listed) == expected
+        assert len({info.id for info in listed}) == expected  # no record twice
+        assert set(listed) == {i for i in everything if class_name in (None, i.class_name)}
+        assert seen["ranges"] == ["bytes=0-511"] * expected  # one ranged read per record
+    assert 1 < seen["peak"] <= 5
+    assert [info async for info in lister.scan_records("Gamma")] == []
+    by_id = {info.id: info for info in listed}
+    assert by_id[alpha[5].id].updated_at == alpha[5].updated_at
+    assert by_id[alpha[5].id].size == len(alpha[5].data) > 512
+
+
+async def test_scan_without_prefix_lists_the_whole_bucket(s3_endpoint: str, s3_bucket: str) -> None:
+    backend = S3Backend(f"s3://{s3_bucket}?endpoint_url={s3_endpoint}")
+    await backend.connect()
+    try:
+        root = [aged("Root", i, 1) for i in range(3)]
+        await backend.write_records(root)
+        nested = S3Backend(f"s3://{s3_bucket}/deep/er?endpoint_url={s3_endpoint}")
+        await nested.connect()
+        try:
+            await nested.write_records([aged("Root", 9, 1)])  # deep/er/Root/....json
+            assert [i.id async for i in nested.scan_records()] != []
+        finally:
+            await nested.disconnect()
+        boto3_client(s3_endpoint).put_object(Bucket=s3_bucket, Key="notes.txt", Body=b"hi")
+        listed = {info async for info in backend.scan_records()}
+        assert {(i.class_name, i.id, i.size) for i in listed} == {
+            ("Root", r.id, len(r.data)) for r in root
+        }
+    finally:
+        await backend.disconnect()
+
+
+async def test_scan_while_deleting(lister: S3Backend, s3_endpoint: str, s3_bucket: str) -> None:
+    records = [aged("Scan", i, 0) for i in range(1200)]
+    await lister.write_records(records)
+    ordered = sorted(record.id for record in records)  # key order is id order
+    ahead = ordered[-200:]  # in a later page: deleted before the scan reaches it
+    client = boto3_client(s3_endpoint)
+
+    def delete(ids: list[UUID]) -> None:
+        objects = [{"Key": f"models/Scan/{id}.json"} for id in ids]
+        client.delete_objects(Bucket=s3_bucket, Delete={"Objects": objects})
+
+    seen: list[UUID] = []
+    async for info in lister.scan_records("Scan"):
+        if not seen:
+            delete(ahead)
+        seen.append(info.id)
+        if len(seen) % 100 == 0:  # what has been listed goes, a hundred at a time
+            delete(seen[-100:])
+    assert len(seen) % 100 == 0
+    assert seen == ordered[:-200]
+    assert boto3_client(s3_endpoint).list_objects_v2(Bucket=s3_bucket)["KeyCount"] == 0
+
+
+async def test_scan_skips_objects_deleted_after_the_listing(
+    lister: S3Backend, s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records = [aged("Gone", i, 0) for i in range(10)]
+    await lister.write_records(records)
+    gone = {records[2].id, records[7].id}
+    list_objects_v2 = lister._s3.list_objects_v2
+
+    async def list_then_delete(**kwargs: Any) -> Any:
+        page = await list_objects_v2(**kwargs)
+        for id in gone:
+            boto3_client(s3_endpoint).delete_object(Bucket=s3_bucket, Key=f"models/Gone/{id}.json")
+        return page
+
+    monkeypatch.setattr(lister._s3, "list_objects_v2", list_then_delete)
+    listed = [info async for info in lister.scan_records("Gone")]
+    assert len(listed) == 10 - len(gone)  # listed, but gone before their header was read
+    assert {info.id for info in listed} == {record.id for record in records} - gone
+
+
+@pytest.mark.parametrize("body", [b"", b"{}", b"not json at all" * 60], ids=["empty", "{}", "junk"])
+async def test_scan_reports_a_corrupt_record_naming_it(
+    lister: S3Backend, s3_endpoint: str, s3_bucket: str, body: bytes
+) -> None:
+    await lister.write_records([aged("Thing", i, 0) for i in range(3)])
+    id = uuid4()
+    boto3_client(s3_endpoint).put_object(Bucket=s3_bucket, Key=f"models/Thing/{id}.json", Body=body)
+    with pytest.raises(StorageValidationError, match=f"Thing record {id} is corrupt"):
+        [info async for info in lister.scan_records("Thing")]
+
+
+async def test_scan_failures_and_bad_names(
+    lister: S3Backend, s3_endpoint: str, s3_bucket: str
+) -> None:
+    with pytest.raises(StorageValidationError, match="invalid class name"):
+        [info async for info in lister.scan_records("../escape")]
+    boto3_client(s3_endpoint).delete_bucket(Bucket=s3_bucket)
+    with pytest.raises(StorageConnectionError, match=r"cannot list Thing records.*NoSuchBucket"):
+        [info async for info in lister.scan_records("Thing")]
+
+
+async def test_purge_deletes_old_records_in_batches(
+    lister: S3Backend, s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = [aged("Event", i, 40) for i in range(1100)]
+    new = [aged("Event", i, 1) for i in range(150)]
+    other = [aged("Other", i, 40) for i in range(200)]
+    await lister.write_records(old + new + other)
+    counts = track_in_flight(monkeypatch, lister._s3, ["delete_objects"])
+
+    cutoff = now() - dt.timedelta(days=30)
+    assert await lister.purge("Event", cutoff, batch_size=500) == 1100
+    assert counts["calls"] == 3  # 500, 500, 100
+
+    client = boto3_client(s3_endpoint)
+
+    def ids(prefix: str) -> set[UUID]:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket, Prefix=prefix)
+        return {
+            UUID(item["Key"].removeprefix(prefix).removesuffix(".json"))
+            for page in pages
+            for item in page.get("Contents", [])
+        }
+
+    assert ids("models/Event/") == {record.id for record in new}
+    assert ids("models/Other/") == {record.id for record in other}
+
+
+async def test_purge_with_nothing_to_delete_returns_0(
+    lister: S3Backend, s3_endpoint: str, s3_bucket: str
+) -> None:
+    cutoff = now() - dt.timedelta(days=30)
+    assert await lister.purge("Event", cutoff) == 0  # an empty bucket
+    await lister.write_records([aged("Event", i, 1) for i in range(10)])
+    await lister.write_records([aged("Other", i, 40) for i in range(10)])
+    assert await lister.purge("Event", cutoff) == 0
+    assert await lister.purge("Missing", cutoff) == 0
+    assert boto3_client(s3_endpoint).list_objects_v2(Bucket=s3_bucket)["KeyCount"] == 20

@@ -10,6 +10,10 @@ that ``data->>'email'`` works in plain SQL. Choices that keep the driver's cost 
   change session state (no ``SET``, ``LISTEN``, cursors or session locks), so the default reset
   query on every release would only cost a round trip.
 - Batches are one statement each: an ``unnest`` upsert, ``WHERE id = ANY($1)``.
+- Listing pages through the table by id (keyset pagination), one short statement per page, so
+  no cursor or transaction stays open while the caller works (and deletes) between pages.
+  `purge` deletes in batches of one statement each, found through the
+  ``(class_name, updated_at)`` index.
 - Statements are parameterised; the table name is checked as an identifier and always quoted.
 """
 
@@ -19,14 +23,15 @@ import asyncio
 import math
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from typing import Any
 from urllib.parse import unquote, unquote_plus, urlsplit
 from uuid import UUID
 
 import asyncpg  # type: ignore[import-untyped]
 
-from pydantic_toast.backends.base import Record, StorageBackend, check_class_name
+from pydantic_toast.backends.base import Record, RecordInfo, StorageBackend, check_class_name
 from pydantic_toast.errors import (
     ExternalStorageError,
     StorageConnectionError,
@@ -38,6 +43,8 @@ __all__ = ["PostgreSQLBackend"]
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _OPTIONS = ("table", "min_size", "max_size", "timeout", "command_timeout")
 _COLUMNS = "id, class_name, data, schema_version, created_at, updated_at"
+# Rows per page of `scan_records`.
+SCAN_PAGE = 500
 
 # What the driver raises when the server is unreachable, the connection drops, a timeout
 # expires or the server refuses a statement. (`TimeoutError` is an `OSError`.)
@@ -143,6 +150,25 @@ class PostgreSQLBackend(StorageBackend):
         )
         self._select_many = f"SELECT {_COLUMNS} FROM {quoted} WHERE id = ANY($1::uuid[])"
         self._delete_many = f"DELETE FROM {quoted} WHERE id = ANY($1::uuid[]) AND class_name = $2"
+        # Listing: the size is that of the JSON text `read_record` returns. The first page has
+        # no lower bound (any UUID, even the nil one, may be an id); later ones start after the
+        # last id seen.
+        scan = (
+            f"SELECT id, class_name, octet_length(data::text), updated_at FROM {quoted}"
+            " WHERE ($1::text IS NULL OR class_name = $1){after} ORDER BY id LIMIT {limit}"
+        )
+        self._scan_first = scan.format(after="", limit=SCAN_PAGE)
+        self._scan_next = scan.format(after=" AND id > $2::uuid", limit=SCAN_PAGE)
+        # Purging, one batch per statement: the ids come from the (class_name, updated_at)
+        # index, and `= ANY(ARRAY(...))` deletes them through the primary key (with `IN`, the
+        # planner may hash-join the whole table instead). `FOR UPDATE` re-checks `updated_at`
+        # on a row updated since the statement's snapshot, so a record re-saved meanwhile
+        # survives; `SKIP LOCKED` lets a purge pass rows a writer holds, and lets concurrent
+        # purges share the work, instead of waiting on each other's row locks.
+        self._purge = (
+            f"DELETE FROM {quoted} WHERE id = ANY(ARRAY(SELECT id FROM {quoted}"
+            " WHERE class_name = $1 AND updated_at < $2 LIMIT $3 FOR UPDATE SKIP LOCKED))"
+        )
 
     async def connect(self) -> None:
         """Open the pool and make sure the table and its index exist."""
@@ -275,6 +301,41 @@ class PostgreSQLBackend(StorageBackend):
         except _DRIVER_ERRORS as exc:
             raise self._error(exc, "delete", class_name) from exc
         return int(status.rpartition(" ")[2])
+
+    async def scan_records(self, class_name: str | None = None) -> AsyncIterator[RecordInfo]:
+        if class_name is not None:
+            check_class_name(class_name)
+        pool = self._open()
+        last: UUID | None = None
+        while True:
+            try:
+                if last is None:
+                    rows = await pool.fetch(self._scan_first, class_name)
+                else:
+                    rows = await pool.fetch(self._scan_next, class_name, last)
+            except _DRIVER_ERRORS as exc:
+                raise self._error(exc, "list", class_name or "") from exc
+            for id, name, size, updated_at in rows:
+                yield RecordInfo(name, id, size, updated_at)
+            if len(rows) < SCAN_PAGE:
+                return
+            last = rows[-1][0]
+
+    async def purge(self, class_name: str, before: datetime, *, batch_size: int = 500) -> int:
+        check_class_name(class_name)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+        pool = self._open()
+        deleted = 0
+        while True:
+            try:
+                status = await pool.execute(self._purge, class_name, before, batch_size)
+            except _DRIVER_ERRORS as exc:
+                raise self._error(exc, "purge", class_name) from exc
+            count = int(status.rpartition(" ")[2])
+            deleted += count
+            if count < batch_size:
+                return deleted
 
     def _open(self) -> Any:
         if self._pool is None:

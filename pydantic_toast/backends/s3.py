@@ -10,6 +10,11 @@ carries credentials.
 
 S3 has no conditional "keep created_at" upsert, so a write stores the record as given: the
 model layer already put the ``created_at`` it knows in it.
+
+Listing pages through ListObjectsV2 (continuation tokens, nothing held on the server) and reads
+each record's envelope header with a ranged GET of its first 512 bytes, a page at a time, with
+at most ``max_concurrency`` requests in flight. `purge` deletes what the listing found old, with
+one DeleteObjects per batch.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import contextlib
 import ipaddress
 import os
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 from uuid import UUID
@@ -31,9 +37,11 @@ from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[impor
 
 from pydantic_toast.backends.base import (
     Record,
+    RecordInfo,
     StorageBackend,
     check_class_name,
     decode_envelope,
+    decode_envelope_info,
     encode_envelope,
 )
 from pydantic_toast.errors import StorageConnectionError, StorageValidationError
@@ -49,6 +57,10 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 30.0
 # DeleteObjects takes at most 1,000 keys per request.
 DELETE_CHUNK = 1000
+# ListObjectsV2 returns at most 1,000 keys per page.
+LIST_PAGE = 1000
+# The envelope header (metadata before the model's fields) fits in the first 512 bytes.
+HEAD_BYTES = 512
 
 # Today's bucket naming rules (AWS, MinIO): 3-63 lowercase letters, digits, "." and "-",
 # starting and ending with a letter or digit, no "..", not an IPv4 address.
@@ -56,6 +68,8 @@ _BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
 # What botocore, aiohttp and the socket layer raise when S3 cannot be reached or refuses a
 # request. `asyncio.TimeoutError` is `TimeoutError`, an `OSError`.
 _DRIVER_ERRORS = (BotoCoreError, ClientError, aiohttp.ClientError, OSError)
+# The total size in a ranged GET's Content-Range: "bytes 0-511/12345".
+_CONTENT_RANGE_TOTAL = re.compile(r"bytes \d+-\d+/(\d+)")
 
 
 class S3Backend(StorageBackend):
@@ -253,6 +267,11 @@ class S3Backend(StorageBackend):
         """
         keys = list(dict.fromkeys(self._key(class_name, id) for id in ids))
         existed = sum(await self._each(self._exists, keys))
+        await self._delete_keys(class_name, keys)
+        return existed
+
+    async def _delete_keys(self, class_name: str, keys: Sequence[str]) -> None:
+        """DeleteObjects for every key, `DELETE_CHUNK` keys a request."""
         for start in range(0, len(keys), DELETE_CHUNK):
             chunk = keys[start : start + DELETE_CHUNK]
             try:
@@ -270,7 +289,119 @@ class S3Backend(StorageBackend):
                     f"{first.get('Key')!r}: {first.get('Code')}: {first.get('Message')}",
                     self.url,
                 )
-        return existed
+
+    async def purge(self, class_name: str, before: datetime, *, batch_size: int = 500) -> int:
+        """Scan the class and delete its records last updated before ``before``, one
+        DeleteObjects per ``batch_size`` of them.
+
+        Unlike `delete_records`, no HEAD request counts them: the scan has just read each
+        one's header, so each deleted key is counted as existing. A record another client
+        deletes between the scan and the delete is still counted; one it re-saves in that
+        window is still deleted (S3 has no conditional DeleteObjects everywhere).
+        """
+        check_class_name(class_name)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+        deleted = 0
+        doomed: list[str] = []
+        async for info in self.scan_records(class_name):
+            if info.updated_at < before:
+                doomed.append(self._key(class_name, info.id))
+                if len(doomed) >= batch_size:
+                    await self._delete_keys(class_name, doomed)
+                    deleted, doomed = deleted + len(doomed), []
+        if doomed:
+            await self._delete_keys(class_name, doomed)
+            deleted += len(doomed)
+        return deleted
+
+    async def scan_records(self, class_name: str | None = None) -> AsyncIterator[RecordInfo]:
+        """Every record under ``{prefix}/{class_name}/`` (or the whole prefix), page by page.
+
+        Keys that are not ``{ClassName}/{uuid}.json`` under the prefix are not records and are
+        skipped, as are objects deleted between the listing and the read. An object under a
+        record key that holds no envelope is a `StorageValidationError` naming it.
+        """
+        base = self._key_base
+        if class_name is not None:
+            base += check_class_name(class_name) + "/"
+        token: str | None = None
+        while True:
+            request: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base, "MaxKeys": LIST_PAGE}
+            if token is not None:
+                request["ContinuationToken"] = token
+            try:
+                page = await self._client.list_objects_v2(**request)
+            except _DRIVER_ERRORS as exc:
+                self._fail(exc, f"cannot list {class_name or 'the'} records")
+            found = [
+                (item["Key"], parsed, item.get("Size"))
+                for item in page.get("Contents") or []
+                if (parsed := self._parse_key(item["Key"])) is not None
+            ]
+            for info in await self._each(self._head_info, found):
+                if info is not None:
+                    yield info
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+    def _parse_key(self, key: str) -> tuple[str, UUID] | None:
+        """``(class_name, id)`` of a record key, or ``None`` for any other key."""
+        if not key.startswith(self._key_base):
+            return None
+        name, slash, file = key[len(self._key_base) :].partition("/")
+        stem = file.removesuffix(".json")
+        if not slash or stem == file or "/" in stem:
+            return None
+        try:
+            id = UUID(stem)
+            check_class_name(name)
+        except (ValueError, StorageValidationError):
+            return None
+        # Only the canonical spelling `_key` writes: "{ABC...}" or hex without dashes is not ours.
+        return (name, id) if str(id) == stem else None
+
+    async def _head_info(
+        self, listed: tuple[str, tuple[str, UUID], int | None]
+    ) -> RecordInfo | None:
+        """The listing view of one object, from a ranged GET of its envelope header; ``None``
+        when the object is gone."""
+        key, (class_name, id), listed_size = listed
+        try:
+            response = await self._client.get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes=0-{HEAD_BYTES - 1}"
+            )
+            async with response["Body"] as body:
+                head: bytes = await body.read()
+        except ClientError as exc:
+            if _code(exc) == "NoSuchKey":
+                return None  # deleted since the listing
+            if _code(exc) == "InvalidRange":  # an empty object
+                raise StorageValidationError(
+                    f"stored {class_name} record {id} is corrupt: object {key!r} is empty"
+                ) from exc
+            self._fail(exc, f"cannot read {class_name} record {id}")
+        except _DRIVER_ERRORS as exc:
+            self._fail(exc, f"cannot read {class_name} record {id}")
+        # The size of the very object whose header was read (it may have been rewritten since
+        # the listing) is in Content-Range; a server that ignores Range sends the whole object.
+        total = _CONTENT_RANGE_TOTAL.fullmatch(str(response.get("ContentRange") or ""))
+        if total is not None:
+            size = int(total[1])
+        elif response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 200:
+            size = len(head)
+        else:
+            size = listed_size if isinstance(listed_size, int) else len(head)
+        try:
+            info = decode_envelope_info(head, id, size)
+        except StorageValidationError as exc:
+            raise StorageValidationError(
+                f"stored {class_name} record {id} is corrupt: object {key!r} does not start"
+                " with a pydantic-toast envelope header"
+            ) from exc
+        # Listed under the class its key names, which is the class that reads and deletes it.
+        return RecordInfo(class_name, id, info.size, info.updated_at)
 
     async def _exists(self, key: str) -> bool:
         try:
