@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     try:
         return asyncio.run(_run(arguments.storage, command, arguments))
-    except (ExternalStorageError, ValueError) as exc:
+    except (ExternalStorageError, ValueError, RecursionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -262,6 +262,15 @@ def _storage_key(storage: Storage) -> str | int:
     return storage if isinstance(storage, str) else id(storage)
 
 
+def _parse_json(data: str | bytes | bytearray) -> Any:
+    """Parsed JSON to look for references in, or ``None`` when it does not parse: then
+    validation itself reports the problem, with Pydantic's own error."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
 async def _on(storage: Storage, operation: Callable[[StorageBackend], Awaitable[T]]) -> T:
     """Run ``operation`` on a backend instance as is, or on a URL's live backend with the
     default retries (every operation here is idempotent)."""
@@ -360,7 +369,7 @@ class _Session:
                 for id, record in zip(ids, records, strict=True):
                     self.fetched[(key, class_name, id)] = record
                     if record is not None and b'"class_name"' in record.data:
-                        found.extend(_references_in(json.loads(record.data)))
+                        found.extend(_references_in(_parse_json(record.data)))
             pending = self._unfetched(found, default_storage)
 
     def _unfetched(
@@ -534,7 +543,7 @@ async def validate(
     session = _Session(None, batched=True, max_depth=max_depth)
     merged = _context(storage, context, session)
     is_json = isinstance(data, str | bytes | bytearray)
-    await session.prefetch(json.loads(data) if is_json else data, storage)
+    await session.prefetch(_parse_json(data) if is_json else data, storage)
     if isinstance(type_, type) and issubclass(type_, BaseModel):
         if is_json:
             return type_.model_validate_json(data, context=merged)

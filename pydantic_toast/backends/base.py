@@ -222,7 +222,7 @@ def decode_envelope_info(head: bytes, id: UUID, size: int) -> RecordInfo:
     marker = head.find(_DATA_MARKER, 0, 512)
     if marker < 0:
         raise StorageValidationError(f"stored record {id} is corrupt: no envelope header")
-    parsed = decode_envelope(head[:marker] + _DATA_MARKER + b"{}}", id, "record")
+    parsed = decode_envelope(head[:marker] + _DATA_MARKER + b"{}}", id, "listed")
     data_size = size - marker - len(_DATA_MARKER) - 1
     return RecordInfo(parsed.class_name, id, data_size, parsed.updated_at)
 

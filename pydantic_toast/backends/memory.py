@@ -45,6 +45,7 @@ class MemoryBackend(StorageBackend):
         self._store[record.id] = replace(record)
 
     async def read_record(self, class_name: str, id: UUID) -> Record | None:
+        check_class_name(class_name)
         record = self._store.get(id)
         return None if record is None else replace(record)  # callers may change their copy
 
@@ -53,10 +54,12 @@ class MemoryBackend(StorageBackend):
             await self.write_record(record)
 
     async def read_records(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
+        check_class_name(class_name)
         store = self._store
         return [None if (r := store.get(id)) is None else replace(r) for id in ids]
 
     async def delete_records(self, class_name: str, ids: Sequence[UUID]) -> int:
+        check_class_name(class_name)
         store = self._store
         return sum(store.pop(id, None) is not None for id in ids)
 

@@ -245,6 +245,7 @@ class PostgreSQLBackend(StorageBackend):
             raise self._error(exc, "save", record.class_name, record.id) from exc
 
     async def read_record(self, class_name: str, id: UUID) -> Record | None:
+        check_class_name(class_name)
         try:
             row = await self._open().fetchrow(self._select, id)
         except _DRIVER_ERRORS as exc:
@@ -277,6 +278,7 @@ class PostgreSQLBackend(StorageBackend):
     async def read_records(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
         if len(ids) <= 1:
             return [await self.read_record(class_name, ids[0])] if ids else []
+        check_class_name(class_name)
         try:
             rows = await self._open().fetch(self._select_many, ids)
         except _DRIVER_ERRORS as exc:
@@ -294,6 +296,7 @@ class PostgreSQLBackend(StorageBackend):
         return await self.delete_records(class_name, (id,)) > 0
 
     async def delete_records(self, class_name: str, ids: Sequence[UUID]) -> int:
+        check_class_name(class_name)
         if not ids:
             return 0
         try:

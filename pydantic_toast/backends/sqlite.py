@@ -117,6 +117,7 @@ class SQLiteBackend(StorageBackend):
             connection.execute("COMMIT")
 
     async def read_records(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
+        check_class_name(class_name)
         found: dict[str, Record] = {}
         with self._errors("read"):
             connection = self._open()
@@ -129,6 +130,7 @@ class SQLiteBackend(StorageBackend):
         return [found.get(key) for key in keys]
 
     async def delete_records(self, class_name: str, ids: Sequence[UUID]) -> int:
+        check_class_name(class_name)
         deleted = 0
         with self._errors("delete"):
             connection = self._open()
@@ -165,6 +167,9 @@ class SQLiteBackend(StorageBackend):
             last = rows[-1][0]
 
     async def purge(self, class_name: str, before: datetime, *, batch_size: int = 500) -> int:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        check_class_name(class_name)
         # Timestamps are stored as UTC ISO text of fixed width, so text order is time order.
         cutoff = before.astimezone(UTC).isoformat(timespec="microseconds")
         deleted = 0
