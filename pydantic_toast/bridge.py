@@ -1,15 +1,22 @@
 """The sync bridge: the one place where synchronous callers run the async core.
 
-Sync callers (scripts, threads, a Jupyter cell, a sync handler inside an async framework) all
-hand their coroutine to one library-owned event loop running in a daemon thread and wait for
-the result. That works the same whether or not the calling thread already runs a loop, costs
-no ``asyncio.run`` per call, and keeps one set of pooled backends for every sync caller.
+Two loops serve sync callers, both owned by the library and reused by every call (never an
+``asyncio.run`` per call):
+
+* The main thread of a plain script, where no event loop is running, runs the coroutine on a
+  private event loop of its own, right there: no thread hop, so a sync call costs what the
+  async one does.
+* Everything else (other threads, and code already inside a running loop: a Jupyter cell, a
+  sync handler of an async framework) hands the coroutine to one loop running in a daemon
+  thread and waits for the result. Blocking the caller's loop is then safe, and every worker
+  thread shares that loop's pooled connections instead of opening its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import os
 import threading
 from collections.abc import Coroutine
@@ -21,7 +28,7 @@ __all__ = ["aclose", "close", "run_sync"]
 
 T = TypeVar("T")
 
-# Bound on how long interpreter exit waits for the bridge's backends to close.
+# Bound on how long interpreter exit waits for a loop's backends to close.
 _EXIT_TIMEOUT = 5.0
 
 
@@ -36,6 +43,7 @@ class _LoopThread:
 
 _bridge: _LoopThread | None = None
 _bridge_lock = threading.Lock()
+_main_loop: asyncio.AbstractEventLoop | None = None
 
 
 def _get_bridge() -> _LoopThread:
@@ -50,7 +58,31 @@ def _get_bridge() -> _LoopThread:
 
 
 def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run ``coroutine`` on the bridge loop and return its result (or raise its error)."""
+    """Run ``coroutine`` to completion for a synchronous caller and return its result."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        if threading.current_thread() is threading.main_thread():
+            return _run_on_main_loop(coroutine)
+    return _run_on_bridge(coroutine)
+
+
+def _run_on_main_loop(coroutine: Coroutine[Any, Any, T]) -> T:
+    global _main_loop
+    loop = _main_loop
+    if loop is None or loop.is_closed():
+        loop = _main_loop = asyncio.new_event_loop()
+    task = loop.create_task(coroutine)
+    try:
+        return loop.run_until_complete(task)
+    finally:
+        if not task.done():  # interrupted (Ctrl-C): do not leave the operation half-run
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                loop.run_until_complete(task)
+
+
+def _run_on_bridge(coroutine: Coroutine[Any, Any, T]) -> T:
     bridge = _get_bridge()
     if threading.current_thread() is bridge.thread:
         coroutine.close()
@@ -68,6 +100,9 @@ def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
 
 def close() -> None:
     """Close the backends that sync calls opened. Later sync calls reconnect on demand."""
+    loop = _main_loop
+    if loop is not None and not loop.is_closed() and not loop.is_running():
+        loop.run_until_complete(close_running_loop_backends())
     bridge = _bridge
     if bridge is not None and bridge.thread.is_alive():
         future = asyncio.run_coroutine_threadsafe(close_running_loop_backends(), bridge.loop)
@@ -81,30 +116,39 @@ async def aclose() -> None:
     in an application's shutdown hook.
     """
     await close_running_loop_backends()
-    if _bridge is not None:
-        await asyncio.to_thread(close)
+    bridge = _bridge
+    if bridge is not None and bridge.thread.is_alive():
+        await asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(close_running_loop_backends(), bridge.loop)
+        )
 
 
 @atexit.register
 def _close_at_exit() -> None:
-    global _bridge
+    global _bridge, _main_loop
+    loop, _main_loop = _main_loop, None
+    if loop is not None and not loop.is_closed() and not loop.is_running():
+        with contextlib.suppress(Exception):  # exit must not print tracebacks
+            loop.run_until_complete(asyncio.wait_for(close_running_loop_backends(), _EXIT_TIMEOUT))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
     bridge, _bridge = _bridge, None
     if bridge is None or not bridge.thread.is_alive():
         return
-    try:
+    with contextlib.suppress(Exception):
         future = asyncio.run_coroutine_threadsafe(close_running_loop_backends(), bridge.loop)
         future.result(timeout=_EXIT_TIMEOUT)
-    except Exception:  # noqa: BLE001 - exit must not print tracebacks for a failed close
-        pass
     bridge.loop.call_soon_threadsafe(bridge.loop.stop)
     bridge.thread.join(timeout=_EXIT_TIMEOUT)
 
 
 def _forget_after_fork() -> None:
-    # The bridge's thread does not exist in a forked child; the next sync call starts a new one.
-    global _bridge, _bridge_lock
+    # Neither the bridge's thread nor the parent's connections are the child's: the next sync
+    # call starts afresh (the registry forgets the backends the same way).
+    global _bridge, _bridge_lock, _main_loop
     _bridge = None
     _bridge_lock = threading.Lock()
+    _main_loop = None
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)

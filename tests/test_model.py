@@ -80,7 +80,7 @@ def test_unknown_scheme_fails_at_class_definition_naming_class_and_schemes() -> 
     message = str(caught.value)
     assert "Unknown" in message
     assert "unknown storage scheme 'mongodb'" in message
-    assert "memory, postgres, postgresql, redis, rediss, s3, sqlite" in message
+    assert "memory, postgres, postgresql, redis, redis+unix, rediss, s3, sqlite" in message
     assert "hunter2pw" not in message
 
 
@@ -640,3 +640,23 @@ def test_retry_settings_are_checked(retries: Any, backoff: Any) -> None:
             model_config = ExternalConfigDict(
                 storage="memory://r", retries=retries, retry_backoff=backoff
             )
+
+
+def test_sync_calls_in_the_main_thread_and_in_a_running_loop_share_the_store(
+    sqlite_url: str,
+) -> None:
+    class Note(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=sqlite_url)
+        text: str
+
+    reference = Note(text="main thread").save_external_sync()  # the main thread's own loop
+
+    async def inside_a_loop() -> Note:
+        return Note.load_external_sync(reference)  # the bridge thread's loop
+
+    assert asyncio.run(inside_a_loop()) == Note(text="main thread")
+    result: list[Note] = []
+    worker = threading.Thread(target=lambda: result.append(Note.load_external_sync(reference)))
+    worker.start()
+    worker.join(timeout=30)
+    assert result == [Note(text="main thread")]
