@@ -7,9 +7,11 @@ JSON, and a memory multiple says what the library and the driver add on top.
 
 from __future__ import annotations
 
+from typing import Annotated, Any
+
 from pydantic import BaseModel
 
-from pydantic_toast import External, ExternalBaseModel, ExternalConfigDict
+from pydantic_toast import External, ExternalBaseModel, ExternalConfigDict, ExternalField
 
 CLASS_NAME = "BenchDoc"
 
@@ -43,11 +45,15 @@ class Doc(DocFields, ExternalBaseModel):
     model_config = ExternalConfigDict(storage="memory://pydantic-toast-bench-unbound")
 
 
-def doc_class(storage: str) -> type[Doc]:
-    """The payload model stored in ``storage`` (records named ``BenchDoc``)."""
+def doc_class(storage: str, **config: Any) -> type[Doc]:
+    """The payload model stored in ``storage`` (records named ``BenchDoc`` unless ``config``
+    names them otherwise; other config such as ``compress_above`` too)."""
 
     class BenchDoc(Doc):
-        model_config = ExternalConfigDict(storage=storage, class_name=CLASS_NAME)
+        model_config = ExternalConfigDict(
+            storage=storage,
+            **{"class_name": CLASS_NAME, **config},  # type: ignore[typeddict-item]
+        )
 
     return BenchDoc
 
@@ -97,3 +103,28 @@ def make_order(lines: int) -> BenchOrder:
         number=1042,
         lines=[BenchLine(sku=f"SKU-{i:06}", quantity=i % 5 + 1, price=9.99) for i in range(lines)],
     )
+
+
+class ThresholdLine(BaseModel):
+    sku: str
+    description: str
+
+
+class ThresholdOrder(BaseModel):
+    """Lines stored out of line only when their JSON reaches 1 KiB, as TOAST does."""
+
+    lines: list[Annotated[ThresholdLine, ExternalField(threshold=1024)]]
+
+
+class AllExternalOrder(BaseModel):
+    """The same order with every line stored out of line."""
+
+    lines: list[External[ThresholdLine]]
+
+
+def threshold_lines(count: int) -> list[ThresholdLine]:
+    """Mostly short lines, one in ten with a long description (about 4 KB)."""
+    return [
+        ThresholdLine(sku=f"SKU-{i:05}", description=("long text " * 400 if i % 10 == 0 else "ok"))
+        for i in range(count)
+    ]

@@ -216,6 +216,72 @@ FORMATTERS: dict[str, Callable[[list[Row]], str]] = {
 }
 
 
+def _toast(rows: list[Row]) -> str:
+    compression = [r for r in rows if r["kind"] == "compression"]
+    threshold = [r for r in rows if r["kind"] == "threshold"]
+    parts = (
+        [
+            table(
+                "Compression (zstd above 1 KiB): stored bytes and median ms, against the same "
+                "record uncompressed",
+                [
+                    "backend",
+                    "size",
+                    "stored",
+                    "zstd stored",
+                    "ratio",
+                    "save",
+                    "zstd save",
+                    "x",
+                    "load",
+                    "zstd load",
+                    "x",
+                ],
+                [
+                    [
+                        r["backend"],
+                        r["size"],
+                        r["stored_bytes"],
+                        r["zstd_stored_bytes"],
+                        r["size_ratio"],
+                        r["plain_save_ms"],
+                        r["zstd_save_ms"],
+                        r["save_ratio"],
+                        r["plain_load_ms"],
+                        r["zstd_load_ms"],
+                        r["load_ratio"],
+                    ]
+                    for r in compression
+                ],
+            )
+        ]
+        if compression
+        else []
+    )
+    parts.append(
+        table(
+            "Threshold: bytes of a dump of N lines (one in ten ~4 KB, the rest ~30 B); "
+            "threshold 0 stores every line",
+            ["backend", "threshold", "lines", "inline bytes", "dump bytes", "references"],
+            [
+                [
+                    r["backend"],
+                    r["threshold"],
+                    r["lines"],
+                    r["inline_bytes"],
+                    r["dump_bytes"],
+                    r["references"],
+                ]
+                for r in threshold
+            ],
+        )
+    )
+    return "\n".join(parts)
+
+
+FORMATTERS["toast"] = _toast
+
+
 def section_table(section: str, rows: list[Row]) -> str:
     return FORMATTERS[section](rows)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tracemalloc
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -10,14 +11,20 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import pydantic_toast
+import pydantic_toast.backends.base
+import pydantic_toast.registry
 from benchmarks.backends import RawStore, Target
 from benchmarks.models import (
+    AllExternalOrder,
     BenchOrder,
     Doc,
     InlineOrder,
+    ThresholdOrder,
+    doc_class,
     json_size,
     make_doc,
     make_order,
+    threshold_lines,
 )
 from benchmarks.settings import Settings
 from benchmarks.timing import (
@@ -29,7 +36,7 @@ from benchmarks.timing import (
 )
 
 Row = dict[str, Any]
-SECTIONS = ("single", "batch", "concurrency", "sync", "external", "memory")
+SECTIONS = ("single", "batch", "concurrency", "sync", "external", "memory", "toast")
 # Which backends each section runs on (the issue asks sync and External[T] on these).
 SECTION_BACKENDS = {
     "single": ("memory", "sqlite", "postgresql", "redis", "s3"),
@@ -38,6 +45,8 @@ SECTION_BACKENDS = {
     "sync": ("sqlite", "postgresql", "redis"),
     "external": ("memory", "sqlite", "postgresql", "redis"),
     "memory": ("memory", "sqlite", "postgresql", "redis", "s3"),
+    # compression applies to the backends that store bytes; the threshold to any
+    "toast": ("memory", "redis", "s3"),
 }
 
 
@@ -410,6 +419,81 @@ def _reference_of(model: Doc) -> dict[str, str]:
 
 
 # Run once per section, before its backends.
+# --- TOAST: compression and the size threshold -------------------------------------------------
+
+
+async def toast(target: Target, settings: Settings) -> list[Row]:
+    """Compression (stored bytes, save and load time, with and without zstd) on backends that
+    store bytes, and on any backend the bytes a size threshold keeps out of a dump."""
+    rows: list[Row] = []
+    if target.name != "memory":
+        compressed_model = doc_class(target.url, compress_above=1024, class_name="BenchZstd")
+        for size in settings.toast_sizes:
+            plain = make_doc(target.model, size, seed=5)
+            packed = make_doc(compressed_model, size, seed=5)
+            plain_ref = await plain.save_external()
+            packed_ref = await packed.save_external()
+            samples = await interleaved(
+                {
+                    "plain_save": plain.save_external,
+                    "zstd_save": packed.save_external,
+                    "plain_load": partial(target.model.load_external, plain_ref),
+                    "zstd_load": partial(compressed_model.load_external, packed_ref),
+                },
+                blocks=settings.toast_blocks,
+                block_size=settings.toast_block_size,
+            )
+            stored = await _stored_size(target, compressed_model, packed_ref["id"])
+            plain_stored = await _stored_size(target, target.model, plain_ref["id"])
+            rows.append(
+                {
+                    "backend": target.name,
+                    "kind": "compression",
+                    "size": size,
+                    "json_bytes": json_size(plain),
+                    "stored_bytes": plain_stored,
+                    "zstd_stored_bytes": stored,
+                    "size_ratio": _ratio(stored, plain_stored),
+                    **{f"{key}_ms": _ms(median(value)) for key, value in samples.items()},
+                    "save_ratio": _ratio(
+                        median(samples["zstd_save"]), median(samples["plain_save"])
+                    ),
+                    "load_ratio": _ratio(
+                        median(samples["zstd_load"]), median(samples["plain_load"])
+                    ),
+                }
+            )
+    # The threshold: an order of many small lines and a few large ones.
+    order = ThresholdOrder(lines=threshold_lines(settings.toast_lines))
+    for threshold in (0, 1024):
+        dumped = await pydantic_toast.dump_json(
+            order if threshold else AllExternalOrder(lines=order.lines), storage=target.url
+        )
+        rows.append(
+            {
+                "backend": target.name,
+                "kind": "threshold",
+                "threshold": threshold,
+                "lines": len(order.lines),
+                "inline_bytes": len(order.model_dump_json()),
+                "dump_bytes": len(dumped),
+                "references": dumped.count('"class_name"'),
+            }
+        )
+    return rows
+
+
+async def _stored_size(target: Target, model: type[Doc], id: str) -> int:
+    """Bytes the backend holds for a record: its envelope, as the backend stored it."""
+    backend = await pydantic_toast.registry.get_backend(target.url)
+    record = await backend.read_record(model.__external_class_name__, UUID(id))
+    assert record is not None
+    raw = pydantic_toast.backends.base.encode_envelope(
+        dataclasses.replace(record, compress_above=model.__external_compress_above__)
+    )
+    return len(raw)
+
+
 PREAMBLES: dict[str, Callable[[Settings], Awaitable[list[Row]]]] = {"sync": bridge_floor}
 
 RUNNERS: dict[str, Callable[[Target, Settings], Awaitable[list[Row]]]] = {
@@ -419,4 +503,5 @@ RUNNERS: dict[str, Callable[[Target, Settings], Awaitable[list[Row]]]] = {
     "sync": sync_api,
     "external": external,
     "memory": memory,
+    "toast": toast,
 }

@@ -29,6 +29,11 @@ class Settings:
     external_rounds: int
     # Peak memory: payload sizes.
     memory_sizes: tuple[str, ...]
+    # TOAST: payload sizes for compression, (blocks, calls per block), lines of the order.
+    toast_sizes: tuple[str, ...]
+    toast_blocks: int
+    toast_block_size: int
+    toast_lines: int
 
     def single_counts(self, backend: str, size: str) -> tuple[int, int]:
         blocks, block_size = self.single[size]
@@ -53,6 +58,10 @@ FULL = Settings(
     external_items=1000,
     external_rounds=5,
     memory_sizes=("1MB", "50MB"),
+    toast_sizes=("10KB", "1MB"),
+    toast_blocks=6,
+    toast_block_size=5,
+    toast_lines=1000,
 )
 
 QUICK = Settings(
@@ -71,4 +80,8 @@ QUICK = Settings(
     external_items=20,
     external_rounds=1,
     memory_sizes=("10KB", "100KB"),
+    toast_sizes=("10KB",),
+    toast_blocks=2,
+    toast_block_size=2,
+    toast_lines=20,
 )

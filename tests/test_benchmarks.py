@@ -17,7 +17,7 @@ from typing import Any
 from tests.conftest import service_missing
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("single", "batch", "concurrency", "sync", "external", "memory")
+SECTIONS = ("single", "batch", "concurrency", "sync", "external", "memory", "toast")
 BACKENDS = {"memory", "sqlite", "postgresql", "redis", "s3"}
 
 
@@ -87,4 +87,9 @@ def test_quick_benchmark_runs(postgres_server: str, redis_server: str, tmp_path:
         ("load", "library"),
         ("load", "raw"),
     }
+    compression = [row for row in sections["toast"] if row["kind"] == "compression"]
+    assert {row["backend"] for row in compression} == {"redis", "s3"}
+    assert all(row["zstd_stored_bytes"] < row["stored_bytes"] for row in compression)
+    dumps = {row["threshold"]: row for row in sections["toast"] if row["kind"] == "threshold"}
+    assert dumps[1024]["references"] < dumps[0]["references"]
     assert results["targets"], "no target was checked"
