@@ -6,6 +6,8 @@ storage URL is shown: with its password replaced by ``***``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 __all__ = [
@@ -77,11 +79,31 @@ class StorageConnectionError(ExternalStorageError):
 
     ``url`` is the storage URL with its password masked; the driver's own exception is
     chained as ``__cause__``.
+
+    ``failed_ids``, when the failure ended a write, lists the ids of the records that write
+    may not have stored; every other record it was given is stored. A record listed may
+    still have been stored (a connection lost after the server wrote it, before it replied):
+    writes are upserts by id, so writing the listed records again is always safe.
     """
 
-    def __init__(self, message: str, url: str) -> None:
+    def __init__(self, message: str, url: str, *, failed_ids: Iterable[str] = ()) -> None:
         self.url = mask_url(url)
+        self.failed_ids: list[str] = list(failed_ids)
         super().__init__(f"{scrub_password(message, url)} ({self.url})")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from its state, not through __init__ (which would mask the URL and append
+        # it again): copies and pickles work.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(
+    cls: type[StorageConnectionError], args: tuple[Any, ...], state: dict[str, Any]
+) -> Any:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state, failed_ids=list(state.get("failed_ids", ())))
+    return error
 
 
 class RecordNotFoundError(ExternalStorageError):

@@ -100,7 +100,10 @@ _loaders: weakref.WeakKeyDictionary[StorageBackend, _Loader] = weakref.WeakKeyDi
 
 
 async def load_record(backend: StorageBackend, class_name: str, id: UUID) -> Record | None:
-    """Read one record through ``backend``, batched with the other loads of this loop turn."""
+    """Read one record through ``backend``, batched with the other loads of this loop turn
+    (when the backend's `coalesce_loads` says batching pays)."""
+    if not backend.coalesce_loads:
+        return await backend.read_record(class_name, id)
     loader = _loaders.get(backend)
     if loader is None:
         loader = _loaders[backend] = _Loader(backend)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -20,7 +20,12 @@ from pydantic_core import PydanticSerializationError
 
 from pydantic_toast.backends.base import Record, StorageBackend, check_class_name, require_zstd
 from pydantic_toast.bridge import run_sync
-from pydantic_toast.errors import RecordNotFoundError, StorageValidationError, mask_url
+from pydantic_toast.errors import (
+    RecordNotFoundError,
+    StorageConnectionError,
+    StorageValidationError,
+    mask_url,
+)
 from pydantic_toast.loader import load_record
 from pydantic_toast.registry import check_storage_url, registered_schemes
 from pydantic_toast.retry import RetryPolicy, with_backend
@@ -249,6 +254,13 @@ class ExternalBaseModel(BaseModel):
 
         Each model keeps or gets its id exactly as with `save_external`; an instance listed
         twice is written once.
+
+        A batch is not atomic everywhere (one PostgreSQL statement is; Redis script calls of up
+        to 1,000 records and concurrent S3 puts are not). When it fails, the models whose
+        records were stored get their `external_metadata` as after a save, and the
+        `StorageConnectionError` names in ``failed_ids`` the ids of the records that may not
+        be stored. Saving the same models again completes the batch: the stored ones keep
+        their ids, so they are updated, not duplicated.
         """
         now = datetime.now(UTC)
         models = list(models)
@@ -260,8 +272,23 @@ class ExternalBaseModel(BaseModel):
             if id(model) not in records:
                 record = records[id(model)] = model._to_record(now)
                 batches.setdefault(type(model).__external_storage__, []).append(record)
-        for storage, batch in batches.items():
-            await with_backend(storage, _writer(batch), cls._retry)
+        groups = list(batches.items())
+        for index, (storage, batch) in enumerate(groups):
+            writer = _BatchWriter(batch)
+            try:
+                await with_backend(storage, writer, cls._retry)
+            except StorageConnectionError as exc:
+                # Unconfirmed: what this storage's writer has left, and every record of the
+                # storages not tried yet. The others are stored: give their models metadata.
+                unwritten = writer.unwritten_ids()
+                unwritten += [
+                    str(record.id) for _, later in groups[index + 1 :] for record in later
+                ]
+                exc.failed_ids = unwritten
+                for model in models:
+                    if str(records[id(model)].id) not in exc.failed_ids:
+                        _set_metadata(model, records[id(model)])
+                raise
         for model in models:
             _set_metadata(model, records[id(model)])
         return [
@@ -490,8 +517,7 @@ class ExternalBaseModel(BaseModel):
                 f"{expected}: a reference must be a mapping with 'class_name' and 'id', "
                 f"not {type(reference).__name__}"
             )
-        extra = set(reference) - {"class_name", "id"}
-        if extra:
+        if len(reference) > 2 and (extra := set(reference) - {"class_name", "id"}):
             raise StorageValidationError(
                 f"{expected}: a reference has only 'class_name' and 'id', "
                 f"not {_short(sorted(map(str, extra)))}"
@@ -629,29 +655,47 @@ class ExternalBaseModel(BaseModel):
 _METADATA_SLOT = ExternalBaseModel.__dict__["_external_metadata"]
 
 
-def _writer(records: list[Record]) -> Callable[[StorageBackend], Awaitable[None]]:
-    """An operation writing ``records``, for `with_backend`."""
-    return lambda backend: backend.write_records(records)
+class _BatchWriter:
+    """The operation that writes a batch of records, for `with_backend`.
+
+    After a failed attempt, the next one writes only the records the failure named as
+    possibly unwritten (all of them when the backend does not say), so `pending` ends as the
+    records no attempt confirmed.
+    """
+
+    def __init__(self, records: list[Record]) -> None:
+        self.pending = records
+
+    async def __call__(self, backend: StorageBackend) -> None:
+        try:
+            await backend.write_records(self.pending)
+        except StorageConnectionError as exc:
+            named = set(exc.failed_ids)
+            if named:
+                self.pending = [record for record in self.pending if str(record.id) in named]
+            raise
+
+    def unwritten_ids(self) -> list[str]:
+        return list(dict.fromkeys(str(record.id) for record in self.pending))
 
 
 def _metadata_of(model: ExternalBaseModel) -> ExternalMetadata | None:
     try:
-        metadata: ExternalMetadata = _METADATA_SLOT.__get__(model)
+        stored: _StoredMetadata = _METADATA_SLOT.__get__(model)
     except AttributeError:
         return None
-    return metadata
+    return ExternalMetadata(*stored)
+
+
+# What the slot holds: ExternalMetadata's fields as a plain tuple, which is cheaper to make
+# on every load than the dataclass (built only when someone asks for it).
+_StoredMetadata = tuple[UUID, str, int, datetime, datetime]
 
 
 def _set_metadata(model: ExternalBaseModel, record: Record) -> None:
     _METADATA_SLOT.__set__(
         model,
-        ExternalMetadata(
-            id=record.id,
-            class_name=record.class_name,
-            schema_version=record.schema_version,
-            created_at=record.created_at,
-            updated_at=record.updated_at,
-        ),
+        (record.id, record.class_name, record.schema_version, record.created_at, record.updated_at),
     )
 
 

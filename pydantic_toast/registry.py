@@ -11,10 +11,12 @@ on request.
 from __future__ import annotations
 
 import asyncio
+import copy
 import importlib
 import os
 import weakref
 from collections.abc import AsyncGenerator
+from functools import partial
 from urllib.parse import urlsplit
 
 from pydantic_toast.backends.base import StorageBackend
@@ -131,7 +133,8 @@ class _LoopBackends:
 
     def __init__(self) -> None:
         self.backends: dict[str, StorageBackend] = {}
-        self.lock = asyncio.Lock()
+        # The connection attempt under way for a URL, which every caller of that URL awaits.
+        self.connecting: dict[str, asyncio.Task[StorageBackend]] = {}
         self.closer: AsyncGenerator[None, None] | None = None
 
     async def close(self) -> None:
@@ -166,21 +169,44 @@ async def _connect(loop: asyncio.AbstractEventLoop, url: str) -> StorageBackend:
         per_loop = _live[loop] = _LoopBackends()
         per_loop.closer = _close_at_shutdown(per_loop)
         await per_loop.closer.asend(None)
-    async with per_loop.lock:
-        backend = per_loop.backends.get(url)
-        if backend is not None:
-            return backend
-        backend = backend_class_for(url)(url)
-        try:
-            await backend.connect()
-        except ExternalStorageError:
-            raise
-        except Exception as exc:
-            raise StorageConnectionError(
-                f"could not connect {type(backend).__name__}: {type(exc).__name__}: {exc}", url
-            ) from exc
-        per_loop.backends[url] = backend
+    backend = per_loop.backends.get(url)
+    if backend is not None:
         return backend
+    # Callers arriving while a connection attempt is under way share it, and its outcome.
+    # (They used to queue on a lock and then each try again in turn: against a server that
+    # never answers, the n-th caller waited n connect timeouts.) The attempt is a task of its
+    # own, so a caller that is cancelled does not cancel it for the others.
+    attempt = per_loop.connecting.get(url)
+    if attempt is None:
+        attempt = loop.create_task(_open(per_loop, url))
+        per_loop.connecting[url] = attempt
+        attempt.add_done_callback(partial(_attempt_done, per_loop, url))
+    try:
+        return await asyncio.shield(attempt)
+    except StorageConnectionError as exc:
+        # Every caller gets an error object of its own: callers add to it (`failed_ids`).
+        raise copy.copy(exc) from exc.__cause__
+
+
+async def _open(per_loop: _LoopBackends, url: str) -> StorageBackend:
+    backend = backend_class_for(url)(url)
+    try:
+        await backend.connect()
+    except ExternalStorageError:
+        raise
+    except Exception as exc:
+        raise StorageConnectionError(
+            f"could not connect {type(backend).__name__}: {type(exc).__name__}: {exc}", url
+        ) from exc
+    per_loop.backends[url] = backend
+    return backend
+
+
+def _attempt_done(per_loop: _LoopBackends, url: str, attempt: asyncio.Task[StorageBackend]) -> None:
+    if per_loop.connecting.get(url) is attempt:
+        del per_loop.connecting[url]
+    if not attempt.cancelled():
+        attempt.exception()  # retrieved: every caller may have given up waiting for it
 
 
 async def _close_at_shutdown(per_loop: _LoopBackends) -> AsyncGenerator[None, None]:

@@ -317,6 +317,11 @@ class StorageBackend(ABC):
     #: How many records the default batch operations handle at once.
     batch_concurrency: ClassVar[int] = DEFAULT_BATCH_CONCURRENCY
 
+    #: Whether concurrent single loads should be gathered into batches. Worth it when a read
+    #: waits on the network; a backend that works in-process (memory, SQLite, files) says
+    #: no, and each load then goes straight to `read_record`.
+    coalesce_loads: ClassVar[bool] = True
+
     def __init__(self, url: str) -> None:
         self.url = url
         self._url = url

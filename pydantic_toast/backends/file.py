@@ -33,6 +33,8 @@ class FileBackend(StorageBackend):
     """Options (URL query): ``fsync`` (default ``true``; ``false`` trades durability across a
     power loss for speed)."""
 
+    coalesce_loads = False  # in-process: a batch would not wait on anything less
+
     def __init__(self, url: str) -> None:
         super().__init__(url)
         parts = urlsplit(url)

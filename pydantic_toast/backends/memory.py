@@ -22,6 +22,8 @@ class MemoryBackend(StorageBackend):
     """Keeps `Record` objects in a dict, copying the small object (never the bytes) on the
     way in and out so that no caller can change what is stored."""
 
+    coalesce_loads = False  # in-process: a batch would not wait on anything less
+
     _stores: ClassVar[dict[str, dict[UUID, Record]]] = {}
     _stores_lock: ClassVar[threading.Lock] = threading.Lock()
 

@@ -232,7 +232,8 @@ class PostgreSQLBackend(StorageBackend):
     async def write_record(self, record: Record) -> None:
         check_class_name(record.class_name)
         try:
-            await self._open().execute(
+            await self._run(
+                "execute",
                 self._upsert,
                 record.id,
                 record.class_name,
@@ -242,12 +243,12 @@ class PostgreSQLBackend(StorageBackend):
                 record.updated_at,
             )
         except _DRIVER_ERRORS as exc:
-            raise self._error(exc, "save", record.class_name, record.id) from exc
+            raise self._error(exc, "save", record.class_name, record.id, [record.id]) from exc
 
     async def read_record(self, class_name: str, id: UUID) -> Record | None:
         check_class_name(class_name)
         try:
-            row = await self._open().fetchrow(self._select, id)
+            row = await self._run("fetchrow", self._select, id)
         except _DRIVER_ERRORS as exc:
             raise self._error(exc, "load", class_name, id) from exc
         if row is None:
@@ -263,7 +264,8 @@ class PostgreSQLBackend(StorageBackend):
         latest = list({record.id: record for record in records}.values())
         names = {check_class_name(record.class_name) for record in latest}
         try:
-            await self._open().execute(
+            await self._run(
+                "execute",
                 self._upsert_many,
                 [record.id for record in latest],
                 [record.class_name for record in latest],
@@ -273,14 +275,17 @@ class PostgreSQLBackend(StorageBackend):
                 [record.updated_at for record in latest],
             )
         except _DRIVER_ERRORS as exc:
-            raise self._error(exc, "save", names.pop() if len(names) == 1 else "") from exc
+            # One statement: PostgreSQL wrote all of the batch or none of it.
+            failed = [record.id for record in latest]
+            name = names.pop() if len(names) == 1 else ""
+            raise self._error(exc, "save", name, failed_ids=failed) from exc
 
     async def read_records(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
         if len(ids) <= 1:
             return [await self.read_record(class_name, ids[0])] if ids else []
         check_class_name(class_name)
         try:
-            rows = await self._open().fetch(self._select_many, ids)
+            rows = await self._run("fetch", self._select_many, ids)
         except _DRIVER_ERRORS as exc:
             raise self._error(exc, "load", class_name) from exc
         found = {row[0]: row for row in rows}
@@ -300,7 +305,7 @@ class PostgreSQLBackend(StorageBackend):
         if not ids:
             return 0
         try:
-            status = await self._open().execute(self._delete_many, ids, class_name)
+            status = await self._run("execute", self._delete_many, ids, class_name)
         except _DRIVER_ERRORS as exc:
             raise self._error(exc, "delete", class_name) from exc
         return int(status.rpartition(" ")[2])
@@ -308,14 +313,14 @@ class PostgreSQLBackend(StorageBackend):
     async def scan_records(self, class_name: str | None = None) -> AsyncIterator[RecordInfo]:
         if class_name is not None:
             check_class_name(class_name)
-        pool = self._open()
+        self._open()  # fail now, not at the first page, when not connected
         last: UUID | None = None
         while True:
             try:
                 if last is None:
-                    rows = await pool.fetch(self._scan_first, class_name)
+                    rows = await self._run("fetch", self._scan_first, class_name)
                 else:
-                    rows = await pool.fetch(self._scan_next, class_name, last)
+                    rows = await self._run("fetch", self._scan_next, class_name, last)
             except _DRIVER_ERRORS as exc:
                 raise self._error(exc, "list", class_name or "") from exc
             for id, name, size, updated_at in rows:
@@ -328,17 +333,38 @@ class PostgreSQLBackend(StorageBackend):
         check_class_name(class_name)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
-        pool = self._open()
+        self._open()
         deleted = 0
         while True:
             try:
-                status = await pool.execute(self._purge, class_name, before, batch_size)
+                status = await self._run("execute", self._purge, class_name, before, batch_size)
             except _DRIVER_ERRORS as exc:
                 raise self._error(exc, "purge", class_name) from exc
             count = int(status.rpartition(" ")[2])
             deleted += count
             if count < batch_size:
                 return deleted
+
+    async def _run(self, method: str, *args: Any) -> Any:
+        """``connection.<method>(*args)`` on a pooled connection.
+
+        Waiting for a free connection is bounded by `timeout`, as a statement is by
+        `command_timeout` (asyncpg's pool would wait without end: a burst against a stalled
+        server queued behind every earlier caller's timeout). With a connection idle there is
+        no wait, and the bound is left out: asyncpg would spend a task on it.
+        """
+        pool = self._open()
+        wait = None if pool.get_idle_size() else self.timeout
+        try:
+            connection = await pool.acquire(timeout=wait)
+        except TimeoutError:
+            raise TimeoutError(
+                f"no pooled connection (max_size={self.max_size}) free or opened within {wait:g}s"
+            ) from None
+        try:
+            return await getattr(connection, method)(*args)
+        finally:
+            await pool.release(connection)
 
     def _open(self) -> Any:
         if self._pool is None:
@@ -348,10 +374,16 @@ class PostgreSQLBackend(StorageBackend):
         return self._pool
 
     def _error(
-        self, exc: BaseException, verb: str, class_name: str = "", id: UUID | None = None
+        self,
+        exc: BaseException,
+        verb: str,
+        class_name: str = "",
+        id: UUID | None = None,
+        failed_ids: Sequence[UUID] = (),
     ) -> ExternalStorageError:
         """Our exception for a driver's: data PostgreSQL refuses to store is a validation
-        error (retrying cannot help); everything else is a connection error."""
+        error (retrying cannot help); everything else is a connection error, naming the
+        records a failed write may not have stored."""
         what = f" {class_name} record" if class_name else ""
         what += f" {id}" if id is not None else ("s" if class_name else "")
         if isinstance(exc, asyncpg.DataError):
@@ -359,6 +391,7 @@ class PostgreSQLBackend(StorageBackend):
         return StorageConnectionError(
             f"PostgreSQL at {self._where}: could not {verb}{what}: {type(exc).__name__}: {exc}",
             self.url,
+            failed_ids=map(str, failed_ids),
         )
 
 

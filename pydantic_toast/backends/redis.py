@@ -28,7 +28,7 @@ from uuid import UUID
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection, parse_url
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
@@ -170,9 +170,11 @@ class RedisBackend(StorageBackend):
         self._client_options: dict[str, Any] = {
             "socket_timeout": self._timeout,
             "socket_connect_timeout": self._timeout,
-            # One retry on a fresh connection rides over a dropped idle connection; the
-            # write script is idempotent, so repeating it is safe.
-            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
+            # No retries inside redis-py: the model layer retries connection failures (its
+            # `retries` and `retry_backoff`). A retry here too multiplied every attempt (and
+            # every timeout), and made `retries=0` not off. A dropped idle connection is still
+            # noticed when it is taken from the pool, and replaced.
+            "retry": Retry(NoBackoff(), 0),
             "max_connections": self._pool_size,
             **client_options,
             "decode_responses": False,
@@ -245,7 +247,9 @@ class RedisBackend(StorageBackend):
                 return
             kept = await self._evalsha(client, (key,), (ttl_ms, value))
         except (RedisError, OSError) as exc:
-            raise self._failure(exc, f"save {record.class_name} record {record.id}") from exc
+            failure = self._failure(exc, f"save {record.class_name} record {record.id}")
+            failure.failed_ids = [str(record.id)]
+            raise failure from exc
         finally:
             self._gate.release()
         _keep_created_at(record, value, kept)
@@ -268,19 +272,27 @@ class RedisBackend(StorageBackend):
         return str(max(1, math.ceil(record.ttl.total_seconds() * 1000))).encode()
 
     async def write_records(self, records: Sequence[Record]) -> None:
+        """Write in script calls of up to `_BATCH_RECORDS` records: each call is atomic, the
+        batch is not. A failure names in ``failed_ids`` the records of the failed call and of
+        every later one; the records of earlier calls are stored."""
         by_ttl: dict[bytes, list[Record]] = {}
         for record in records:
             by_ttl.setdefault(self._ttl_ms_for(record), []).append(record)
-        for ttl_ms, group in by_ttl.items():  # one group, unless classes with TTLs mix
-            await self._write_group(ttl_ms, group)
+        groups = list(by_ttl.items())  # one group, unless classes with TTLs mix
+        for index, (ttl_ms, group) in enumerate(groups):
+            try:
+                await self._write_group(ttl_ms, group)
+            except StorageConnectionError as exc:
+                exc.failed_ids += [str(r.id) for _, later in groups[index + 1 :] for r in later]
+                raise
 
     async def _write_group(self, ttl_ms: bytes, records: Sequence[Record]) -> None:
         keys = [self._key(record.class_name, record.id) for record in records]
         values = [_envelope(record) for record in records]
         kept: list[bytes | None] = []
         client = await self._acquire()
+        start = 0
         try:
-            start = 0
             while start < len(records):
                 end, size = start, 0
                 while end < len(records) and end - start < _BATCH_RECORDS and size < _BATCH_BYTES:
@@ -290,7 +302,13 @@ class RedisBackend(StorageBackend):
                 kept += [chunk] if end - start == 1 else chunk
                 start = end
         except (RedisError, OSError) as exc:
-            raise self._failure(exc, f"save {len(records)} records") from exc
+            # The chunks before `start` are stored (each script call is atomic); the failed
+            # one may or may not be, the later ones are not.
+            failure = self._failure(exc, f"save {len(records)} records")
+            failure.failed_ids = [str(record.id) for record in records[start:]]
+            for record, value, created_at in zip(records, values, kept, strict=False):
+                _keep_created_at(record, value, created_at)
+            raise failure from exc
         finally:
             self._gate.release()
         for record, value, created_at in zip(records, values, kept, strict=True):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import math
 import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -86,7 +87,9 @@ class S3Backend(StorageBackend):
     ``max_concurrency``
         Requests in flight for one batch, and the size of the connection pool (default 32).
     ``timeout``
-        Seconds to connect and to wait for a response (default 5 to connect, 30 to read).
+        Seconds to connect and to wait for a response (default 5 to connect, 30 to read). A
+        request that sends a body (a save, a delete) must also be done within the connect
+        timeout plus the read timeout per started MiB of body plus one more.
     ``max_size``
         Refuse to read a stored object larger than this many bytes (default: no limit).
     """
@@ -186,17 +189,25 @@ class S3Backend(StorageBackend):
         if stack is not None:
             await stack.aclose()
 
+    def _timeouts(self) -> tuple[float, float]:
+        """Seconds to connect, and to wait for a response."""
+        if self.timeout is None:
+            return DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT
+        return self.timeout, self.timeout
+
     def _config(self) -> Any:
-        connect_timeout = DEFAULT_CONNECT_TIMEOUT if self.timeout is None else self.timeout
-        read_timeout = DEFAULT_READ_TIMEOUT if self.timeout is None else self.timeout
+        connect_timeout, read_timeout = self._timeouts()
         options: dict[str, Any] = {
             "connect_timeout": connect_timeout,
             "read_timeout": read_timeout,
             "max_pool_connections": self.max_concurrency,
         }
-        # Modest retries bound a failure to seconds; AWS_RETRY_MODE/AWS_MAX_ATTEMPTS win.
+        # One attempt per call: the model layer retries connection failures (its `retries`
+        # and `retry_backoff`), and botocore's own retries on top of those multiplied every
+        # attempt (3 x 3, with backoffs of up to 3 s), so that `retries=0` was not off and a
+        # refused connection took seconds. AWS_RETRY_MODE/AWS_MAX_ATTEMPTS still win.
         if not {"AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS"} & os.environ.keys():
-            options["retries"] = {"mode": "standard", "total_max_attempts": 3}
+            options["retries"] = {"mode": "standard", "total_max_attempts": 1}
         # S3-compatible servers are rarely reachable as bucket.host: use path-style there.
         if self.endpoint_url is not None or _endpoint_from_environment():
             options["s3"] = {"addressing_style": "path"}
@@ -215,15 +226,40 @@ class S3Backend(StorageBackend):
 
     async def write_record(self, record: Record) -> None:
         key = self._key(record.class_name, record.id)
+        body = encode_envelope(record)
         try:
-            await self._client.put_object(
-                Bucket=self.bucket,
-                Key=key,
-                Body=encode_envelope(record),
-                ContentType="application/json",
+            await self._sending(
+                len(body),
+                self._client.put_object(
+                    Bucket=self.bucket, Key=key, Body=body, ContentType="application/json"
+                ),
             )
         except _DRIVER_ERRORS as exc:
-            self._fail(exc, f"cannot write {record.class_name} record {record.id}")
+            self._fail(
+                exc, f"cannot write {record.class_name} record {record.id}", [str(record.id)]
+            )
+
+    async def _sending(self, size: int, request: Awaitable[T]) -> T:
+        """Await a request that sends a body of ``size`` bytes, within a deadline.
+
+        aiohttp's read timeout only starts once the body is sent, and nothing bounds the
+        sending: botocore asks for ``Expect: 100-continue`` and aiohttp waits for the
+        ``100 Continue`` without a timeout, and a large body blocks on a server that stopped
+        reading. So a stalled server hung a save forever. The deadline allows the connect
+        timeout, then the read timeout for every started MiB of the body and once more for the
+        response: a request that moves less than 1 MiB per read timeout fails.
+        """
+        connect, read = self._timeouts()
+        deadline = connect + read * (1 + math.ceil(size / (1 << 20)))
+        try:
+            async with asyncio.timeout(deadline) as timer:
+                return await request
+        except TimeoutError:
+            if not timer.expired():
+                raise
+            raise TimeoutError(
+                f"no complete response from {_endpoint_of(self._s3)} within {deadline:g}s"
+            ) from None
 
     async def read_record(self, class_name: str, id: UUID) -> Record | None:
         key = self._key(class_name, id)
@@ -246,9 +282,22 @@ class S3Backend(StorageBackend):
         return decode_envelope(raw, id, class_name)
 
     async def write_records(self, records: Sequence[Record]) -> None:
+        """Concurrent PutObjects: each object is written whole or not at all, the batch is
+        not atomic. A failure cancels the puts not yet done and names in ``failed_ids`` every
+        record without a completed put."""
         for record in records:  # check every name before the first request
             check_class_name(record.class_name)
-        await self._each(self.write_record, records)
+        written: set[UUID] = set()
+
+        async def write(record: Record) -> None:
+            await self.write_record(record)
+            written.add(record.id)
+
+        try:
+            await self._each(write, records)
+        except StorageConnectionError as exc:
+            exc.failed_ids = list(dict.fromkeys(str(r.id) for r in records if r.id not in written))
+            raise
 
     async def read_records(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
         check_class_name(class_name)
@@ -275,9 +324,12 @@ class S3Backend(StorageBackend):
         for start in range(0, len(keys), DELETE_CHUNK):
             chunk = keys[start : start + DELETE_CHUNK]
             try:
-                response = await self._client.delete_objects(
-                    Bucket=self.bucket,
-                    Delete={"Objects": [{"Key": key} for key in chunk], "Quiet": True},
+                response = await self._sending(
+                    sum(len(key) + 40 for key in chunk),  # the XML body, roughly
+                    self._client.delete_objects(
+                        Bucket=self.bucket,
+                        Delete={"Objects": [{"Key": key} for key in chunk], "Quiet": True},
+                    ),
                 )
             except _DRIVER_ERRORS as exc:
                 self._fail(exc, f"cannot delete {class_name} records")
@@ -443,10 +495,12 @@ class S3Backend(StorageBackend):
             raise
         return [results[index] for index in range(len(items))]
 
-    def _fail(self, exc: BaseException, what: str) -> NoReturn:
+    def _fail(self, exc: BaseException, what: str, failed_ids: Sequence[str] = ()) -> NoReturn:
         """Raise the driver's failure as ours, naming the bucket; the driver's is the cause."""
         raise StorageConnectionError(
-            f"{what} in S3 bucket {self.bucket!r}: {type(exc).__name__}: {exc}", self.url
+            f"{what} in S3 bucket {self.bucket!r}: {type(exc).__name__}: {exc}",
+            self.url,
+            failed_ids=failed_ids,
         ) from exc
 
 

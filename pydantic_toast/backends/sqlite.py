@@ -33,6 +33,8 @@ class SQLiteBackend(StorageBackend):
     """Options (URL query): ``table`` (default ``external_models``), ``timeout`` seconds
     to wait for another writer (default 5)."""
 
+    coalesce_loads = False  # in-process: a batch would not wait on anything less
+
     def __init__(self, url: str, *, table: str | None = None, timeout: float | None = None) -> None:
         super().__init__(url)
         parts = urlsplit(url)
