@@ -6,6 +6,7 @@ move the bytes, the registry finds the live backend, the bridge runs the sync tw
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -121,7 +122,7 @@ class ExternalBaseModel(BaseModel):
 
     # The record metadata lives in a slot, not a field or private attribute, so it takes no
     # part in equality, dumps or copies: a loaded model equals the one that was saved.
-    __slots__ = ("_external_metadata",)
+    __slots__ = ("_external_metadata", "_external_pending_id")
 
     model_config = ConfigDict(ignored_types=(_instance_or_class,))
 
@@ -443,6 +444,8 @@ class ExternalBaseModel(BaseModel):
         )
         if instance is not None:
             _METADATA_SLOT.__delete__(instance)
+            with contextlib.suppress(AttributeError):
+                _PENDING_ID_SLOT.__delete__(instance)
         if not deleted and not missing_ok:
             raise RecordNotFoundError(name, [str(id)], cls.__external_storage__)
         return deleted
@@ -491,6 +494,14 @@ class ExternalBaseModel(BaseModel):
         """
         cls = type(self)
         metadata = _metadata_of(self)
+        if metadata is None:
+            # The id is the instance's from its first save attempt on, so a retry after a
+            # failed first save, or two saves at once, write one record, not an orphan too.
+            try:
+                pending: UUID = _PENDING_ID_SLOT.__get__(self)
+            except AttributeError:
+                pending = uuid4()
+                _PENDING_ID_SLOT.__set__(self, pending)
         try:
             data = cls.__pydantic_serializer__.to_json(self, context=context)
         except PydanticSerializationError as exc:
@@ -498,7 +509,7 @@ class ExternalBaseModel(BaseModel):
                 f"{cls.__external_class_name__} cannot be serialized to JSON: {exc}"
             ) from exc
         return Record(
-            id=uuid4() if metadata is None else metadata.id,
+            id=pending if metadata is None else metadata.id,
             class_name=cls.__external_class_name__,
             data=data,
             schema_version=cls.__external_schema_version__,
@@ -653,6 +664,7 @@ class ExternalBaseModel(BaseModel):
 
 
 _METADATA_SLOT = ExternalBaseModel.__dict__["_external_metadata"]
+_PENDING_ID_SLOT = ExternalBaseModel.__dict__["_external_pending_id"]
 
 
 class _BatchWriter:

@@ -660,3 +660,21 @@ def test_sync_calls_in_the_main_thread_and_in_a_running_loop_share_the_store(
     worker.start()
     worker.join(timeout=30)
     assert result == [Note(text="main thread")]
+
+
+async def test_a_failed_first_save_and_a_retry_write_one_record(flaky: type[Flaky]) -> None:
+    class Row(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage="flaky://orphans", retries=0)
+        index: int
+
+    row = Row(index=1)
+    flaky.failures = 1
+    with pytest.raises(StorageConnectionError):
+        await row.save_external()  # the server may or may not have stored it
+    assert row.external_metadata is None
+    reference = await row.save_external()
+    twice = await asyncio.gather(row.save_external(), Row(index=2).save_external())
+    assert twice[0] == reference  # the same id from the first attempt on: no orphan
+    fresh = Row(index=3)
+    first, second = await asyncio.gather(fresh.save_external(), fresh.save_external())
+    assert first == second  # two saves of a new instance at once: one record

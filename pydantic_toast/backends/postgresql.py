@@ -132,6 +132,7 @@ class PostgreSQLBackend(StorageBackend):
         )
 
         self._pool: Any = None
+        self._releases: set[asyncio.Task[None]] = set()  # hand-backs finishing after a cancel
         quoted = f'"{self.table}"'
         self._index = _index_name(self.table)
         update = (
@@ -364,7 +365,17 @@ class PostgreSQLBackend(StorageBackend):
         try:
             return await getattr(connection, method)(*args)
         finally:
-            await pool.release(connection)
+            try:
+                await pool.release(connection)
+            except asyncio.CancelledError:
+                # The loop is shutting down (or the caller was cancelled) while asyncpg hands
+                # the connection back. Finish the hand-back in a task of our own, created after
+                # shutdown chose what to cancel, or closing the pool waits `timeout` for a
+                # connection it still believes in use.
+                task = asyncio.get_running_loop().create_task(pool.release(connection))
+                self._releases.add(task)
+                task.add_done_callback(self._releases.discard)
+                raise
 
     def _open(self) -> Any:
         if self._pool is None:
