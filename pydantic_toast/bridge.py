@@ -110,10 +110,11 @@ def close() -> None:
 
 
 async def aclose() -> None:
-    """Close every backend of the running event loop and those that sync calls opened.
+    """Close every backend of the running event loop and of the sync bridge's thread.
 
     Later operations reconnect on demand, so this is safe to call at any time, for example
-    in an application's shutdown hook.
+    in an application's shutdown hook. (Sync calls from a script's main thread use a loop of
+    that thread, which cannot run while this one does: `close` closes those.)
     """
     await close_running_loop_backends()
     bridge = _bridge

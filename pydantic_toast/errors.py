@@ -26,27 +26,27 @@ def mask_url(url: str) -> str:
     """Return ``url`` with any password replaced by ``***``.
 
     Query options that carry secrets (``password``, ``secret``, ``token`` ...) are masked too.
-    Everything else is left exactly as written. The function never raises: a URL it cannot
-    parse is reduced to its scheme, because an unparseable string might still hold a password.
+    Everything else is left as written. The URL is cut by position, not parsed: a password
+    may hold an unencoded ``/``, ``#`` or ``?``, so everything between ``://`` and the last
+    ``@`` counts as user information. That can hide more than the password in an odd URL,
+    never less.
     """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        scheme, sep, _ = url.partition("://")
-        return f"{scheme}://{_MASK}" if sep and scheme.isalnum() else _MASK
-    masked = url
-    if "@" in parts.netloc:
-        userinfo, _, hostinfo = parts.netloc.rpartition("@")
-        user, sep, _password = userinfo.partition(":")
-        netloc = f"{user}{':' + _MASK if sep else ''}@{hostinfo}"
-        masked = masked.replace(parts.netloc, netloc, 1)
-    if parts.query:
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return _MASK if "@" in url else url
+    at = rest.rfind("@")
+    if at >= 0:
+        user, colon, _password = rest[:at].partition(":")
+        rest = f"{user}{':' + _MASK if colon else ''}@{rest[at + 1 :]}"
+    head, question, query = rest.partition("?")
+    if question:
+        query, hashmark, fragment = query.partition("#")
         pairs = []
-        for pair in parts.query.split("&"):
-            key, sep, _value = pair.partition("=")
-            pairs.append(f"{key}={_MASK}" if sep and _is_secret_option(key) else pair)
-        masked = masked.replace(parts.query, "&".join(pairs), 1)
-    return masked
+        for pair in query.split("&"):
+            key, equals, _value = pair.partition("=")
+            pairs.append(f"{key}={_MASK}" if equals and _is_secret_option(key) else pair)
+        rest = f"{head}?{'&'.join(pairs)}{hashmark}{fragment}"
+    return f"{scheme}://{rest}"
 
 
 def scrub_password(text: str, url: str) -> str:

@@ -21,9 +21,11 @@ Pydantic's hooks are synchronous and the backends are async, so there are two pa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import json
 import re
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,7 +40,7 @@ from pydantic_toast.backends.base import Record, StorageBackend, check_class_nam
 from pydantic_toast.bridge import run_sync
 from pydantic_toast.errors import StorageValidationError
 from pydantic_toast.model import ExternalBaseModel, _parse_id, _set_metadata
-from pydantic_toast.retry import with_backend
+from pydantic_toast.retry import DEFAULT_RETRY_POLICY, RetryPolicy, with_backend
 
 __all__ = [
     "DEFAULT_MAX_DEPTH",
@@ -131,7 +133,7 @@ def _looks_like_reference(data: Any) -> bool:
 
 # Every External target by class name, so that the batched path knows which storage an
 # `ExternalBaseModel` reference in the input resolves through.
-_targets: dict[str, _Target] = {}
+_targets: dict[str, list[_Target]] = {}
 
 
 class _Target:
@@ -151,7 +153,7 @@ class _Target:
             self.class_name = re.sub(r"[^A-Za-z0-9_.\-]+", "_", repr(source)).strip("_.-")
         check_class_name(self.class_name)
         self.instance_of = source if is_class else None
-        _targets.setdefault(self.class_name, self)
+        _targets.setdefault(self.class_name, []).append(self)
 
     def reference_json_schema(
         self, schema: core_schema.CoreSchema, handler: Callable[[Any], dict[str, Any]]
@@ -161,6 +163,11 @@ class _Target:
         json_schema["title"] = f"{self.class_name}Reference"
         json_schema["description"] = f"A reference to a stored {self.class_name}."
         return json_schema
+
+    @property
+    def retry(self) -> RetryPolicy:
+        """The model's own retry settings for an `ExternalBaseModel`, else the defaults."""
+        return DEFAULT_RETRY_POLICY if self.model is None else self.model._retry
 
     @property
     def own_storage(self) -> str | None:
@@ -196,7 +203,7 @@ class _Target:
         storage = self.own_storage or context.get("storage")
         if storage is None:
             return handler(value)
-        if self.threshold and len(self.to_json(value, context)) < self.threshold:
+        if self.threshold and len(self.to_json(value, None)) < self.threshold:
             return handler(value)  # small enough to stay in the row
         session = _session_for(context)
         return session.store(self, value, storage, context)
@@ -230,7 +237,7 @@ class _Target:
                 "references nest deeper than {max_depth} levels at {class_name} {id}",
                 {"max_depth": session.max_depth, "class_name": self.class_name, "id": str(id)},
             )
-        record = session.fetch(storage, self.class_name, id)
+        record = session.fetch(storage, self.class_name, id, self.retry)
         if self.model is not None:
             record = self.model._live(record)
         if record is None:
@@ -271,12 +278,16 @@ def _parse_json(data: str | bytes | bytearray) -> Any:
         return None
 
 
-async def _on(storage: Storage, operation: Callable[[StorageBackend], Awaitable[T]]) -> T:
-    """Run ``operation`` on a backend instance as is, or on a URL's live backend with the
-    default retries (every operation here is idempotent)."""
+async def _on(
+    storage: Storage,
+    operation: Callable[[StorageBackend], Awaitable[T]],
+    policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+) -> T:
+    """Run ``operation`` on a backend instance as is, or on a URL's live backend with
+    retries (every operation here is idempotent)."""
     if isinstance(storage, StorageBackend):
         return await operation(storage)
-    return await with_backend(storage, operation)
+    return await with_backend(storage, operation, policy)
 
 
 # --- sessions ------------------------------------------------------------------------------------
@@ -295,24 +306,33 @@ class _Session:
         self.max_depth = max_depth
         # id(value) -> (value, record): the value is kept alive so its id is not reused.
         self.stored: dict[int, tuple[Any, Record]] = {}
+        self.seen: dict[int, tuple[weakref.ref[Any], Record]] = {}
         self.staged: dict[str | int, tuple[Storage, list[Record]]] = {}
         self.fetched: dict[tuple[str | int, str, UUID], Record | None] = {}
         self.resolving: list[tuple[str | int, str, UUID]] = []
 
     def store(self, target: _Target, value: Any, storage: Storage, context: Any) -> Any:
-        known = self.stored.get(id(value))
-        if known is not None and self.batched:
-            record = known[1]
-        else:
-            record = self._record(target, value, context, None if known is None else known[1])
-            self.stored[id(value)] = (value, record)
-            if self.batched:
-                key = _storage_key(storage)
-                self.staged.setdefault(key, (storage, []))[1].append(record)
+        if self.batched:
+            known = self.stored.get(id(value))
+            if known is not None:
+                record = known[1]
             else:
-                run_sync(_write(storage, record))
-                if isinstance(value, ExternalBaseModel):
-                    _set_metadata(value, record)
+                record = self._record(target, value, context, None)
+                self.stored[id(value)] = (value, record)
+                self.staged.setdefault(_storage_key(storage), (storage, []))[1].append(record)
+        else:
+            # A plain session may outlive its dump (a context dict reused for many dumps), so
+            # it holds values weakly: an entry goes when its value does, and a value that
+            # cannot be weakly referenced is simply written again under a new id.
+            seen = self.seen.get(id(value))
+            earlier = seen[1] if seen is not None and seen[0]() is value else None
+            record = self._record(target, value, context, earlier)
+            with contextlib.suppress(TypeError):
+                key = id(value)
+                self.seen[key] = (weakref.ref(value, lambda _: self.seen.pop(key, None)), record)
+            run_sync(_write(storage, record, target.retry))
+            if isinstance(value, ExternalBaseModel):
+                _set_metadata(value, record)
         return {"class_name": record.class_name, "id": str(record.id)}
 
     @staticmethod
@@ -336,11 +356,13 @@ class _Session:
             compress_above=target.compress_above,
         )
 
-    def fetch(self, storage: Storage, class_name: str, id: UUID) -> Record | None:
+    def fetch(
+        self, storage: Storage, class_name: str, id: UUID, policy: RetryPolicy
+    ) -> Record | None:
         key = (_storage_key(storage), class_name, id)
         if key in self.fetched:
             return self.fetched[key]
-        return run_sync(_read(storage, class_name, id))
+        return run_sync(_read(storage, class_name, id, policy))
 
     async def flush(self) -> None:
         """Write everything staged, one batch per backend, then give models their metadata."""
@@ -377,13 +399,15 @@ class _Session:
     ) -> dict[tuple[str | int, str, UUID], Storage]:
         pending: dict[tuple[str | int, str, UUID], Storage] = {}
         for class_name, id in references:
-            target = _targets.get(class_name)
-            storage = (target.own_storage if target else None) or default_storage
-            if storage is None:
-                continue  # validation reports it, naming the field
-            key = (_storage_key(storage), class_name, id)
-            if key not in self.fetched:
-                pending[key] = storage
+            # Resolve as `resolve` will: a model's own storage, else the default one. Two
+            # models may share a name in different storages: read from each.
+            owners = {t.own_storage for t in _targets.get(class_name, ())} or {None}
+            for storage in {own or default_storage for own in owners}:
+                if storage is None:
+                    continue  # validation reports it, naming the field
+                key = (_storage_key(storage), class_name, id)
+                if key not in self.fetched:
+                    pending[key] = storage
         return pending
 
 
@@ -425,16 +449,16 @@ def _references_in(data: Any) -> list[tuple[str, UUID]]:
     return found
 
 
-async def _write(storage: Storage, record: Record) -> None:
-    await _on(storage, lambda backend: backend.write_record(record))
+async def _write(storage: Storage, record: Record, policy: RetryPolicy) -> None:
+    await _on(storage, lambda backend: backend.write_record(record), policy)
 
 
 async def _write_many(storage: Storage, records: list[Record]) -> None:
     await _on(storage, lambda backend: backend.write_records(records))
 
 
-async def _read(storage: Storage, class_name: str, id: UUID) -> Record | None:
-    return await _on(storage, lambda backend: backend.read_record(class_name, id))
+async def _read(storage: Storage, class_name: str, id: UUID, policy: RetryPolicy) -> Record | None:
+    return await _on(storage, lambda backend: backend.read_record(class_name, id), policy)
 
 
 async def _read_many(storage: Storage, class_name: str, ids: list[UUID]) -> list[Record | None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import weakref
 from uuid import UUID
 
@@ -23,10 +24,10 @@ _Waiters = dict[_Key, list["asyncio.Future[Record | None]"]]
 
 
 class _Loader:
-    __slots__ = ("backend", "gathering", "handoffs")
+    __slots__ = ("_backend", "gathering", "handoffs")
 
     def __init__(self, backend: StorageBackend) -> None:
-        self.backend = backend
+        self._backend = weakref.ref(backend)
         self.gathering: _Waiters | None = None
         self.handoffs: set[asyncio.Task[None]] = set()
 
@@ -46,7 +47,7 @@ class _Loader:
         finally:
             self.gathering = None
         if not gathering:
-            return await self.backend.read_record(class_name, id)
+            return await self.backend().read_record(class_name, id)
         gathering.setdefault(key, [])
         try:
             return (await self._serve(gathering))[key]
@@ -67,7 +68,7 @@ class _Loader:
             for futures in waiters.values():
                 for future in futures:
                     if not future.done():
-                        future.set_exception(exc)
+                        future.set_exception(_own_copy(exc))
             raise
         results: dict[_Key, Record | None] = {}
         for (class_name, ids), records in zip(by_class.items(), batches, strict=True):
@@ -78,10 +79,13 @@ class _Loader:
                         future.set_result(record)
         return results
 
+    def backend(self) -> StorageBackend:
+        backend = self._backend()
+        assert backend is not None, "a loader outlived its backend"  # callers hold it
+        return backend
+
     async def _read(self, class_name: str, ids: list[UUID]) -> list[Record | None]:
-        if len(ids) == 1:
-            return [await self.backend.read_record(class_name, ids[0])]
-        return await self.backend.read_records(class_name, ids)
+        return await self.backend().read_records(class_name, ids)
 
     def _hand_off(self, waiters: _Waiters) -> None:
         """The leader was cancelled: serve the loads that joined it in a task of their own."""
@@ -94,6 +98,18 @@ class _Loader:
     async def _serve_quietly(self, waiters: _Waiters) -> None:
         with contextlib.suppress(Exception):  # _serve delivered it to every waiter
             await self._serve(waiters)
+
+
+# A backend's loader lives as long as the backend: the loader holds it only weakly.
+def _own_copy(exc: Exception) -> Exception:
+    """A copy of ``exc`` for one waiter: each caller raises its own exception object (shared,
+    their tracebacks would pile up on one). Falls back to the original if it cannot copy."""
+    try:
+        clone = copy.copy(exc)
+    except Exception:  # noqa: BLE001 - an exotic exception: share it rather than fail
+        return exc
+    clone.__cause__ = exc.__cause__
+    return clone
 
 
 _loaders: weakref.WeakKeyDictionary[StorageBackend, _Loader] = weakref.WeakKeyDictionary()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -22,6 +23,7 @@ from pydantic_core import PydanticSerializationError
 from pydantic_toast.backends.base import Record, StorageBackend, check_class_name, require_zstd
 from pydantic_toast.bridge import run_sync
 from pydantic_toast.errors import (
+    ExternalStorageError,
     RecordNotFoundError,
     StorageConnectionError,
     StorageValidationError,
@@ -84,6 +86,8 @@ class ExternalReference(TypedDict):
     class_name: str
     id: str
 
+
+_log = logging.getLogger("pydantic_toast")
 
 # What the load methods accept: a reference, or any mapping shaped like one (checked).
 _ReferenceLike = ExternalReference | Mapping[str, Any]
@@ -153,7 +157,17 @@ class ExternalBaseModel(BaseModel):
                 f"{owner}: schema_version must be a positive int, not {version!r}"
             )
         try:
-            class_name = check_class_name(config.get("class_name") or cls.__name__)
+            # A stable name is the class's own: a subclass inherits the config, not the name.
+            explicit = config.get("class_name")
+            if any(
+                issubclass(base, ExternalBaseModel)
+                and base is not ExternalBaseModel
+                and base.model_config.get("class_name") == explicit
+                for base in cls.__mro__[1:]
+                if isinstance(base, type)
+            ):
+                explicit = None
+            class_name = check_class_name(explicit or cls.__name__)
         except StorageValidationError as exc:
             raise StorageValidationError(f"{owner}: {exc}") from exc
         ttl = config.get("ttl")
@@ -286,8 +300,9 @@ class ExternalBaseModel(BaseModel):
                     str(record.id) for _, later in groups[index + 1 :] for record in later
                 ]
                 exc.failed_ids = unwritten
+                unconfirmed = set(exc.failed_ids)
                 for model in models:
-                    if str(records[id(model)].id) not in exc.failed_ids:
+                    if str(records[id(model)].id) not in unconfirmed:
                         _set_metadata(model, records[id(model)])
                 raise
         for model in models:
@@ -376,7 +391,8 @@ class ExternalBaseModel(BaseModel):
         record = await with_backend(
             cls.__external_storage__, lambda b: load_record(b, name, id), cls._retry
         )
-        return cls._live(record) is not None
+        record = cls._live(record)
+        return record is not None and record.class_name == name
 
     @classmethod
     def exists_external_sync(cls, reference: _ReferenceLike) -> bool:
@@ -394,13 +410,17 @@ class ExternalBaseModel(BaseModel):
         """
         ids = list(dict.fromkeys(cls._reference_id(reference) for reference in references))
         name = cls.__external_class_name__
+        missing: list[str] = []
+        if not missing_ok:  # one read first, to name the missing ids
+            found = await with_backend(
+                cls.__external_storage__, lambda b: b.read_records(name, ids), cls._retry
+            )
+            missing = [str(id) for id, record in zip(ids, found, strict=True) if record is None]
         deleted = await with_backend(
             cls.__external_storage__, lambda b: b.delete_records(name, ids), cls._retry
         )
-        if deleted < len(ids) and not missing_ok:
-            raise RecordNotFoundError(
-                name, [f"{len(ids) - deleted} of {len(ids)} ids"], cls.__external_storage__
-            )
+        if missing:
+            raise RecordNotFoundError(name, missing, cls.__external_storage__)
         return deleted
 
     @classmethod
@@ -602,8 +622,14 @@ class ExternalBaseModel(BaseModel):
             ) from exc
         upgraded = None
         if data is not record.data:
+            # Write back what the migration produced (references stay references), with this
+            # class's own ttl and compression, as a save would.
             upgraded = replace(
-                record, data=cls.__pydantic_serializer__.to_json(model), schema_version=current
+                record,
+                data=data,
+                schema_version=current,
+                ttl=cls.__external_ttl__,
+                compress_above=cls.__external_compress_above__,
             )
         _set_metadata(model, upgraded or record)
         return model, upgraded
@@ -657,9 +683,17 @@ class ExternalBaseModel(BaseModel):
             if upgraded is not None:
                 migrated.append(upgraded)
         if migrated and cls.model_config.get("save_migrated"):
-            await with_backend(
-                cls.__external_storage__, lambda b: b.write_records(migrated), cls._retry
-            )
+            try:  # best effort: the models were read fine, the next load migrates again
+                await with_backend(
+                    cls.__external_storage__, lambda b: b.write_records(migrated), cls._retry
+                )
+            except ExternalStorageError as exc:
+                _log.warning(
+                    "could not write back %d migrated %s records: %s",
+                    len(migrated),
+                    cls.__external_class_name__,
+                    exc,
+                )
         return models
 
 

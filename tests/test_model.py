@@ -240,6 +240,8 @@ def test_a_copy_is_a_new_record_and_equality_ignores_metadata() -> None:
         ("sqlite:////var/data/app.db", "sqlite:////var/data/app.db"),
         ("s3://bucket/p?aws_secret_access_key=k", "s3://bucket/p?aws_secret_access_key=***"),
         ("redis://user:pw@h/0?prefix=app", "redis://user:***@h/0?prefix=app"),
+        ("postgresql://u:p#ss/w?rd@host/db", "postgresql://u:***@host/db"),
+        ("s3://bucket/token=abc?token=abc", "s3://bucket/token=abc?token=***"),
     ],
 )
 def test_mask_url(url: str, masked: str) -> None:

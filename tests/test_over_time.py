@@ -332,3 +332,52 @@ async def test_concurrent_deletes_and_loads(memory_url: str) -> None:
     )
     assert results[:50] == [True] * 50
     assert results[50:] == [Item(n=i) for i in range(50, 100)]
+
+
+def test_a_subclass_stores_under_its_own_name(memory_url: str) -> None:
+    class User(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=memory_url, class_name="billing.User")
+        name: str
+
+    class Admin(User):
+        level: int = 1
+
+    assert User.__external_class_name__ == "billing.User"
+    assert Admin.__external_class_name__ == "Admin"
+    reference = Admin(name="root").save_external_sync()
+    assert Admin.load_external_sync(reference) == Admin(name="root")
+
+
+async def test_exists_and_delete_respect_the_class(storage: str) -> None:
+    class Order(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=storage)
+        n: int
+
+    class Invoice(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=storage)
+        n: int
+
+    order = await Order(n=1).save_external()
+    disguised = {"class_name": "Invoice", "id": order["id"]}
+    assert not await Invoice.exists_external(disguised)
+    try:
+        assert await Invoice.delete_external(disguised) is False
+    except NotImplementedError:
+        assert storage.startswith("dictstore://")
+        return
+    assert await Order.exists_external(order)
+
+
+async def test_delete_many_names_every_missing_id(memory_url: str) -> None:
+    class Doc(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=memory_url)
+        n: int
+
+    present = await Doc(n=1).save_external()
+    gone = [str(uuid4()), str(uuid4())]
+    with pytest.raises(RecordNotFoundError) as caught:
+        await Doc.delete_external_many(
+            [present, *({"class_name": "Doc", "id": id} for id in gone)], missing_ok=False
+        )
+    assert caught.value.ids == gone
+    assert not await Doc.exists_external(present)  # the existing one was deleted

@@ -167,3 +167,22 @@ async def test_the_backend_sees_compressed_records_through_listing(file_url: str
     (info,) = [i async for i in backend.scan_records("Document")]
     assert info.id == UUID(reference["id"])
     assert info.size == len(Document(title="t", body="z" * 50_000).model_dump_json())
+
+
+async def test_model_data_that_looks_like_a_codec_header(storage: str) -> None:
+    class Setting(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=storage)
+        name: str
+        codec: str
+        size: int
+
+    setting = Setting(name="a", codec="zstd", size=3)
+    reference = await setting.save_external()
+    assert await Setting.load_external(reference) == setting
+    backend = await get_backend(storage)
+    try:
+        infos = [info async for info in backend.scan_records("Setting")]
+    except NotImplementedError:
+        assert storage.startswith("dictstore://")
+        return
+    assert [info.id for info in infos] == [UUID(reference["id"])]

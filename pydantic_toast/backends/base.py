@@ -159,6 +159,8 @@ class RecordInfo:
 _ENVELOPE_START = b'{"created_at":"'
 _DATA_MARKER = b',"data":'
 CREATED_AT_OFFSET = len(_ENVELOPE_START)
+#: The envelope's metadata header always fits in this many leading bytes.
+HEAD_BYTES = 512
 CREATED_AT_WIDTH = 32
 
 
@@ -208,23 +210,47 @@ def require_zstd() -> Any:
     return zstandard
 
 
+_CLASS_NAME_KEY = b',"class_name":"'
+
+
+def _layout(raw: bytes) -> tuple[int, bool]:
+    """Where the header ends (the index just past the class name's closing quote) and whether
+    a compressed frame follows. Decided by position: the model's own JSON may well contain
+    ``"codec":"zstd"``, but it comes after the header, which holds no quote-bearing value."""
+    if not raw.startswith(_ENVELOPE_START):
+        raise ValueError("not a pydantic-toast envelope")
+    start = raw.find(_CLASS_NAME_KEY, 0, HEAD_BYTES)
+    end = raw.find(b'"', start + len(_CLASS_NAME_KEY), HEAD_BYTES) + 1 if start >= 0 else 0
+    if end <= 0:
+        raise ValueError("no envelope header")
+    if raw.startswith(_DATA_MARKER, end):
+        return end, False
+    if raw.startswith(_CODEC_MARKER, end):
+        return end, True
+    raise ValueError("the envelope header is followed by neither data nor a codec")
+
+
 def decode_envelope_info(head: bytes, id: UUID, size: int) -> RecordInfo:
-    """The listing view of an envelope of ``size`` bytes, from its first 512 bytes."""
-    codec = head.find(_CODEC_MARKER, 0, 512)
-    if codec >= 0:
-        end = head.find(b"}\n", codec)
-        header = json.loads(head[: end + 1]) if end > 0 else {}
-        declared = header.get("size")
-        updated_at = header.get("updated_at")
-        if not isinstance(declared, int) or not isinstance(updated_at, str):
-            raise StorageValidationError(f"stored record {id} is corrupt: bad envelope header")
-        return RecordInfo(header["class_name"], id, declared, _parse_timestamp(updated_at))
-    marker = head.find(_DATA_MARKER, 0, 512)
-    if marker < 0:
-        raise StorageValidationError(f"stored record {id} is corrupt: no envelope header")
-    parsed = decode_envelope(head[:marker] + _DATA_MARKER + b"{}}", id, "listed")
-    data_size = size - marker - len(_DATA_MARKER) - 1
-    return RecordInfo(parsed.class_name, id, data_size, parsed.updated_at)
+    """The listing view of an envelope of ``size`` bytes, from its first `HEAD_BYTES`."""
+    try:
+        end, compressed = _layout(head)
+        if compressed:
+            close = head.find(b"}\n", end, end + 64)
+            if close < 0:
+                raise ValueError("compressed envelope without a header end")
+            header = json.loads(head[: close + 1])
+            data_size = _expect(header, "size", int)
+        else:
+            header = json.loads(head[:end] + b"}")
+            data_size = size - end - len(_DATA_MARKER) - 1
+        return RecordInfo(
+            _expect(header, "class_name", str),
+            id,
+            data_size,
+            _parse_timestamp(_expect(header, "updated_at", str)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise StorageValidationError(f"stored record {id} is corrupt: {exc}") from exc
 
 
 def decode_envelope(raw: bytes, id: UUID, class_name: str) -> Record:
@@ -236,24 +262,21 @@ def decode_envelope(raw: bytes, id: UUID, class_name: str) -> Record:
     `MAX_DECOMPRESSED_SIZE`.
     """
     try:
-        if not raw.startswith(_ENVELOPE_START):
-            raise ValueError("not a pydantic-toast envelope")
-        codec = raw.find(_CODEC_MARKER, 0, 512)
-        if codec >= 0:
-            end = raw.find(b"}\n", codec, codec + 64)
-            if end < 0:
+        end, compressed = _layout(raw)
+        if compressed:
+            close = raw.find(b"}\n", end, end + 64)
+            if close < 0:
                 raise ValueError("compressed envelope without a header end")
-            header = json.loads(raw[: end + 1])
-            data = _decompress(raw[end + 2 :], _expect(header, "size", int))
+            header = json.loads(raw[: close + 1])
+            data = _decompress(raw[close + 2 :], _expect(header, "size", int))
         else:
-            marker = raw.find(_DATA_MARKER, 0, 512)
-            if marker < 0 or not raw.endswith(b"}"):
+            if not raw.endswith(b"}"):
                 raise ValueError("not a pydantic-toast envelope")
-            data = raw[marker + len(_DATA_MARKER) : -1]
-            fast = _fixed_header(raw, marker)
+            data = raw[end + len(_DATA_MARKER) : -1]
+            fast = _fixed_header(raw, end)
             if fast is not None:
                 return Record(id, fast[0], data, fast[1], fast[2], fast[3])
-            header = json.loads(raw[:marker] + b"}")
+            header = json.loads(raw[:end] + b"}")
         return Record(
             id=id,
             class_name=_expect(header, "class_name", str),
@@ -382,8 +405,10 @@ class StorageBackend(ABC):
         """Delete the record for ``id``; return whether there was one.
 
         Optional for custom backends: the four required methods cannot express deletion, so
-        the default says it is not supported.
+        unless the backend deletes in batches (`delete_records`), this says it cannot.
         """
+        if type(self).delete_records is not StorageBackend.delete_records:
+            return await self.delete_records(class_name, [id]) > 0
         raise NotImplementedError(f"{type(self).__name__} does not support deleting records")
 
     async def delete_records(self, class_name: str, ids: Sequence[UUID]) -> int:

@@ -43,9 +43,7 @@ class FileBackend(StorageBackend):
         if unknown:
             raise StorageValidationError(f"unknown file option(s): {', '.join(sorted(unknown))}")
         if parts.netloc not in ("", "localhost"):
-            raise StorageValidationError(
-                "file URLs name a local directory: file:///absolute/path or file://./relative"
-            )
+            raise StorageValidationError("file URLs name a local directory: file:///absolute/path")
         path = unquote(parts.path)
         if not path:
             raise StorageValidationError("file URLs need a directory: file:///tmp/models")
@@ -78,6 +76,12 @@ class FileBackend(StorageBackend):
                     file.flush()
                     os.fsync(file.fileno())
             os.replace(temporary, path)
+            if self.fsync:  # the rename itself must reach the disk too
+                directory = os.open(path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(directory)
+                finally:
+                    os.close(directory)
         except OSError as exc:
             temporary.unlink(missing_ok=True)
             raise StorageConnectionError(

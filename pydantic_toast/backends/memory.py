@@ -14,6 +14,7 @@ from typing import ClassVar
 from uuid import UUID
 
 from pydantic_toast.backends.base import Record, RecordInfo, StorageBackend, check_class_name
+from pydantic_toast.errors import StorageValidationError
 
 __all__ = ["MemoryBackend"]
 
@@ -30,6 +31,8 @@ class MemoryBackend(StorageBackend):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self._name = url.partition("://")[2]
+        if "?" in self._name or "#" in self._name:
+            raise StorageValidationError("memory URLs take a name and no options: memory://name")
         self._store: dict[UUID, Record] = {}
 
     async def connect(self) -> None:
@@ -63,7 +66,12 @@ class MemoryBackend(StorageBackend):
     async def delete_records(self, class_name: str, ids: Sequence[UUID]) -> int:
         check_class_name(class_name)
         store = self._store
-        return sum(store.pop(id, None) is not None for id in ids)
+        doomed = [
+            id for id in ids if (r := store.get(id)) is not None and r.class_name == class_name
+        ]
+        for id in doomed:
+            del store[id]
+        return len(doomed)
 
     async def scan_records(self, class_name: str | None = None) -> AsyncIterator[RecordInfo]:
         for record in list(self._store.values()):

@@ -298,9 +298,6 @@ class PostgreSQLBackend(StorageBackend):
             )
         return records
 
-    async def delete(self, id: UUID, class_name: str) -> bool:
-        return await self.delete_records(class_name, (id,)) > 0
-
     async def delete_records(self, class_name: str, ids: Sequence[UUID]) -> int:
         check_class_name(class_name)
         if not ids:
@@ -399,11 +396,24 @@ class PostgreSQLBackend(StorageBackend):
         what += f" {id}" if id is not None else ("s" if class_name else "")
         if isinstance(exc, asyncpg.DataError):
             return StorageValidationError(f"PostgreSQL cannot {verb}{what}: {exc}")
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        if sqlstate[:2] in _PERMANENT_SQLSTATE_CLASSES:
+            # The server answered and refused (no permission, no such table, over a limit):
+            # not a connection failure, so nothing retries it.
+            return ExternalStorageError(
+                f"PostgreSQL at {self._where} refused to {verb}{what}: "
+                f"{type(exc).__name__} ({sqlstate}): {exc}"
+            )
         return StorageConnectionError(
             f"PostgreSQL at {self._where}: could not {verb}{what}: {type(exc).__name__}: {exc}",
             self.url,
             failed_ids=map(str, failed_ids),
         )
+
+
+# SQLSTATE classes of errors that retrying cannot fix: 22 data exception, 42 syntax error
+# or access rule violation (permissions, undefined objects), 54 program limit exceeded.
+_PERMANENT_SQLSTATE_CLASSES = frozenset({"22", "42", "54"})
 
 
 def _option(

@@ -35,6 +35,7 @@ from redis.exceptions import NoScriptError, RedisError
 from pydantic_toast.backends.base import (
     CREATED_AT_OFFSET,
     CREATED_AT_WIDTH,
+    HEAD_BYTES,
     Record,
     RecordInfo,
     StorageBackend,
@@ -58,7 +59,6 @@ _DB_PATH = re.compile(r"/?\d*")
 _BATCH_RECORDS = 1000
 _BATCH_BYTES = 16 << 20
 # The envelope's metadata header fits in its first 512 bytes (see `decode_envelope_info`).
-_HEAD_BYTES = 512
 
 
 # A stored envelope starts with these bytes, then `created_at` in a fixed width (32 characters
@@ -331,9 +331,6 @@ class RedisBackend(StorageBackend):
             for raw, id in zip(found, ids, strict=True)
         ]
 
-    async def delete(self, id: UUID, class_name: str) -> bool:
-        return await self.delete_records(class_name, (id,)) == 1
-
     async def delete_records(self, class_name: str, ids: Sequence[UUID]) -> int:
         keys = [self._key(class_name, id) for id in ids]
         deleted = 0
@@ -365,7 +362,7 @@ class RedisBackend(StorageBackend):
                 found = [(key, parsed) for key in keys if (parsed := self._parse_key(key))]
                 pipe = client.pipeline(transaction=True)
                 for key, _ in found:
-                    pipe.getrange(key, 0, _HEAD_BYTES - 1)
+                    pipe.getrange(key, 0, HEAD_BYTES - 1)
                     pipe.strlen(key)
                 replies = await pipe.execute() if found else []
             except (RedisError, OSError) as exc:

@@ -37,6 +37,7 @@ from aiobotocore.session import AioSession  # type: ignore[import-untyped]
 from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 
 from pydantic_toast.backends.base import (
+    HEAD_BYTES,
     Record,
     RecordInfo,
     StorageBackend,
@@ -61,7 +62,6 @@ DELETE_CHUNK = 1000
 # ListObjectsV2 returns at most 1,000 keys per page.
 LIST_PAGE = 1000
 # The envelope header (metadata before the model's fields) fits in the first 512 bytes.
-HEAD_BYTES = 512
 
 # Today's bucket naming rules (AWS, MinIO): 3-63 lowercase letters, digits, "." and "-",
 # starting and ending with a letter or digit, no "..", not an IPv4 address.
@@ -302,9 +302,6 @@ class S3Backend(StorageBackend):
     async def read_records(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
         check_class_name(class_name)
         return await self._each(lambda id: self.read_record(class_name, id), ids)
-
-    async def delete(self, id: UUID, class_name: str) -> bool:
-        return await self.delete_records(class_name, [id]) == 1
 
     async def delete_records(self, class_name: str, ids: Sequence[UUID]) -> int:
         """Delete every requested object; return how many of them existed.
