@@ -42,7 +42,7 @@ async def main() -> None:
     assert await user.save_external() == reference
     metadata = (await User.load_external(reference)).external_metadata
     assert metadata is not None
-    print(f"metadata:  created {metadata.created_at:%X.%f}, updated {metadata.updated_at:%X.%f}")
+    print(f"metadata: created {metadata.created_at:%X.%f}, updated {metadata.updated_at:%X.%f}")
 
     # A reference to nothing is a clear error.
     try:

@@ -230,15 +230,24 @@ def _layout(raw: bytes) -> tuple[int, bool]:
     raise ValueError("the envelope header is followed by neither data nor a codec")
 
 
+def _compressed_header(raw: bytes, end: int) -> tuple[dict[str, Any], int]:
+    """A compressed envelope's header (it closes right after the codec and size) and where
+    its zstd frame starts."""
+    close = raw.find(b"}\n", end, end + 64)
+    if close < 0:
+        raise ValueError("compressed envelope without a header end")
+    header = json.loads(raw[: close + 1])
+    if not isinstance(header, dict):
+        raise ValueError("the envelope header is not an object")
+    return header, close + 2
+
+
 def decode_envelope_info(head: bytes, id: UUID, size: int) -> RecordInfo:
     """The listing view of an envelope of ``size`` bytes, from its first `HEAD_BYTES`."""
     try:
         end, compressed = _layout(head)
         if compressed:
-            close = head.find(b"}\n", end, end + 64)
-            if close < 0:
-                raise ValueError("compressed envelope without a header end")
-            header = json.loads(head[: close + 1])
+            header, _ = _compressed_header(head, end)
             data_size = _expect(header, "size", int)
         else:
             header = json.loads(head[:end] + b"}")
@@ -264,11 +273,8 @@ def decode_envelope(raw: bytes, id: UUID, class_name: str) -> Record:
     try:
         end, compressed = _layout(raw)
         if compressed:
-            close = raw.find(b"}\n", end, end + 64)
-            if close < 0:
-                raise ValueError("compressed envelope without a header end")
-            header = json.loads(raw[: close + 1])
-            data = _decompress(raw[close + 2 :], _expect(header, "size", int))
+            header, frame = _compressed_header(raw, end)
+            data = _decompress(raw[frame:], _expect(header, "size", int))
         else:
             if not raw.endswith(b"}"):
                 raise ValueError("not a pydantic-toast envelope")
