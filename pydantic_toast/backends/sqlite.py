@@ -55,7 +55,14 @@ class SQLiteBackend(StorageBackend):
         self.table = table or options.get("table", "external_models")
         if _IDENTIFIER.fullmatch(self.table) is None:
             raise StorageValidationError(f"invalid table name {self.table!r}")
-        self.timeout = float(timeout if timeout is not None else options.get("timeout", 5))
+        try:
+            self.timeout = float(timeout if timeout is not None else options.get("timeout", 5))
+        except ValueError:
+            self.timeout = -1.0
+        if not 0 < self.timeout < float("inf"):
+            raise StorageValidationError(
+                "sqlite option timeout must be a positive number of seconds"
+            )
         self._connection: sqlite3.Connection | None = None
         quoted = f'"{self.table}"'
         self._upsert = (
