@@ -316,16 +316,8 @@ class RedisBackend(StorageBackend):
 
     async def read_records(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
         keys = [self._key(class_name, id) for id in ids]
-        found: list[bytes | None] = []
-        client = await self._acquire()
-        try:
-            for start in range(0, len(keys), _BATCH_RECORDS):
-                chunk = keys[start : start + _BATCH_RECORDS]
-                found += await client.execute_command("MGET", *chunk)  # type: ignore[no-untyped-call]
-        except (RedisError, OSError) as exc:
-            raise self._failure(exc, f"load {len(keys)} {class_name} records") from exc
-        finally:
-            self._gate.release()
+        replies = await self._chunked("MGET", keys, f"load {len(keys)} {class_name} records")
+        found = [raw for reply in replies for raw in reply]
         return [
             None if raw is None else decode_envelope(raw, id, class_name)
             for raw, id in zip(found, ids, strict=True)
@@ -333,17 +325,23 @@ class RedisBackend(StorageBackend):
 
     async def delete_records(self, class_name: str, ids: Sequence[UUID]) -> int:
         keys = [self._key(class_name, id) for id in ids]
-        deleted = 0
+        replies = await self._chunked("UNLINK", keys, f"delete {len(keys)} {class_name} records")
+        return sum(replies)
+
+    async def _chunked(self, command: str, keys: list[str], what: str) -> list[Any]:
+        """``command`` over ``keys``, `_BATCH_RECORDS` keys per call on one connection; the
+        replies, one per call."""
+        replies: list[Any] = []
         client = await self._acquire()
         try:
             for start in range(0, len(keys), _BATCH_RECORDS):
                 chunk = keys[start : start + _BATCH_RECORDS]
-                deleted += await client.execute_command("UNLINK", *chunk)  # type: ignore[no-untyped-call]
+                replies.append(await client.execute_command(command, *chunk))  # type: ignore[no-untyped-call]
         except (RedisError, OSError) as exc:
-            raise self._failure(exc, f"delete {len(keys)} {class_name} records") from exc
+            raise self._failure(exc, what) from exc
         finally:
             self._gate.release()
-        return deleted
+        return replies
 
     async def scan_records(self, class_name: str | None = None) -> AsyncIterator[RecordInfo]:
         """Every record under ``{prefix}:{class_name}:`` (or the whole prefix), by SCAN.
