@@ -257,8 +257,10 @@ def test_a_stored_value_that_no_longer_validates(memory_url: str) -> None:
         item: External[Line]
 
     reference = {"class_name": "Line", "id": dumped["item"]["id"]}
-    backend_records = asyncio.run(_copy_record(memory_url, "Loose", "Line", reference["id"]))
-    assert backend_records
+    copied = asyncio.run(_copy_record(memory_url, "Loose", "Line", reference["id"]))
+    assert copied is not None
+    assert copied.class_name == "Line"
+    assert json.loads(copied.data) == {"sku": "x"}
     with pytest.raises(ValidationError) as caught:
         Strict.model_validate({"item": reference}, context={"storage": memory_url})
     error = caught.value.errors()[0]
@@ -266,13 +268,15 @@ def test_a_stored_value_that_no_longer_validates(memory_url: str) -> None:
     assert reference["id"] in error["msg"] and "quantity" in error["msg"]
 
 
-async def _copy_record(storage: str, old: str, new: str, id: str) -> bool:
+async def _copy_record(storage: str, old: str, new: str, id: str) -> Record | None:
+    """Store the ``old`` record ``id`` again under class name ``new``; return what the backend
+    then holds under ``new``, read back, so the caller checks the copy really landed."""
     backend = await get_backend(storage)
     record = await backend.read_record(old, UUID(id))
     assert record is not None
     record.class_name = new
     await backend.write_record(record)
-    return True
+    return await backend.read_record(new, UUID(id))
 
 
 # --- shapes -----------------------------------------------------------------------------------
