@@ -320,18 +320,82 @@ async def test_purge_deletes_records_not_updated_since(storage: str) -> None:
         await Event.purge_external()
 
 
-async def test_concurrent_deletes_and_loads(memory_url: str) -> None:
-    class Item(ExternalBaseModel):
-        model_config = ExternalConfigDict(storage=memory_url)
-        n: int
+@pytest.fixture(params=["postgresql", "redis", "s3"])
+def network_storage(request: pytest.FixtureRequest) -> str:
+    """A fresh storage URL on each backend that waits on a server, so yields to the loop."""
+    url: str = request.getfixturevalue(f"{request.param}_url")
+    return url
 
-    refs = await Item.save_external_many([Item(n=i) for i in range(100)])
-    results = await asyncio.gather(
-        *(Item.delete_external(r) for r in refs[:50]),
-        *(Item.load_external(r) for r in refs[50:]),
+
+async def test_concurrent_deletes_and_loads(network_storage: str) -> None:
+    """Loads and the delete of the same ids overlap: every load sees the whole model or
+    `RecordNotFoundError`, never a torn or other error, and afterwards every record is gone.
+
+    Network backends yield to the event loop while a query is in flight, so the readers of an
+    id keep loads in flight while its delete runs; the test checks that they really did.
+    """
+    storage = network_storage
+
+    class Item(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=storage)
+        n: int
+        body: str
+
+    def make(i: int) -> Item:
+        return Item(n=i, body=f"{i}:" + "x" * 4000)
+
+    count, readers_per_id, max_loads = 20, 2, 500
+    refs = await Item.save_external_many([make(i) for i in range(count)])
+    loads_in_flight = [0] * count
+    seen_a_model = [asyncio.Event() for _ in range(count)]
+    load_overlapped_delete = [False] * count
+
+    async def reader(i: int) -> list[Item | RecordNotFoundError]:
+        """Load id ``i`` again and again until it is gone."""
+        outcomes: list[Item | RecordNotFoundError] = []
+        for _ in range(max_loads):
+            loads_in_flight[i] += 1
+            try:
+                outcome: Item | RecordNotFoundError = await Item.load_external(refs[i])
+            except RecordNotFoundError as exc:
+                outcome = exc
+            finally:
+                loads_in_flight[i] -= 1
+            outcomes.append(outcome)
+            if isinstance(outcome, RecordNotFoundError):
+                return outcomes
+            seen_a_model[i].set()
+        pytest.fail(f"id {i} still loads after {max_loads} loads: was it ever deleted?")
+
+    async def deleter(i: int) -> bool:
+        await seen_a_model[i].wait()  # a reader has loaded it and is loading it again
+        load_overlapped_delete[i] = loads_in_flight[i] > 0
+        return await Item.delete_external(refs[i])
+
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            *(reader(i) for i in range(count) for _ in range(readers_per_id)),
+            *(deleter(i) for i in range(count)),
+        ),
+        timeout=60,
     )
-    assert results[:50] == [True] * 50
-    assert results[50:] == [Item(n=i) for i in range(50, 100)]
+    per_reader, deleted = results[: count * readers_per_id], results[count * readers_per_id :]
+
+    assert deleted == [True] * count  # each id deleted once, and it was there to delete
+    assert all(load_overlapped_delete), "a delete ran with no load of its id in flight"
+    for index, outcomes in enumerate(per_reader):
+        i = index // readers_per_id
+        *found, missing = outcomes
+        assert all(model == make(i) for model in found)  # the whole model, never a part
+        assert isinstance(missing, RecordNotFoundError)
+        assert missing.ids == [refs[i]["id"]]
+
+    for ref in refs:
+        assert not await Item.exists_external(ref)
+        with pytest.raises(RecordNotFoundError):
+            await Item.load_external(ref)
+    backend_ = await get_backend(storage)
+    assert [info async for info in backend_.scan_records("Item")] == []
 
 
 def test_a_subclass_stores_under_its_own_name(memory_url: str) -> None:
