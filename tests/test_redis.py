@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 
@@ -125,7 +125,9 @@ async def test_default_prefix(redis_server: str, raw: aioredis.Redis) -> None:
         await raw.delete(key)
 
 
-async def test_created_at_is_kept_in_the_stored_value(redis_url: str, raw: aioredis.Redis) -> None:
+async def test_created_at_is_kept_in_the_stored_value(
+    redis_url: str, raw: aioredis.Redis, backend: RedisBackend
+) -> None:
     Customer = define_customer(redis_url)
     customer = Customer(name="Ada", email="ada@example.com")
     reference = await customer.save_external()
@@ -140,6 +142,31 @@ async def test_created_at_is_kept_in_the_stored_value(redis_url: str, raw: aiore
         assert stored["created_at"] == first["created_at"]
         assert stored["updated_at"] > first["updated_at"]
         assert stored["data"]["name"] == f"Ada {n}"
+
+    # The saves above send the stored created_at back, so they would keep it even if the
+    # write script kept nothing. Another writer of the id (a stale copy, a racing process)
+    # claims a created_at of its own: not a first save (created_at != updated_at, so no SET
+    # NX) and not the stored value, so only the script's SETRANGE puts the original back.
+    original = datetime.fromisoformat(first["created_at"])
+    claimed, now = original + timedelta(days=1), datetime.now(UTC)
+    rewrite = Record(
+        UUID(reference["id"]),
+        "Customer",
+        json.dumps({"name": "Bob", "email": "bob@example.com", "tags": []}).encode(),
+        1,
+        claimed,
+        now,
+    )
+    await backend.write_record(rewrite)
+
+    stored = json.loads(await raw.get(key))
+    assert stored["created_at"] == first["created_at"]
+    assert datetime.fromisoformat(stored["updated_at"]) == now
+    assert stored["data"]["name"] == "Bob"
+    assert rewrite.created_at == original  # the writer is told what was kept
+    loaded = await Customer.load_external(reference)
+    assert loaded.external_metadata is not None
+    assert loaded.external_metadata.created_at == original
 
 
 async def test_the_stored_created_at_wins_over_the_records(
