@@ -4,7 +4,6 @@ round trips and fuzzing (hypothesis)."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import decimal
 import json
@@ -13,7 +12,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, create_model
 
@@ -21,6 +20,7 @@ from pydantic_toast import (
     ExternalBaseModel,
     ExternalConfigDict,
     ExternalStorageError,
+    RecordNotFoundError,
     StorageValidationError,
 )
 from pydantic_toast.backends.base import Record
@@ -300,19 +300,46 @@ anything = st.recursive(
 )
 
 
+def expected_is_reference(data: Any, class_name: str | None = None) -> bool:
+    """What `is_external_reference` must answer, written out independently: a mapping of
+    exactly ``class_name`` (a string, ``class_name`` when given) and a UUID string ``id``."""
+    if not isinstance(data, dict) or set(data) != {"class_name", "id"}:
+        return False
+    if not isinstance(data["class_name"], str) or not isinstance(data["id"], str):
+        return False
+    try:
+        UUID(data["id"])
+    except ValueError:
+        return False
+    return class_name is None or data["class_name"] == class_name
+
+
+FUZZED_ID = "7b0f5a52-3a57-4c43-9a0e-4a3cb0f1c2d4"
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     data=st.one_of(
         anything,
         st.fixed_dictionaries({"class_name": anything, "id": anything}),
+        st.fixed_dictionaries({"class_name": st.text(max_size=20), "id": st.uuids().map(str)}),
         st.fixed_dictionaries({"class_name": st.just("Fuzzed"), "id": st.text(max_size=40)}),
         st.fixed_dictionaries({"class_name": st.just("Fuzzed"), "id": st.uuids().map(str)}),
     )
 )
+@example(data={"class_name": "Fuzzed", "id": FUZZED_ID})  # a reference to Fuzzed
+@example(data={"class_name": "Other", "id": FUZZED_ID})  # a reference, not to Fuzzed
+@example(data={"class_name": "Fuzzed", "id": FUZZED_ID, "x": 1})  # one key too many
+@example(data={"class_name": "Fuzzed", "id": "not-a-uuid"})
+@example(data=["class_name", "id"])
 def test_fuzzed_references_raise_only_the_librarys_errors(data: Any) -> None:
-    assert isinstance(ExternalBaseModel.is_external_reference(data), bool)
-    assert isinstance(Fuzzed.is_external_reference(data), bool)
-    with contextlib.suppress(ExternalStorageError):  # anything else fails the test
+    assert ExternalBaseModel.is_external_reference(data) is expected_is_reference(data)
+    is_ours = expected_is_reference(data, "Fuzzed")
+    assert Fuzzed.is_external_reference(data) is is_ours
+    # A reference to Fuzzed names a record that does not exist; anything else is malformed
+    # or names another class. Any other exception fails the test.
+    expected_error = RecordNotFoundError if is_ours else StorageValidationError
+    with pytest.raises(expected_error):
         run_sync(Fuzzed.load_external(data))
 
 
