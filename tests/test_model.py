@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from uuid import UUID, uuid4
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 import pydantic_toast
 from pydantic_toast import (
@@ -150,8 +150,12 @@ def test_config_is_inherited_and_plain_pydantic_still_works() -> None:
     assert Child.model_validate({"name": "c", "size": 2}) == child
     assert Child.model_validate_json('{"name":"c","size":2}') == child
     assert Child.model_json_schema()["required"] == ["name"]
-    with pytest.raises(Exception, match="frozen"):
+    with pytest.raises(ValidationError, match="Instance is frozen") as caught:
         child.name = "d"  # type: ignore[misc]
+    assert [(e["type"], e["loc"]) for e in caught.value.errors()] == [
+        ("frozen_instance", ("name",))
+    ]
+    assert child.name == "c"
     reference = child.save_external_sync()
     assert Child.load_external_sync(reference) == child
 
