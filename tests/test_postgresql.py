@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import socket
 import subprocess
 import sys
@@ -284,13 +285,35 @@ async def test_delete_is_scoped_to_the_class(backend: PostgreSQLBackend) -> None
 # --- Table creation -------------------------------------------------------------------------
 
 
-async def test_concurrent_table_creation_in_one_process(postgresql_url: str, sql: Any) -> None:
+async def test_concurrent_table_creation_in_one_process(
+    postgresql_url: str, sql: Any, namespace: str
+) -> None:
+    assert await sql.fetchval("SELECT to_regclass($1)", f'"{namespace}"') is None
     backends = [PostgreSQLBackend(postgresql_url, min_size=1, max_size=1) for _ in range(8)]
+    records = [record(n=i) for i in range(len(backends))]
     try:
         await asyncio.gather(*(b.connect() for b in backends))
-        await asyncio.gather(*(b.write_record(record(n=i)) for i, b in enumerate(backends)))
+        # All eight made (or found) one table with its index, and they share it.
+        indexes = await sql.fetch(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = $1", namespace
+        )
+        assert {row["indexname"]: row["indexdef"].split(" USING ")[1] for row in indexes} == {
+            f"{namespace}_pkey": "btree (id)",
+            f"{namespace}_class_updated": "btree (class_name, updated_at)",
+        }
+        await asyncio.gather(*(b.write_record(r) for r, b in zip(records, backends, strict=True)))
+        ids = [r.id for r in records]
+        for b in backends:
+            found = await b.read_records("Batch", ids)
+            assert [json.loads(f.data) if f else None for f in found] == [
+                {"n": i} for i in range(len(records))
+            ]
     finally:
         await asyncio.gather(*(b.disconnect() for b in backends))
+    rows = await sql.fetch(f'SELECT id, data FROM "{namespace}"')
+    assert {row["id"]: json.loads(row["data"]) for row in rows} == {
+        r.id: {"n": i} for i, r in enumerate(records)
+    }
 
 
 def test_concurrent_table_creation_across_processes(postgresql_url: str) -> None:
