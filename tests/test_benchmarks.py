@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import service_missing
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,24 +23,73 @@ SECTIONS = ("single", "batch", "concurrency", "sync", "external", "memory", "toa
 BACKENDS = {"memory", "sqlite", "postgresql", "redis", "s3"}
 
 
+# Keys holding a figure the benchmark measured: times, rates, ratios, speedups and sizes.
+_FIGURE_SUFFIXES = ("_ms", "_ops_per_s", "_per_item", "_x", "_bytes")
+# Differences that may rightly be zero or negative (RSS may not grow, memory may be freed),
+# or absent (None) where the platform cannot measure them.
+_NOT_JUDGED_PREFIXES = ("rss_", "traced_retained")
+
+
+def _is_figure(key: str) -> bool:
+    return (
+        key.endswith(_FIGURE_SUFFIXES)
+        or "ratio" in key
+        or "speedup" in key
+        or key.startswith(("batched_vs", "plain_vs"))
+    )
+
+
 def _positive_numbers(row: dict[str, Any]) -> list[str]:
-    """What is wrong with a row's numbers: times, rates, ratios and sizes must be > 0."""
+    """What is wrong with a row's figures: each must be a positive, finite int or float (not
+    a bool, string or None), a dict of figures must not be empty, and a row must hold at
+    least one figure, so that a renamed key cannot make the check vacuous."""
     wrong = []
+    checked = 0
     for key, value in row.items():
-        measured = (
-            key.endswith(("_ms", "_ops_per_s", "_per_item", "_x"))
-            or key in ("speedup", "payload_bytes", "traced_peak_bytes")
-            or key.startswith("ratio")
-            or key.startswith("batched_vs")
-            or key.startswith("plain_vs")
-        )
-        if not measured or key.startswith("rss_"):  # RSS may not grow at all
+        if not _is_figure(key) or key.startswith(_NOT_JUDGED_PREFIXES):
             continue
-        values = value.values() if isinstance(value, dict) else [value]
-        for number in values:
-            if not isinstance(number, int | float) or not math.isfinite(number) or number <= 0:
+        if isinstance(value, dict):
+            if not value:
+                wrong.append(f"{key}={{}} holds no figure")
+            numbers = list(value.values())
+        else:
+            numbers = [value]
+        for number in numbers:
+            checked += 1
+            if (
+                isinstance(number, bool)
+                or not isinstance(number, int | float)
+                or not math.isfinite(number)
+                or number <= 0
+            ):
                 wrong.append(f"{key}={number!r}")
+    if not checked:
+        wrong.append(f"no figure among the keys {sorted(row)}")
     return wrong
+
+
+@pytest.mark.parametrize(
+    ("row", "wrong"),
+    [
+        ({"library_ms": 1.5, "raw_ms": {"raw": 2}, "ratio": 0.75, "dump_bytes": 10}, []),
+        ({"backend": "memory", "rss_peak_bytes": 0, "traced_retained_bytes": -3}, ["no figure"]),
+        ({}, ["no figure"]),
+        ({"library_ms": 0}, ["library_ms=0"]),
+        ({"speedup": -2.0}, ["speedup=-2.0"]),
+        ({"ratio": float("nan")}, ["ratio=nan"]),
+        ({"raw_ops_per_s": float("inf")}, ["raw_ops_per_s=inf"]),
+        ({"load_ratio": True}, ["load_ratio=True"]),
+        ({"plain_ms": "1.0"}, ["plain_ms='1.0'"]),
+        ({"sync_ms": None}, ["sync_ms=None"]),
+        ({"dump_bytes": 5, "raw_ms": {}}, ["raw_ms={} holds no figure"]),
+        ({"raw_ms": {"raw": 1.0, "raw pipeline": 0}}, ["raw_ms=0"]),
+    ],
+)
+def test_positive_numbers_finds_what_is_wrong(row: dict[str, Any], wrong: list[str]) -> None:
+    found = _positive_numbers(row)
+    assert len(found) == len(wrong), found
+    for message, expected in zip(found, wrong, strict=True):
+        assert message.startswith(expected), found
 
 
 def test_quick_benchmark_runs(postgres_server: str, redis_server: str, tmp_path: Path) -> None:
