@@ -20,9 +20,9 @@ import json
 import os
 import re
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 from uuid import UUID
 
 from pydantic_toast.backends.base import RecordInfo, StorageBackend, check_class_name
@@ -44,9 +44,45 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pydantic_toast", description="Inspect and maintain stored records."
+class _Parser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` that masks URLs in what it prints.
+
+    argparse quotes the words it could not use in its errors: a storage URL put where it
+    does not belong would show its password. ``words`` are the command line's words.
+    """
+
+    def __init__(self, *args: Any, words: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.words = words
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.format_usage()}{self.prog}: error: {message}\n")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        super().exit(status, None if message is None else _masked(message, self.words))
+
+
+def _masked(text: str, words: Iterable[str]) -> str:
+    """``text`` with every URL among ``words`` masked by `mask_url`, however it is quoted.
+
+    A message may hold a word whole, or only its tail after an option glued to it
+    (``--json=URL``, ``-hURL``), plain or escaped by `repr`: every tail that still holds
+    the word's ``://`` (or, without one, its ``@``) is masked, longest first.
+    """
+    for word in words:
+        start = word.find("://") if "://" in word else word.find("@")
+        for tail in (word[i:] for i in range(start + 1)):
+            masked = mask_url(tail)
+            if masked != tail:
+                text = text.replace(tail, masked).replace(repr(tail)[1:-1], masked)
+    return text
+
+
+def _parser(words: Sequence[str]) -> _Parser:
+    parser = _Parser(
+        prog="python -m pydantic_toast",
+        description="Inspect and maintain stored records.",
+        words=words,
     )
     parser.add_argument(
         "--storage",
@@ -54,18 +90,22 @@ def _parser() -> argparse.ArgumentParser:
         help="storage URL (default: $PYDANTIC_TOAST_STORAGE)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("ping", help="check that the storage answers")
-    commands.add_parser("stats", help="records and bytes per class")
-    ls = commands.add_parser("ls", help="a class's records, newest first, with sizes")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(name: str, help: str) -> _Parser:
+        return commands.add_parser(name, help=help, words=words)
+
+    command("ping", "check that the storage answers")
+    command("stats", "records and bytes per class")
+    ls = command("ls", "a class's records, newest first, with sizes")
     ls.add_argument("class_name")
     ls.add_argument("--limit", type=int, default=50, help="at most this many (0: all)")
-    get = commands.add_parser("get", help="print a record as JSON")
+    get = command("get", "print a record as JSON")
     get.add_argument("target", nargs="+", help="CLASS ID, or a reference as JSON")
-    rm = commands.add_parser("rm", help="delete records")
+    rm = command("rm", "delete records")
     rm.add_argument("class_name")
     rm.add_argument("ids", nargs="+")
-    purge = commands.add_parser("purge", help="delete a class's records not updated lately")
+    purge = command("purge", "delete a class's records not updated lately")
     purge.add_argument("class_name")
     purge.add_argument("--older-than", type=parse_duration, required=True, metavar="AGE")
     purge.add_argument("--dry-run", action="store_true", help="count, delete nothing")
@@ -73,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    arguments = _parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    arguments = _parser(words).parse_args(words)
     if not arguments.storage:
         print("error: give --storage URL or set PYDANTIC_TOAST_STORAGE", file=sys.stderr)
         return 2
@@ -83,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(_run(arguments.storage, command, arguments))
     except (ExternalStorageError, ValueError, RecursionError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_masked(str(exc), [*words, arguments.storage])}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -137,7 +178,7 @@ async def _stats(backend: StorageBackend, arguments: argparse.Namespace) -> int:
 
 
 async def _ls(backend: StorageBackend, arguments: argparse.Namespace) -> int:
-    class_name = check_class_name(arguments.class_name)
+    class_name = _class_name(arguments.class_name)
     infos: list[RecordInfo] = [info async for info in backend.scan_records(class_name)]
     infos.sort(key=lambda info: info.updated_at, reverse=True)
     if arguments.limit:
@@ -172,7 +213,7 @@ async def _get(backend: StorageBackend, arguments: argparse.Namespace) -> int:
 
 
 async def _rm(backend: StorageBackend, arguments: argparse.Namespace) -> int:
-    class_name = check_class_name(arguments.class_name)
+    class_name = _class_name(arguments.class_name)
     ids = [_id(text) for text in arguments.ids]
     deleted = await backend.delete_records(class_name, ids)
     if arguments.json:
@@ -183,7 +224,7 @@ async def _rm(backend: StorageBackend, arguments: argparse.Namespace) -> int:
 
 
 async def _purge(backend: StorageBackend, arguments: argparse.Namespace) -> int:
-    class_name = check_class_name(arguments.class_name)
+    class_name = _class_name(arguments.class_name)
     before = datetime.now(UTC) - arguments.older_than
     if arguments.dry_run:
         progress = _Progress("scanned")
@@ -220,16 +261,22 @@ def _target(words: list[str]) -> tuple[str, UUID]:
             raise ValueError("give CLASS ID, or a reference as JSON") from None
         if not isinstance(reference, dict) or set(reference) != {"class_name", "id"}:
             raise ValueError('a reference is {"class_name": ..., "id": ...}')
-        return check_class_name(reference["class_name"]), _id(reference["id"])
+        return _class_name(reference["class_name"]), _id(reference["id"])
     if len(words) == 2:
-        return check_class_name(words[0]), _id(words[1])
+        return _class_name(words[0]), _id(words[1])
     raise ValueError("give CLASS ID, or a reference as JSON")
+
+
+def _class_name(name: object) -> str:
+    """`check_class_name`, masking first: a refused name is quoted cut short, and the cut can
+    drop the ``@`` that ends a password. A valid name has no ``@`` and stays as it is."""
+    return check_class_name(mask_url(name) if isinstance(name, str) else name)
 
 
 def _id(text: object) -> UUID:
     id = _parse_id(text)
     if id is None:
-        raise ValueError(f"not a UUID: {str(text)[:80]!r}")
+        raise ValueError(f"not a UUID: {mask_url(str(text))[:80]!r}")  # masked before the cut
     return id
 
 

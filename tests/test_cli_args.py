@@ -1,0 +1,104 @@
+"""`python -m pydantic_toast`'s command line, run as a subprocess: what it accepts, what it
+refuses, and that nothing it prints shows a storage password."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+SECRET = "s3cr3tpassw0rd"
+URL = f"postgresql://user:{SECRET}@127.0.0.1:1/db"  # port 1: nothing answers
+MASKED = "postgresql://user:***@127.0.0.1:1/db"
+# A URL whose user information runs past the first 80 characters: a message that cuts a long
+# value short shows the whole password but not the "@" that marks where it ends.
+LONG_URL = f"postgresql://user:{SECRET}{'x' * 60}@127.0.0.1:1/db"
+
+
+def run(*arguments: str, storage: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI with exactly these arguments; ``storage`` goes in $PYDANTIC_TOAST_STORAGE."""
+    env = {k: v for k, v in os.environ.items() if k != "PYDANTIC_TOAST_STORAGE"}
+    if storage is not None:
+        env["PYDANTIC_TOAST_STORAGE"] = storage
+    return subprocess.run(
+        [sys.executable, "-m", "pydantic_toast", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+def last_line(text: str) -> str:
+    return text.rstrip("\n").rpartition("\n")[2]
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        [URL, "ping"],  # the URL taken for the command
+        ["--json", URL],
+        ["--storage", URL, "ping", URL],  # unrecognized arguments
+        [f"--json={URL}", "ping"],  # the tail after "=" is echoed
+        [f"-h{URL}"],  # the tail after "-h" is echoed
+        ["--storage", URL, "purge", "Invoice", "--older-than", URL],  # not a duration
+        ["--storage", URL, "ls"],  # a usage line
+        ["ls", "--storage", URL],
+        ["stats", "--limit", URL, "--storage", URL],
+        ["--storage", URL, "frobnicate", URL],
+        ["--storage", URL, "get", "Invoice", "--id", URL],
+        [f"user:{SECRET}@127.0.0.1:1/db", "ping"],  # no scheme, still a password
+        [f"{URL}?table=x&password={SECRET}x", "stats"],
+    ],
+)
+def test_usage_errors_never_show_the_password(arguments: list[str]) -> None:
+    result = run(*arguments)
+    assert result.returncode == 2, result.stderr
+    assert SECRET not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert last_line(result.stderr).startswith("python -m pydantic_toast")
+
+
+def test_a_masked_url_is_still_recognisable() -> None:
+    result = run(URL, "ping")
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: python -m pydantic_toast ")
+    assert last_line(result.stderr).startswith(
+        f"python -m pydantic_toast: error: argument command: invalid choice: '{MASKED}'"
+    )
+    # A password with a quote and a backslash: repr() escapes the backslash and chooses
+    # the other quote, so the message holds the URL in a form that differs from the word.
+    odd = f"postgresql://user:{SECRET}\\'x@127.0.0.1:1/db"
+    quoted = run(odd, "ping")
+    assert quoted.returncode == 2
+    assert SECRET not in quoted.stderr
+    assert last_line(quoted.stderr).startswith(
+        f'python -m pydantic_toast: error: argument command: invalid choice: "{MASKED}"'
+    )
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["ls", LONG_URL],  # the class name is cut to 80 characters
+        ["get", LONG_URL, "550e8400-e29b-41d4-a716-446655440000"],
+        ["rm", "Invoice", LONG_URL],  # the id is cut to 80 characters
+        ["get", '{"class_name": "Invoice", "id": "' + LONG_URL + '"}'],
+    ],
+)
+def test_argument_errors_never_show_the_password(arguments: list[str], tmp_path: object) -> None:
+    result = run(*arguments, storage=f"sqlite:///{tmp_path}/models.db")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("error: ")
+    assert SECRET not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_storage_errors_never_show_the_password() -> None:
+    for storage in (URL, LONG_URL):
+        result = run("ls", "Invoice", storage=storage)
+        assert result.returncode == 1
+        assert result.stderr.startswith("error: ")
+        assert SECRET not in result.stdout + result.stderr
