@@ -8,8 +8,9 @@
     python -m pydantic_toast --storage URL purge User --older-than 30d [--dry-run]
 
 The storage URL may also come from ``PYDANTIC_TOAST_STORAGE`` (kept out of the process list).
-Output is a table for people, or JSON with ``--json``. The tool works on records, not models,
-so it needs no model classes: it talks to the backend directly.
+Output is a table for people, or JSON with ``--json``. ``--storage`` and ``--json`` go anywhere
+on the line, before or after the command. The tool works on records, not models, so it needs
+no model classes: it talks to the backend directly.
 """
 
 from __future__ import annotations
@@ -79,21 +80,29 @@ def _masked(text: str, words: Iterable[str]) -> str:
 
 
 def _parser(words: Sequence[str]) -> _Parser:
+    # --storage and --json belong to the main parser and to every command's, so they may go
+    # before or after the command. Left out of the namespace unless given (SUPPRESS), they
+    # cannot be reset by a command's defaults; `main` fills in the defaults afterwards.
+    shared = _Parser(add_help=False)
+    shared.add_argument(
+        "--storage",
+        default=argparse.SUPPRESS,
+        metavar="URL",
+        help="storage URL (default: $PYDANTIC_TOAST_STORAGE)",
+    )
+    shared.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts"
+    )
     parser = _Parser(
         prog="python -m pydantic_toast",
         description="Inspect and maintain stored records.",
+        parents=[shared],
         words=words,
     )
-    parser.add_argument(
-        "--storage",
-        default=os.environ.get("PYDANTIC_TOAST_STORAGE"),
-        help="storage URL (default: $PYDANTIC_TOAST_STORAGE)",
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(name: str, help: str) -> _Parser:
-        return commands.add_parser(name, help=help, words=words)
+        return commands.add_parser(name, help=help, parents=[shared], words=words)
 
     command("ping", "check that the storage answers")
     command("stats", "records and bytes per class")
@@ -115,6 +124,8 @@ def _parser(words: Sequence[str]) -> _Parser:
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     arguments = _parser(words).parse_args(words)
+    arguments.storage = getattr(arguments, "storage", os.environ.get("PYDANTIC_TOAST_STORAGE"))
+    arguments.json = getattr(arguments, "json", False)
     if not arguments.storage:
         print("error: give --storage URL or set PYDANTIC_TOAST_STORAGE", file=sys.stderr)
         return 2

@@ -3,11 +3,14 @@ refuses, and that nothing it prints shows a storage password."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+
+from pydantic_toast import ExternalBaseModel, ExternalConfigDict
 
 SECRET = "s3cr3tpassw0rd"
 URL = f"postgresql://user:{SECRET}@127.0.0.1:1/db"  # port 1: nothing answers
@@ -102,3 +105,62 @@ def test_storage_errors_never_show_the_password() -> None:
         assert result.returncode == 1
         assert result.stderr.startswith("error: ")
         assert SECRET not in result.stdout + result.stderr
+
+
+@pytest.fixture
+async def store(sqlite_url: str) -> str:
+    """An SQLite store holding two Invoice records."""
+
+    class Invoice(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=sqlite_url)
+        number: int
+
+    await Invoice.save_external_many([Invoice(number=1), Invoice(number=2)])
+    return sqlite_url
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["--storage", "{store}", "--json", "stats"],
+        ["--json", "stats", "--storage", "{store}"],
+        ["stats", "--json", "--storage", "{store}"],
+        ["stats", "--storage", "{store}", "--json"],
+        ["--storage", "{store}", "stats", "--json"],
+        [f"--storage={URL}", "stats", "--storage={store}", "--json"],  # the last one counts
+    ],
+)
+def test_storage_and_json_go_before_or_after_the_command(store: str, arguments: list[str]) -> None:
+    result = run(*(word.format(store=store) for word in arguments))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    [row] = json.loads(result.stdout)
+    assert (row["class_name"], row["records"]) == ("Invoice", 2)
+
+
+def test_storage_and_json_after_each_command(store: str) -> None:
+    ping = run("ping", "--storage", store)
+    assert ping.returncode == 0, ping.stderr
+    assert ping.stdout.startswith(f"ok: {store} answered in ")
+    listed = run("ls", "Invoice", "--json", "--storage", store)
+    assert listed.returncode == 0, listed.stderr
+    assert len(json.loads(listed.stdout)) == 2
+    first = json.loads(listed.stdout)[0]["id"]
+    got = run("get", "Invoice", first, "--storage", store)
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout)["id"] == first
+    dry = run("purge", "Invoice", "--older-than", "1d", "--dry-run", "--json", "--storage", store)
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)["would delete"] == 0
+    removed = run("rm", "Invoice", first, "--storage", store, "--json")
+    assert removed.returncode == 0, removed.stderr
+    assert json.loads(removed.stdout) == {"requested": 1, "deleted": 1}
+
+
+def test_storage_given_anywhere_wins_over_the_environment(store: str) -> None:
+    result = run("ls", "Invoice", "--storage", store, storage=URL)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 3  # a header and two records
+    from_env = run("ls", "Invoice", "--json", storage=store)
+    assert from_env.returncode == 0, from_env.stderr
+    assert len(json.loads(from_env.stdout)) == 2
