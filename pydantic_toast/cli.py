@@ -8,9 +8,14 @@
     python -m pydantic_toast --storage URL purge User --older-than 30d [--dry-run]
 
 The storage URL may also come from ``PYDANTIC_TOAST_STORAGE`` (kept out of the process list).
-Output is a table for people, or JSON with ``--json``. ``--storage`` and ``--json`` go anywhere
-on the line, before or after the command. The tool works on records, not models, so it needs
-no model classes: it talks to the backend directly.
+``--storage`` and ``--json`` go anywhere on the line, before or after the command. Output is a
+table for people, or JSON with ``--json``.
+
+``--older-than`` takes a number and a unit: ``s``, ``min``, ``h``, ``d`` or ``w`` (``90min``,
+``1.5h``). There is no ``m``: it could mean minutes or months, so it is refused.
+
+The tool works on records, not models, so it needs no model classes: it talks to the backend
+directly.
 """
 
 from __future__ import annotations
@@ -33,16 +38,30 @@ from pydantic_toast.registry import backend_class_for
 
 __all__ = ["main"]
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)([a-z]+)", re.IGNORECASE)
+# No "m": minutes to some, months to others. A purge must not read one as the other.
+_UNITS = {"s": 1, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+_LONGEST = timedelta(days=1000 * 365)  # far past any record, well inside the calendar
 
 
 def parse_duration(text: str) -> timedelta:
-    """``30d``, ``12h``, ``90m``, ``45s``, ``2w``."""
+    """``30d``, ``12h``, ``90min``, ``45s``, ``2w``, decimals too (``1.5h``); more than zero."""
     match = _DURATION.fullmatch(text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use 30d, 12h, 90m, 45s)")
-    return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+    if match is None or match[2].lower() not in (*_UNITS, "m"):
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (use 30d, 12h, 90min, 45s or 2w)"
+        )
+    if match[2].lower() == "m":
+        raise argparse.ArgumentTypeError(
+            f"ambiguous duration {text!r}: write {match[1]}min for minutes, "
+            "or days for months (30d)"
+        )
+    seconds = float(match[1]) * _UNITS[match[2].lower()]
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"a duration must be more than zero: {text!r}")
+    if seconds > _LONGEST.total_seconds():
+        raise argparse.ArgumentTypeError(f"too long a duration: {text!r}")
+    return timedelta(seconds=seconds)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -116,7 +135,13 @@ def _parser(words: Sequence[str]) -> _Parser:
     rm.add_argument("ids", nargs="+")
     purge = command("purge", "delete a class's records not updated lately")
     purge.add_argument("class_name")
-    purge.add_argument("--older-than", type=parse_duration, required=True, metavar="AGE")
+    purge.add_argument(
+        "--older-than",
+        type=parse_duration,
+        required=True,
+        metavar="AGE",
+        help="not updated for this long: 30d, 12h, 90min, 45s, 2w",
+    )
     purge.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     return parser
 

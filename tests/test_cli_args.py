@@ -3,6 +3,7 @@ refuses, and that nothing it prints shows a storage password."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -164,3 +165,54 @@ def test_storage_given_anywhere_wins_over_the_environment(store: str) -> None:
     from_env = run("ls", "Invoice", "--json", storage=store)
     assert from_env.returncode == 0, from_env.stderr
     assert len(json.loads(from_env.stdout)) == 2
+
+
+@pytest.mark.parametrize(
+    ("duration", "seconds"),
+    [
+        ("30d", 30 * 86400),
+        ("12h", 12 * 3600),
+        ("90min", 90 * 60),
+        ("45s", 45),
+        ("2w", 14 * 86400),
+        ("1.5h", 5400),
+        ("0.5d", 43200),
+    ],
+)
+def test_purge_takes_durations_in_s_min_h_d_w(store: str, duration: str, seconds: int) -> None:
+    started = dt.datetime.now(dt.UTC)
+    result = run(
+        "purge", "Invoice", "--older-than", duration, "--dry-run", "--json", "--storage", store
+    )
+    finished = dt.datetime.now(dt.UTC)
+    assert result.returncode == 0, result.stderr
+    before = dt.datetime.fromisoformat(json.loads(result.stdout)["before"])
+    age = dt.timedelta(seconds=seconds)
+    assert started - age <= before <= finished - age
+
+
+@pytest.mark.parametrize(
+    ("duration", "message"),
+    [
+        ("1m", "ambiguous duration '1m': write 1min for minutes, or days for months (30d)"),
+        ("2M", "ambiguous duration '2M': write 2min for minutes, or days for months (30d)"),
+        ("0d", "a duration must be more than zero: '0d'"),
+        ("0.0h", "a duration must be more than zero: '0.0h'"),
+        ("-1d", "a duration must be more than zero: '-1d'"),
+        ("soon", "not a duration: 'soon' (use 30d, 12h, 90min, 45s or 2w)"),
+        ("1y", "not a duration: '1y' (use 30d, 12h, 90min, 45s or 2w)"),
+        ("30", "not a duration: '30' (use 30d, 12h, 90min, 45s or 2w)"),
+        ("1e9w", "not a duration: '1e9w' (use 30d, 12h, 90min, 45s or 2w)"),
+        ("99999999999w", "too long a duration: '99999999999w'"),
+    ],
+)
+def test_purge_refuses_ambiguous_or_empty_durations(
+    store: str, duration: str, message: str
+) -> None:
+    result = run("purge", "Invoice", f"--older-than={duration}", "--storage", store)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert last_line(result.stderr) == (
+        f"python -m pydantic_toast purge: error: argument --older-than: {message}"
+    )
+    assert run("ls", "Invoice", "--json", "--storage", store).stdout.count('"id"') == 2
