@@ -31,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TextIO
 from uuid import UUID
 
-from pydantic_toast.backends.base import RecordInfo, StorageBackend, check_class_name
+from pydantic_toast.backends.base import StorageBackend, check_class_name
 from pydantic_toast.errors import ExternalStorageError, mask_url
 from pydantic_toast.model import _parse_id
 from pydantic_toast.registry import backend_class_for
@@ -158,12 +158,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         arguments.command
     ]
     try:
+        _check(arguments)
         return asyncio.run(_run(arguments.storage, command, arguments))
     except (ExternalStorageError, ValueError, RecursionError) as exc:
         print(f"error: {_masked(str(exc), [*words, arguments.storage])}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _check(arguments: argparse.Namespace) -> None:
+    """Check class names and ids before connecting: a refused argument must leave no table or
+    directory behind, and be reported even when the storage does not answer."""
+    if "class_name" in arguments:
+        arguments.class_name = _class_name(arguments.class_name)
+    if "ids" in arguments:
+        arguments.ids = [_id(text) for text in arguments.ids]
+    if "target" in arguments:
+        arguments.class_name, arguments.id = _target(arguments.target)
 
 
 async def _run(
@@ -214,8 +226,7 @@ async def _stats(backend: StorageBackend, arguments: argparse.Namespace) -> int:
 
 
 async def _ls(backend: StorageBackend, arguments: argparse.Namespace) -> int:
-    class_name = _class_name(arguments.class_name)
-    infos: list[RecordInfo] = [info async for info in backend.scan_records(class_name)]
+    infos = [info async for info in backend.scan_records(arguments.class_name)]
     infos.sort(key=lambda info: info.updated_at, reverse=True)
     if arguments.limit:
         infos = infos[: arguments.limit]
@@ -230,7 +241,7 @@ async def _ls(backend: StorageBackend, arguments: argparse.Namespace) -> int:
 
 
 async def _get(backend: StorageBackend, arguments: argparse.Namespace) -> int:
-    class_name, id = _target(arguments.target)
+    class_name, id = arguments.class_name, arguments.id
     record = await backend.read_record(class_name, id)
     if record is None:
         print(f"error: no {class_name} record with id {id}", file=sys.stderr)
@@ -249,8 +260,7 @@ async def _get(backend: StorageBackend, arguments: argparse.Namespace) -> int:
 
 
 async def _rm(backend: StorageBackend, arguments: argparse.Namespace) -> int:
-    class_name = _class_name(arguments.class_name)
-    ids = [_id(text) for text in arguments.ids]
+    class_name, ids = arguments.class_name, arguments.ids
     deleted = await backend.delete_records(class_name, ids)
     if arguments.json:
         _print_json({"requested": len(ids), "deleted": deleted})
@@ -260,7 +270,7 @@ async def _rm(backend: StorageBackend, arguments: argparse.Namespace) -> int:
 
 
 async def _purge(backend: StorageBackend, arguments: argparse.Namespace) -> int:
-    class_name = _class_name(arguments.class_name)
+    class_name = arguments.class_name
     before = datetime.now(UTC) - arguments.older_than
     if arguments.dry_run:
         progress = _Progress("scanned")

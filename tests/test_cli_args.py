@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -92,7 +93,7 @@ def test_a_masked_url_is_still_recognisable() -> None:
         ["get", '{"class_name": "Invoice", "id": "' + LONG_URL + '"}'],
     ],
 )
-def test_argument_errors_never_show_the_password(arguments: list[str], tmp_path: object) -> None:
+def test_argument_errors_never_show_the_password(arguments: list[str], tmp_path: Path) -> None:
     result = run(*arguments, storage=f"sqlite:///{tmp_path}/models.db")
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith("error: ")
@@ -216,3 +217,35 @@ def test_purge_refuses_ambiguous_or_empty_durations(
         f"python -m pydantic_toast purge: error: argument --older-than: {message}"
     )
     assert run("ls", "Invoice", "--json", "--storage", store).stdout.count('"id"') == 2
+
+
+ID = "550e8400-e29b-41d4-a716-446655440000"
+NAME_RULE = (
+    "use letters, digits, '_', '.' and '-' (at most 200 characters, starting with a letter or '_')"
+)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["rm", "Invoice", ID, "nope"], "not a UUID: 'nope'"),
+        (["rm", "../x", ID], f"invalid class name '../x': {NAME_RULE}"),
+        (["ls", "bad name"], f"invalid class name 'bad name': {NAME_RULE}"),
+        (["purge", "a/b", "--older-than", "1d"], f"invalid class name 'a/b': {NAME_RULE}"),
+        (["get", "Invoice", "nope"], "not a UUID: 'nope'"),
+        (["get", "Invoice"], "give CLASS ID, or a reference as JSON"),
+        (["get", "Invoice", ID, ID], "give CLASS ID, or a reference as JSON"),
+        (["get", '{"class_name": "Invoice"}'], 'a reference is {"class_name": ..., "id": ...}'),
+        (["get", '{"class_name": 5, "id": "x"}'], f"invalid class name 5: {NAME_RULE}"),
+        (["get", '{"class_name": "Invoice", "id": 7}'], "not a UUID: '7'"),
+    ],
+)
+@pytest.mark.parametrize("storage", ["file", "unreachable"])
+def test_bad_arguments_are_refused_before_connecting(
+    arguments: list[str], message: str, storage: str, tmp_path: Path
+) -> None:
+    directory = tmp_path / "records"
+    url = f"file://{directory}" if storage == "file" else URL
+    result = run(*arguments, "--storage", url)
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", f"error: {message}\n")
+    assert not directory.exists()  # the file backend creates its directory when it connects
