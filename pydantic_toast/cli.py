@@ -184,6 +184,10 @@ async def _run(
     arguments: argparse.Namespace,
 ) -> int:
     backend = backend_class_for(url)(url)
+    if arguments.command in _READ_ONLY:
+        # Looking must not change the store: a typo in a table name or a path reads as a store
+        # without records, not as a new table or directory.
+        backend.create_missing = False  # type: ignore[attr-defined]
     await backend.connect()
     try:
         return await command(backend, arguments)
@@ -297,6 +301,7 @@ _COMMANDS: dict[str, Callable[[StorageBackend, argparse.Namespace], Awaitable[in
     "rm": _rm,
     "purge": _purge,
 }
+_READ_ONLY = frozenset({"ping", "stats", "ls", "get"})
 
 
 def _target(words: list[str]) -> tuple[str, UUID]:
