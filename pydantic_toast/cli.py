@@ -363,7 +363,7 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     print(
         "  ".join(
             column.upper().ljust(width) for column, width in zip(columns, widths, strict=True)
-        )
+        ).rstrip()
     )
     for row in cells:
         print(
