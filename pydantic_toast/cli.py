@@ -9,7 +9,9 @@
 
 The storage URL may also come from ``PYDANTIC_TOAST_STORAGE`` (kept out of the process list).
 ``--storage`` and ``--json`` go anywhere on the line, before or after the command. Output is a
-table for people, or JSON with ``--json``.
+table for people, or JSON with ``--json``. A record that cannot be decoded is a warning on
+stderr and the listing goes on. Exit status: 0; 1 for an error, a record not found or a
+corrupt record; 2 for a usage error.
 
 ``--older-than`` takes a number and a unit: ``s``, ``min``, ``h``, ``d`` or ``w`` (``90min``,
 ``1.5h``). There is no ``m``: it could mean minutes or months, so it is refused.
@@ -22,17 +24,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import os
 import re
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TextIO
 from uuid import UUID
 
-from pydantic_toast.backends.base import StorageBackend, check_class_name
-from pydantic_toast.errors import ExternalStorageError, mask_url
+from pydantic_toast.backends.base import RecordInfo, StorageBackend, check_class_name
+from pydantic_toast.errors import ExternalStorageError, StorageValidationError, mask_url
 from pydantic_toast.model import _parse_id
 from pydantic_toast.registry import backend_class_for
 
@@ -154,17 +157,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not arguments.storage:
         print("error: give --storage URL or set PYDANTIC_TOAST_STORAGE", file=sys.stderr)
         return 2
-    command: Callable[[StorageBackend, argparse.Namespace], Awaitable[int]] = _COMMANDS[
-        arguments.command
-    ]
+    words = [*words, arguments.storage]  # what to mask in messages, the environment's URL too
+    on_corrupt = _CorruptRecords(words)
     try:
         _check(arguments)
-        return asyncio.run(_run(arguments.storage, command, arguments))
+        status = asyncio.run(_run(arguments, on_corrupt))
     except (ExternalStorageError, ValueError, RecursionError) as exc:
-        print(f"error: {_masked(str(exc), [*words, arguments.storage])}", file=sys.stderr)
+        print(f"error: {_masked(str(exc), words)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    return status or (1 if on_corrupt.count else 0)
 
 
 def _check(arguments: argparse.Namespace) -> None:
@@ -178,24 +181,22 @@ def _check(arguments: argparse.Namespace) -> None:
         arguments.class_name, arguments.id = _target(arguments.target)
 
 
-async def _run(
-    url: str,
-    command: Callable[[StorageBackend, argparse.Namespace], Awaitable[int]],
-    arguments: argparse.Namespace,
-) -> int:
-    backend = backend_class_for(url)(url)
+async def _run(arguments: argparse.Namespace, on_corrupt: _CorruptRecords) -> int:
+    backend = backend_class_for(arguments.storage)(arguments.storage)
     if arguments.command in _READ_ONLY:
         # Looking must not change the store: a typo in a table name or a path reads as a store
         # without records, not as a new table or directory.
         backend.create_missing = False  # type: ignore[attr-defined]
     await backend.connect()
     try:
-        return await command(backend, arguments)
+        return await _COMMANDS[arguments.command](backend, arguments, on_corrupt)
     finally:
         await backend.disconnect()
 
 
-async def _ping(backend: StorageBackend, arguments: argparse.Namespace) -> int:
+async def _ping(
+    backend: StorageBackend, arguments: argparse.Namespace, on_corrupt: _CorruptRecords
+) -> int:
     started = asyncio.get_running_loop().time()
     await backend.read_record("pydantic_toast.ping", UUID(int=0))
     elapsed = (asyncio.get_running_loop().time() - started) * 1000
@@ -207,10 +208,12 @@ async def _ping(backend: StorageBackend, arguments: argparse.Namespace) -> int:
     return 0
 
 
-async def _stats(backend: StorageBackend, arguments: argparse.Namespace) -> int:
+async def _stats(
+    backend: StorageBackend, arguments: argparse.Namespace, on_corrupt: _CorruptRecords
+) -> int:
     classes: dict[str, dict[str, Any]] = {}
     progress = _Progress("scanned")
-    async for info in backend.scan_records(None):
+    async for info in _scan(backend, None, on_corrupt):
         entry = classes.setdefault(info.class_name, {"records": 0, "bytes": 0, "newest": None})
         entry["records"] += 1
         entry["bytes"] += info.size
@@ -229,8 +232,10 @@ async def _stats(backend: StorageBackend, arguments: argparse.Namespace) -> int:
     return 0
 
 
-async def _ls(backend: StorageBackend, arguments: argparse.Namespace) -> int:
-    infos = [info async for info in backend.scan_records(arguments.class_name)]
+async def _ls(
+    backend: StorageBackend, arguments: argparse.Namespace, on_corrupt: _CorruptRecords
+) -> int:
+    infos = [info async for info in _scan(backend, arguments.class_name, on_corrupt)]
     infos.sort(key=lambda info: info.updated_at, reverse=True)
     if arguments.limit:
         infos = infos[: arguments.limit]
@@ -244,12 +249,20 @@ async def _ls(backend: StorageBackend, arguments: argparse.Namespace) -> int:
     return 0
 
 
-async def _get(backend: StorageBackend, arguments: argparse.Namespace) -> int:
+async def _get(
+    backend: StorageBackend, arguments: argparse.Namespace, on_corrupt: _CorruptRecords
+) -> int:
     class_name, id = arguments.class_name, arguments.id
     record = await backend.read_record(class_name, id)
     if record is None:
         print(f"error: no {class_name} record with id {id}", file=sys.stderr)
         return 1
+    try:
+        data = json.loads(record.data)
+    except ValueError as exc:
+        raise StorageValidationError(
+            f"stored {class_name} record {id} does not hold JSON: {exc}"
+        ) from exc
     _print_json(
         {
             "class_name": record.class_name,
@@ -257,13 +270,15 @@ async def _get(backend: StorageBackend, arguments: argparse.Namespace) -> int:
             "schema_version": record.schema_version,
             "created_at": record.created_at.isoformat(),
             "updated_at": record.updated_at.isoformat(),
-            "data": json.loads(record.data),
+            "data": data,
         }
     )
     return 0
 
 
-async def _rm(backend: StorageBackend, arguments: argparse.Namespace) -> int:
+async def _rm(
+    backend: StorageBackend, arguments: argparse.Namespace, on_corrupt: _CorruptRecords
+) -> int:
     class_name, ids = arguments.class_name, arguments.ids
     deleted = await backend.delete_records(class_name, ids)
     if arguments.json:
@@ -273,13 +288,15 @@ async def _rm(backend: StorageBackend, arguments: argparse.Namespace) -> int:
     return 0 if deleted == len(set(ids)) else 1
 
 
-async def _purge(backend: StorageBackend, arguments: argparse.Namespace) -> int:
+async def _purge(
+    backend: StorageBackend, arguments: argparse.Namespace, on_corrupt: _CorruptRecords
+) -> int:
     class_name = arguments.class_name
     before = datetime.now(UTC) - arguments.older_than
     if arguments.dry_run:
         progress = _Progress("scanned")
         count = 0
-        async for info in backend.scan_records(class_name):
+        async for info in _scan(backend, class_name, on_corrupt):
             count += info.updated_at < before
             progress.tick()
         progress.done()
@@ -293,7 +310,8 @@ async def _purge(backend: StorageBackend, arguments: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS: dict[str, Callable[[StorageBackend, argparse.Namespace], Awaitable[int]]] = {
+_Command = Callable[[StorageBackend, argparse.Namespace, "_CorruptRecords"], Awaitable[int]]
+_COMMANDS: dict[str, _Command] = {
     "ping": _ping,
     "stats": _stats,
     "ls": _ls,
@@ -329,6 +347,29 @@ def _id(text: object) -> UUID:
     if id is None:
         raise ValueError(f"not a UUID: {mask_url(str(text))[:80]!r}")  # masked before the cut
     return id
+
+
+class _CorruptRecords:
+    """Where a scan reports each record it cannot decode: a warning on stderr, and the scan
+    goes on, so one bad record hides none of the others; `count` makes the status 1."""
+
+    def __init__(self, words: Sequence[str]) -> None:
+        self.words = words  # masked in the warnings, like every message
+        self.count = 0
+
+    def __call__(self, error: StorageValidationError) -> None:
+        self.count += 1
+        print(f"warning: {_masked(str(error), self.words)}", file=sys.stderr)
+
+
+def _scan(
+    backend: StorageBackend, class_name: str | None, on_corrupt: _CorruptRecords
+) -> AsyncIterator[RecordInfo]:
+    """``backend.scan_records``, given ``on_corrupt`` where it takes one; without it a scan
+    stops at the first record it cannot decode."""
+    if "on_corrupt" in inspect.signature(backend.scan_records).parameters:
+        return backend.scan_records(class_name, on_corrupt=on_corrupt)  # type: ignore[call-arg]
+    return backend.scan_records(class_name)
 
 
 class _Progress:
