@@ -8,101 +8,195 @@
     python -m pydantic_toast --storage URL purge User --older-than 30d [--dry-run]
 
 The storage URL may also come from ``PYDANTIC_TOAST_STORAGE`` (kept out of the process list).
-Output is a table for people, or JSON with ``--json``. The tool works on records, not models,
-so it needs no model classes: it talks to the backend directly.
+``--storage`` and ``--json`` go anywhere on the line, before or after the command. Output is a
+table for people, or JSON with ``--json``. A record that cannot be decoded is a warning on
+stderr and the listing goes on. Exit status: 0; 1 for an error, a record not found or a
+corrupt record; 2 for a usage error.
+
+``--older-than`` takes a number and a unit: ``s``, ``min``, ``h``, ``d`` or ``w`` (``90min``,
+``1.5h``). There is no ``m``: it could mean minutes or months, so it is refused.
+
+The tool works on records, not models, so it needs no model classes: it talks to the backend
+directly.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import os
 import re
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 from uuid import UUID
 
 from pydantic_toast.backends.base import RecordInfo, StorageBackend, check_class_name
-from pydantic_toast.errors import ExternalStorageError, mask_url
+from pydantic_toast.errors import ExternalStorageError, StorageValidationError, mask_url
 from pydantic_toast.model import _parse_id
 from pydantic_toast.registry import backend_class_for
 
 __all__ = ["main"]
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)([a-z]+)", re.IGNORECASE)
+# No "m": minutes to some, months to others. A purge must not read one as the other.
+_UNITS = {"s": 1, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+_LONGEST = timedelta(days=1000 * 365)  # far past any record, well inside the calendar
 
 
 def parse_duration(text: str) -> timedelta:
-    """``30d``, ``12h``, ``90m``, ``45s``, ``2w``."""
+    """``30d``, ``12h``, ``90min``, ``45s``, ``2w``, decimals too (``1.5h``); more than zero."""
     match = _DURATION.fullmatch(text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use 30d, 12h, 90m, 45s)")
-    return timedelta(seconds=float(match[1]) * _UNITS[match[2]])
+    if match is None or match[2].lower() not in (*_UNITS, "m"):
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (use 30d, 12h, 90min, 45s or 2w)"
+        )
+    if match[2].lower() == "m":
+        raise argparse.ArgumentTypeError(
+            f"ambiguous duration {text!r}: write {match[1]}min for minutes, "
+            "or days for months (30d)"
+        )
+    seconds = float(match[1]) * _UNITS[match[2].lower()]
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"a duration must be more than zero: {text!r}")
+    if seconds > _LONGEST.total_seconds():
+        raise argparse.ArgumentTypeError(f"too long a duration: {text!r}")
+    return timedelta(seconds=seconds)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pydantic_toast", description="Inspect and maintain stored records."
-    )
-    parser.add_argument(
+class _Parser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` that masks URLs in what it prints.
+
+    argparse quotes the words it could not use in its errors: a storage URL put where it
+    does not belong would show its password. ``words`` are the command line's words.
+    """
+
+    def __init__(self, *args: Any, words: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.words = words
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.format_usage()}{self.prog}: error: {message}\n")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        super().exit(status, None if message is None else _masked(message, self.words))
+
+
+def _masked(text: str, words: Iterable[str]) -> str:
+    """``text`` with every URL among ``words`` masked by `mask_url`, however it is quoted.
+
+    A message may hold a word whole, or only its tail after an option glued to it
+    (``--json=URL``, ``-hURL``), plain or escaped by `repr`: every tail that still holds
+    the word's ``://`` (or, without one, its ``@``) is masked, longest first.
+    """
+    for word in words:
+        start = word.find("://") if "://" in word else word.find("@")
+        for tail in (word[i:] for i in range(start + 1)):
+            masked = mask_url(tail)
+            if masked != tail:
+                text = text.replace(tail, masked).replace(repr(tail)[1:-1], masked)
+    return text
+
+
+def _parser(words: Sequence[str]) -> _Parser:
+    # --storage and --json belong to the main parser and to every command's, so they may go
+    # before or after the command. Left out of the namespace unless given (SUPPRESS), they
+    # cannot be reset by a command's defaults; `main` fills in the defaults afterwards.
+    shared = _Parser(add_help=False)
+    shared.add_argument(
         "--storage",
-        default=os.environ.get("PYDANTIC_TOAST_STORAGE"),
+        default=argparse.SUPPRESS,
+        metavar="URL",
         help="storage URL (default: $PYDANTIC_TOAST_STORAGE)",
     )
-    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("ping", help="check that the storage answers")
-    commands.add_parser("stats", help="records and bytes per class")
-    ls = commands.add_parser("ls", help="a class's records, newest first, with sizes")
+    shared.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts"
+    )
+    parser = _Parser(
+        prog="python -m pydantic_toast",
+        description="Inspect and maintain stored records.",
+        parents=[shared],
+        words=words,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(name: str, help: str) -> _Parser:
+        return commands.add_parser(name, help=help, parents=[shared], words=words)
+
+    command("ping", "check that the storage answers")
+    command("stats", "records and bytes per class")
+    ls = command("ls", "a class's records, newest first, with sizes")
     ls.add_argument("class_name")
     ls.add_argument("--limit", type=int, default=50, help="at most this many (0: all)")
-    get = commands.add_parser("get", help="print a record as JSON")
+    get = command("get", "print a record as JSON")
     get.add_argument("target", nargs="+", help="CLASS ID, or a reference as JSON")
-    rm = commands.add_parser("rm", help="delete records")
+    rm = command("rm", "delete records")
     rm.add_argument("class_name")
     rm.add_argument("ids", nargs="+")
-    purge = commands.add_parser("purge", help="delete a class's records not updated lately")
+    purge = command("purge", "delete a class's records not updated lately")
     purge.add_argument("class_name")
-    purge.add_argument("--older-than", type=parse_duration, required=True, metavar="AGE")
+    purge.add_argument(
+        "--older-than",
+        type=parse_duration,
+        required=True,
+        metavar="AGE",
+        help="not updated for this long: 30d, 12h, 90min, 45s, 2w",
+    )
     purge.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    arguments = _parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    arguments = _parser(words).parse_args(words)
+    arguments.storage = getattr(arguments, "storage", os.environ.get("PYDANTIC_TOAST_STORAGE"))
+    arguments.json = getattr(arguments, "json", False)
     if not arguments.storage:
         print("error: give --storage URL or set PYDANTIC_TOAST_STORAGE", file=sys.stderr)
         return 2
-    command: Callable[[StorageBackend, argparse.Namespace], Awaitable[int]] = _COMMANDS[
-        arguments.command
-    ]
+    words = [*words, arguments.storage]  # what to mask in messages, the environment's URL too
+    on_corrupt = _CorruptRecords(words)
     try:
-        return asyncio.run(_run(arguments.storage, command, arguments))
+        _check(arguments)
+        status = asyncio.run(_run(arguments, on_corrupt))
     except (ExternalStorageError, ValueError, RecursionError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_masked(str(exc), words)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    return status or (1 if on_corrupt.count else 0)
 
 
-async def _run(
-    url: str,
-    command: Callable[[StorageBackend, argparse.Namespace], Awaitable[int]],
-    arguments: argparse.Namespace,
-) -> int:
-    backend = backend_class_for(url)(url)
+def _check(arguments: argparse.Namespace) -> None:
+    """Check class names and ids before connecting: a refused argument must leave no table or
+    directory behind, and be reported even when the storage does not answer."""
+    if "class_name" in arguments:
+        arguments.class_name = _class_name(arguments.class_name)
+    if "ids" in arguments:
+        arguments.ids = [_id(text) for text in arguments.ids]
+    if "target" in arguments:
+        arguments.class_name, arguments.id = _target(arguments.target)
+
+
+async def _run(arguments: argparse.Namespace, on_corrupt: _CorruptRecords) -> int:
+    backend = backend_class_for(arguments.storage)(arguments.storage)
+    if arguments.command in _READ_ONLY:
+        # Looking must not change the store: a typo in a table name or a path reads as a store
+        # without records, not as a new table or directory.
+        backend.create_missing = False  # type: ignore[attr-defined]
     await backend.connect()
     try:
-        return await command(backend, arguments)
+        return await _COMMANDS[arguments.command](backend, arguments, on_corrupt)
     finally:
         await backend.disconnect()
 
 
-async def _ping(backend: StorageBackend, arguments: argparse.Namespace) -> int:
+async def _ping(
+    backend: StorageBackend, arguments: argparse.Namespace, on_corrupt: _CorruptRecords
+) -> int:
     started = asyncio.get_running_loop().time()
     await backend.read_record("pydantic_toast.ping", UUID(int=0))
     elapsed = (asyncio.get_running_loop().time() - started) * 1000
@@ -114,10 +208,12 @@ async def _ping(backend: StorageBackend, arguments: argparse.Namespace) -> int:
     return 0
 
 
-async def _stats(backend: StorageBackend, arguments: argparse.Namespace) -> int:
+async def _stats(
+    backend: StorageBackend, arguments: argparse.Namespace, on_corrupt: _CorruptRecords
+) -> int:
     classes: dict[str, dict[str, Any]] = {}
     progress = _Progress("scanned")
-    async for info in backend.scan_records(None):
+    async for info in _scan(backend, None, on_corrupt):
         entry = classes.setdefault(info.class_name, {"records": 0, "bytes": 0, "newest": None})
         entry["records"] += 1
         entry["bytes"] += info.size
@@ -136,9 +232,10 @@ async def _stats(backend: StorageBackend, arguments: argparse.Namespace) -> int:
     return 0
 
 
-async def _ls(backend: StorageBackend, arguments: argparse.Namespace) -> int:
-    class_name = check_class_name(arguments.class_name)
-    infos: list[RecordInfo] = [info async for info in backend.scan_records(class_name)]
+async def _ls(
+    backend: StorageBackend, arguments: argparse.Namespace, on_corrupt: _CorruptRecords
+) -> int:
+    infos = [info async for info in _scan(backend, arguments.class_name, on_corrupt)]
     infos.sort(key=lambda info: info.updated_at, reverse=True)
     if arguments.limit:
         infos = infos[: arguments.limit]
@@ -152,12 +249,20 @@ async def _ls(backend: StorageBackend, arguments: argparse.Namespace) -> int:
     return 0
 
 
-async def _get(backend: StorageBackend, arguments: argparse.Namespace) -> int:
-    class_name, id = _target(arguments.target)
+async def _get(
+    backend: StorageBackend, arguments: argparse.Namespace, on_corrupt: _CorruptRecords
+) -> int:
+    class_name, id = arguments.class_name, arguments.id
     record = await backend.read_record(class_name, id)
     if record is None:
         print(f"error: no {class_name} record with id {id}", file=sys.stderr)
         return 1
+    try:
+        data = json.loads(record.data)
+    except ValueError as exc:
+        raise StorageValidationError(
+            f"stored {class_name} record {id} does not hold JSON: {exc}"
+        ) from exc
     _print_json(
         {
             "class_name": record.class_name,
@@ -165,15 +270,16 @@ async def _get(backend: StorageBackend, arguments: argparse.Namespace) -> int:
             "schema_version": record.schema_version,
             "created_at": record.created_at.isoformat(),
             "updated_at": record.updated_at.isoformat(),
-            "data": json.loads(record.data),
+            "data": data,
         }
     )
     return 0
 
 
-async def _rm(backend: StorageBackend, arguments: argparse.Namespace) -> int:
-    class_name = check_class_name(arguments.class_name)
-    ids = [_id(text) for text in arguments.ids]
+async def _rm(
+    backend: StorageBackend, arguments: argparse.Namespace, on_corrupt: _CorruptRecords
+) -> int:
+    class_name, ids = arguments.class_name, arguments.ids
     deleted = await backend.delete_records(class_name, ids)
     if arguments.json:
         _print_json({"requested": len(ids), "deleted": deleted})
@@ -182,13 +288,15 @@ async def _rm(backend: StorageBackend, arguments: argparse.Namespace) -> int:
     return 0 if deleted == len(set(ids)) else 1
 
 
-async def _purge(backend: StorageBackend, arguments: argparse.Namespace) -> int:
-    class_name = check_class_name(arguments.class_name)
+async def _purge(
+    backend: StorageBackend, arguments: argparse.Namespace, on_corrupt: _CorruptRecords
+) -> int:
+    class_name = arguments.class_name
     before = datetime.now(UTC) - arguments.older_than
     if arguments.dry_run:
         progress = _Progress("scanned")
         count = 0
-        async for info in backend.scan_records(class_name):
+        async for info in _scan(backend, class_name, on_corrupt):
             count += info.updated_at < before
             progress.tick()
         progress.done()
@@ -202,7 +310,8 @@ async def _purge(backend: StorageBackend, arguments: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS: dict[str, Callable[[StorageBackend, argparse.Namespace], Awaitable[int]]] = {
+_Command = Callable[[StorageBackend, argparse.Namespace, "_CorruptRecords"], Awaitable[int]]
+_COMMANDS: dict[str, _Command] = {
     "ping": _ping,
     "stats": _stats,
     "ls": _ls,
@@ -210,6 +319,7 @@ _COMMANDS: dict[str, Callable[[StorageBackend, argparse.Namespace], Awaitable[in
     "rm": _rm,
     "purge": _purge,
 }
+_READ_ONLY = frozenset({"ping", "stats", "ls", "get"})
 
 
 def _target(words: list[str]) -> tuple[str, UUID]:
@@ -220,17 +330,46 @@ def _target(words: list[str]) -> tuple[str, UUID]:
             raise ValueError("give CLASS ID, or a reference as JSON") from None
         if not isinstance(reference, dict) or set(reference) != {"class_name", "id"}:
             raise ValueError('a reference is {"class_name": ..., "id": ...}')
-        return check_class_name(reference["class_name"]), _id(reference["id"])
+        return _class_name(reference["class_name"]), _id(reference["id"])
     if len(words) == 2:
-        return check_class_name(words[0]), _id(words[1])
+        return _class_name(words[0]), _id(words[1])
     raise ValueError("give CLASS ID, or a reference as JSON")
+
+
+def _class_name(name: object) -> str:
+    """`check_class_name`, masking first: a refused name is quoted cut short, and the cut can
+    drop the ``@`` that ends a password. A valid name has no ``@`` and stays as it is."""
+    return check_class_name(mask_url(name) if isinstance(name, str) else name)
 
 
 def _id(text: object) -> UUID:
     id = _parse_id(text)
     if id is None:
-        raise ValueError(f"not a UUID: {str(text)[:80]!r}")
+        raise ValueError(f"not a UUID: {mask_url(str(text))[:80]!r}")  # masked before the cut
     return id
+
+
+class _CorruptRecords:
+    """Where a scan reports each record it cannot decode: a warning on stderr, and the scan
+    goes on, so one bad record hides none of the others; `count` makes the status 1."""
+
+    def __init__(self, words: Sequence[str]) -> None:
+        self.words = words  # masked in the warnings, like every message
+        self.count = 0
+
+    def __call__(self, error: StorageValidationError) -> None:
+        self.count += 1
+        print(f"warning: {_masked(str(error), self.words)}", file=sys.stderr)
+
+
+def _scan(
+    backend: StorageBackend, class_name: str | None, on_corrupt: _CorruptRecords
+) -> AsyncIterator[RecordInfo]:
+    """``backend.scan_records``, given ``on_corrupt`` where it takes one; without it a scan
+    stops at the first record it cannot decode."""
+    if "on_corrupt" in inspect.signature(backend.scan_records).parameters:
+        return backend.scan_records(class_name, on_corrupt=on_corrupt)  # type: ignore[call-arg]
+    return backend.scan_records(class_name)
 
 
 class _Progress:
@@ -265,7 +404,7 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     print(
         "  ".join(
             column.upper().ljust(width) for column, width in zip(columns, widths, strict=True)
-        )
+        ).rstrip()
     )
     for row in cells:
         print(

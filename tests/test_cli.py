@@ -1,22 +1,34 @@
 """`python -m pydantic_toast`, run as a subprocess against every backend that outlives a
-process (the real SQLite file, directory, PostgreSQL, Redis and S3)."""
+process (the real SQLite file, directory, PostgreSQL, Redis and S3), and against a spy backend
+that shows what the CLI asks of a backend.
+
+Run as ``python -m tests.test_cli ARGUMENTS``, this module is the CLI with ``spy://`` storage.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import os
+import sqlite3
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from uuid import UUID, uuid4
 
 import pytest
 
-from pydantic_toast import ExternalBaseModel, ExternalConfigDict
-from pydantic_toast.backends.base import Record
+from pydantic_toast import ExternalBaseModel, ExternalConfigDict, register_backend
+from pydantic_toast.backends.base import Record, RecordInfo
+from pydantic_toast.backends.memory import MemoryBackend
+from pydantic_toast.cli import main
+from pydantic_toast.errors import StorageValidationError
 from pydantic_toast.registry import get_backend
 
 PERSISTENT = ["sqlite", "file", "postgresql", "redis", "s3"]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(params=PERSISTENT)
@@ -146,3 +158,245 @@ def test_cli_needs_a_storage() -> None:
     )
     assert result.returncode == 2
     assert "give --storage URL" in result.stderr
+
+
+GOOD = [UUID(int=1), UUID(int=2)]  # the spy's Invoice records
+BAD = UUID(int=3)  # an Invoice record that cannot be decoded
+NOT_JSON = UUID(int=4)  # a Note record whose data is not JSON
+CORRUPT = f"stored Invoice record {BAD} is corrupt: not a pydantic-toast envelope"
+JANUARY = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+
+
+class SpyBackend(MemoryBackend):
+    """A memory backend that says on stderr how the CLI set it up before connecting, holding
+    two Invoice records, a corrupt one (`BAD`) and a Note record that does not hold JSON."""
+
+    async def connect(self) -> None:
+        print(f"spy: create_missing={getattr(self, 'create_missing', True)}", file=sys.stderr)
+        await super().connect()
+        for day, (id, data) in enumerate(zip(GOOD, [b'{"n":1}', b'{"n":22}'], strict=True)):
+            when = JANUARY + dt.timedelta(days=day)
+            await self.write_record(Record(id, "Invoice", data, 1, when, when))
+        when = JANUARY + dt.timedelta(days=2)
+        await self.write_record(Record(NOT_JSON, "Note", b"not json", 1, when, when))
+
+    async def scan_records(
+        self,
+        class_name: str | None = None,
+        *,
+        on_corrupt: Callable[[StorageValidationError], None] | None = None,
+    ) -> AsyncIterator[RecordInfo]:
+        if class_name in (None, "Invoice"):  # the corrupt record comes first, the scan goes on
+            if on_corrupt is None:
+                raise StorageValidationError(CORRUPT)
+            on_corrupt(StorageValidationError(CORRUPT))
+        async for info in super().scan_records(class_name):
+            yield info
+
+    async def read_record(self, class_name: str, id: UUID) -> Record | None:
+        if id == BAD:
+            raise StorageValidationError(CORRUPT)
+        return await super().read_record(class_name, id)
+
+
+def spy_cli(*arguments: str) -> subprocess.CompletedProcess[str]:
+    """The CLI on ``spy://`` storage, in a process of its own (see the end of this module)."""
+    return subprocess.run(
+        [sys.executable, "-m", "tests.test_cli", "--storage", "spy://store", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
+ID = "550e8400-e29b-41d4-a716-446655440000"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "create_missing"),
+    [
+        (["ping"], False),
+        (["stats"], False),
+        (["ls", "Invoice"], False),
+        (["get", "Invoice", ID], False),
+        (["rm", "Invoice", ID], True),
+        (["purge", "Invoice", "--older-than", "1d"], True),
+    ],
+)
+def test_only_commands_that_write_may_create_tables(
+    arguments: list[str], create_missing: bool
+) -> None:
+    result = spy_cli(*arguments)
+    assert result.stderr.splitlines()[0] == f"spy: create_missing={create_missing}"
+    assert "Traceback" not in result.stderr
+
+
+READ_ONLY = [["ping"], ["stats"], ["ls", "Invoice"], ["get", "Invoice", ID]]
+
+
+@pytest.mark.xfail(strict=False, reason="backends honour create_missing in the spine change")
+@pytest.mark.parametrize("arguments", READ_ONLY)
+async def test_read_only_commands_create_no_sqlite_table(
+    sqlite_url: str, tmp_path: Path, arguments: list[str]
+) -> None:
+    await populate(sqlite_url)  # a real table, next to which a typo must not make another
+    for url in (f"{sqlite_url}?table=nope_typo", f"sqlite:///{tmp_path}/missing.db"):
+        result = cli(url, *arguments)
+        assert result.returncode in (0, 1) and "Traceback" not in result.stderr
+    with sqlite3.connect(tmp_path / "models.db") as connection:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+    assert "nope_typo" not in tables
+    assert not (tmp_path / "missing.db").exists()
+
+
+@pytest.mark.xfail(strict=False, reason="backends honour create_missing in the spine change")
+@pytest.mark.parametrize("arguments", READ_ONLY)
+def test_read_only_commands_create_no_directory(tmp_path: Path, arguments: list[str]) -> None:
+    result = cli(f"file://{tmp_path}/missing", *arguments)
+    assert result.returncode in (0, 1) and "Traceback" not in result.stderr
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.xfail(strict=False, reason="backends honour create_missing in the spine change")
+@pytest.mark.parametrize("arguments", READ_ONLY)
+def test_read_only_commands_create_no_postgresql_table(
+    postgresql_url: str, namespace: str, arguments: list[str]
+) -> None:
+    import asyncpg
+
+    result = cli(postgresql_url, *arguments)
+    assert result.returncode in (0, 1) and "Traceback" not in result.stderr
+
+    async def exists() -> bool:
+        connection = await asyncpg.connect(postgresql_url.partition("?")[0])
+        try:
+            return await connection.fetchval("SELECT to_regclass($1)", namespace) is not None
+        finally:
+            await connection.close()
+
+    assert not asyncio.run(exists())
+
+
+def test_a_corrupt_record_is_reported_and_the_others_listed() -> None:
+    listed = spy_cli("ls", "Invoice")
+    assert (listed.returncode, listed.stdout, listed.stderr) == (
+        1,
+        "ID                                    BYTES  UPDATED_AT\n"
+        f"{GOOD[1]}  8      2020-01-02T00:00:00+00:00\n"
+        f"{GOOD[0]}  7      2020-01-01T00:00:00+00:00\n",
+        f"spy: create_missing=False\nwarning: {CORRUPT}\n",
+    )
+    stats = spy_cli("stats", "--json")
+    assert (stats.returncode, stats.stderr) == (
+        1,
+        f"spy: create_missing=False\nwarning: {CORRUPT}\n",
+    )
+    assert json.loads(stats.stdout) == [
+        {"class_name": "Invoice", "records": 2, "bytes": 15, "newest": "2020-01-02T00:00:00+00:00"},
+        {"class_name": "Note", "records": 1, "bytes": 8, "newest": "2020-01-03T00:00:00+00:00"},
+    ]
+    dry = spy_cli("purge", "Invoice", "--older-than", "1d", "--dry-run", "--json")
+    assert (dry.returncode, dry.stderr) == (1, f"spy: create_missing=True\nwarning: {CORRUPT}\n")
+    assert json.loads(dry.stdout)["would delete"] == 2
+    clean = spy_cli("ls", "Note")  # no corrupt record among the Notes: status 0
+    assert (clean.returncode, clean.stderr) == (0, "spy: create_missing=False\n")
+
+
+def test_getting_a_corrupt_record_is_an_error() -> None:
+    corrupt = spy_cli("get", "Invoice", str(BAD))
+    assert (corrupt.returncode, corrupt.stdout, corrupt.stderr) == (
+        1,
+        "",
+        f"spy: create_missing=False\nerror: {CORRUPT}\n",
+    )
+    not_json = spy_cli("get", "Note", str(NOT_JSON))
+    assert (not_json.returncode, not_json.stdout, not_json.stderr) == (
+        1,
+        "",
+        "spy: create_missing=False\nerror: stored Note record "
+        f"{NOT_JSON} does not hold JSON: Expecting value: line 1 column 1 (char 0)\n",
+    )
+    good = spy_cli("get", "Invoice", str(GOOD[1]))
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout)["data"] == {"n": 22}
+
+
+def corrupt_a_record(kind: str, url: str, namespace: str, tmp_path: Path) -> UUID:
+    """Store an Invoice record that cannot be decoded, with the backend's own driver."""
+    id = uuid4()
+    if kind == "redis":
+        import redis
+
+        client = redis.Redis.from_url(url.partition("?")[0])
+        try:
+            client.set(f"{namespace}:Invoice:{id}", b"\x00garbage")
+        finally:
+            client.close()
+    elif kind == "file":
+        (tmp_path / "records" / "Invoice" / f"{id}.json").write_bytes(b"\x00garbage")
+    else:
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+        with sqlite3.connect(tmp_path / "models.db") as connection:
+            connection.execute(
+                "INSERT INTO external_models VALUES (?, 'Invoice', '{}', 'x', ?, ?)",
+                (str(id), now, now),
+            )
+    return id
+
+
+@pytest.mark.xfail(strict=False, reason="needs on_corrupt in the backends (spine change)")
+@pytest.mark.parametrize("kind", ["redis", "file", "sqlite"])
+async def test_a_corrupt_stored_record_is_reported_and_the_others_listed(
+    request: pytest.FixtureRequest, kind: str, namespace: str, tmp_path: Path
+) -> None:
+    url: str = request.getfixturevalue(f"{kind}_url")
+    invoices, _ = await populate(url)
+    bad = corrupt_a_record(kind, url, namespace, tmp_path)
+
+    def warned(result: subprocess.CompletedProcess[str]) -> bool:
+        warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+        return len(warnings) == 1 and str(bad) in warnings[0] and "Traceback" not in result.stderr
+
+    listed = cli(url, "--json", "ls", "Invoice")
+    assert listed.returncode == 1 and warned(listed)
+    assert {row["id"] for row in json.loads(listed.stdout)} == {r["id"] for r in invoices}
+    stats = cli(url, "--json", "stats")
+    assert stats.returncode == 1 and warned(stats)
+    assert {row["class_name"]: row["records"] for row in json.loads(stats.stdout)} == {
+        "Invoice": 5,
+        "Receipt": 2,
+    }
+    dry = cli(url, "--json", "purge", "Invoice", "--older-than", "30d", "--dry-run")
+    assert dry.returncode == 1 and warned(dry)
+    assert json.loads(dry.stdout)["would delete"] == 2
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "redis",
+        "file",
+        pytest.param(
+            "sqlite",
+            marks=pytest.mark.xfail(
+                strict=False, reason="needs on_corrupt in the backends (spine change)"
+            ),
+        ),
+    ],
+)
+async def test_getting_a_corrupt_stored_record_is_an_error(
+    request: pytest.FixtureRequest, kind: str, namespace: str, tmp_path: Path
+) -> None:
+    url: str = request.getfixturevalue(f"{kind}_url")
+    await populate(url)
+    bad = corrupt_a_record(kind, url, namespace, tmp_path)
+    result = cli(url, "get", "Invoice", str(bad))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.startswith("error: ") and str(bad) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+if __name__ == "__main__":
+    register_backend("spy", SpyBackend)
+    sys.exit(main())
