@@ -11,7 +11,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import pydantic_toast
-import pydantic_toast.backends.base
+import pydantic_toast.backends.records
 import pydantic_toast.registry
 from benchmarks.backends import RawStore, Target
 from benchmarks.models import (
@@ -488,7 +488,7 @@ async def _stored_size(target: Target, model: type[Doc], id: str) -> int:
     backend = await pydantic_toast.registry.get_backend(target.url)
     record = await backend.read_record(model.__external_class_name__, UUID(id))
     assert record is not None
-    raw = pydantic_toast.backends.base.encode_envelope(
+    raw = pydantic_toast.backends.records.encode_envelope(
         dataclasses.replace(record, compress_above=model.__external_compress_above__)
     )
     return len(raw)

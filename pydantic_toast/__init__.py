@@ -3,10 +3,13 @@
 from pydantic_toast.backends.base import StorageBackend
 from pydantic_toast.bridge import aclose, close
 from pydantic_toast.errors import (
+    CorruptRecordError,
     ExternalStorageError,
     RecordNotFoundError,
     StorageConnectionError,
+    StorageOperationError,
     StorageValidationError,
+    UnsupportedOperationError,
 )
 from pydantic_toast.external import (
     External,
@@ -28,6 +31,7 @@ from pydantic_toast.model import (
 from pydantic_toast.registry import register_backend
 
 __all__ = [
+    "CorruptRecordError",
     "External",
     "ExternalBaseModel",
     "ExternalConfigDict",
@@ -39,7 +43,9 @@ __all__ = [
     "RecordNotFoundError",
     "StorageBackend",
     "StorageConnectionError",
+    "StorageOperationError",
     "StorageValidationError",
+    "UnsupportedOperationError",
     "aclose",
     "close",
     "dump",

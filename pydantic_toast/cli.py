@@ -24,18 +24,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import json
 import os
 import re
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TextIO
 from uuid import UUID
 
-from pydantic_toast.backends.base import RecordInfo, StorageBackend, check_class_name
-from pydantic_toast.errors import ExternalStorageError, StorageValidationError, mask_url
+from pydantic_toast.backends.base import StorageBackend
+from pydantic_toast.backends.records import check_class_name
+from pydantic_toast.errors import (
+    CorruptRecordError,
+    ExternalStorageError,
+    StorageValidationError,
+    mask_url,
+)
 from pydantic_toast.model import _parse_id
 from pydantic_toast.registry import backend_class_for
 
@@ -186,8 +191,8 @@ async def _run(arguments: argparse.Namespace, on_corrupt: _CorruptRecords) -> in
     if arguments.command in _READ_ONLY:
         # Looking must not change the store: a typo in a table name or a path reads as a store
         # without records, not as a new table or directory.
-        backend.create_missing = False  # type: ignore[attr-defined]
-    await backend.connect()
+        backend.create_missing = False
+    await backend.open()
     try:
         return await _COMMANDS[arguments.command](backend, arguments, on_corrupt)
     finally:
@@ -213,7 +218,7 @@ async def _stats(
 ) -> int:
     classes: dict[str, dict[str, Any]] = {}
     progress = _Progress("scanned")
-    async for info in _scan(backend, None, on_corrupt):
+    async for info in backend.scan_records(None, on_corrupt=on_corrupt):
         entry = classes.setdefault(info.class_name, {"records": 0, "bytes": 0, "newest": None})
         entry["records"] += 1
         entry["bytes"] += info.size
@@ -235,7 +240,9 @@ async def _stats(
 async def _ls(
     backend: StorageBackend, arguments: argparse.Namespace, on_corrupt: _CorruptRecords
 ) -> int:
-    infos = [info async for info in _scan(backend, arguments.class_name, on_corrupt)]
+    infos = [
+        info async for info in backend.scan_records(arguments.class_name, on_corrupt=on_corrupt)
+    ]
     infos.sort(key=lambda info: info.updated_at, reverse=True)
     if arguments.limit:
         infos = infos[: arguments.limit]
@@ -296,7 +303,7 @@ async def _purge(
     if arguments.dry_run:
         progress = _Progress("scanned")
         count = 0
-        async for info in _scan(backend, class_name, on_corrupt):
+        async for info in backend.scan_records(class_name, on_corrupt=on_corrupt):
             count += info.updated_at < before
             progress.tick()
         progress.done()
@@ -357,19 +364,9 @@ class _CorruptRecords:
         self.words = words  # masked in the warnings, like every message
         self.count = 0
 
-    def __call__(self, error: StorageValidationError) -> None:
+    def __call__(self, error: CorruptRecordError) -> None:
         self.count += 1
         print(f"warning: {_masked(str(error), self.words)}", file=sys.stderr)
-
-
-def _scan(
-    backend: StorageBackend, class_name: str | None, on_corrupt: _CorruptRecords
-) -> AsyncIterator[RecordInfo]:
-    """``backend.scan_records``, given ``on_corrupt`` where it takes one; without it a scan
-    stops at the first record it cannot decode."""
-    if "on_corrupt" in inspect.signature(backend.scan_records).parameters:
-        return backend.scan_records(class_name, on_corrupt=on_corrupt)  # type: ignore[call-arg]
-    return backend.scan_records(class_name)
 
 
 class _Progress:

@@ -2,6 +2,23 @@
 
 Every error a user can see passes through here, so this is the one place that decides how a
 storage URL is shown: with its password replaced by ``***``.
+
+The tree. Catch the four public bases; the leaves say more::
+
+    ExternalStorageError                  anything pydantic-toast raises
+    ├── StorageConnectionError            transient: unreachable, reset, timed out, failing
+    │                                     over. The only kind that is retried.
+    ├── StorageOperationError             permanent: the store answered and refused, or failed
+    │   │                                 for good (permission denied, disk full, a closed
+    │   │                                 backend, a bug in a custom backend). Never retried.
+    │   └── UnsupportedOperationError     the backend cannot do this (also NotImplementedError)
+    ├── RecordNotFoundError               no record for the reference (also LookupError)
+    └── StorageValidationError            bad configuration, reference or data (also ValueError)
+        └── CorruptRecordError            what the store holds is not a valid record
+
+``StorageConnectionError`` and ``StorageOperationError`` carry ``url`` (password masked) and
+``failed_ids``; the driver's exception is their ``__cause__``. Every exception here survives
+`copy.copy` and `pickle` (Celery and multiprocessing send exceptions between processes).
 """
 
 from __future__ import annotations
@@ -11,10 +28,13 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 __all__ = [
+    "CorruptRecordError",
     "ExternalStorageError",
     "RecordNotFoundError",
     "StorageConnectionError",
+    "StorageOperationError",
     "StorageValidationError",
+    "UnsupportedOperationError",
     "mask_url",
     "scrub_password",
 ]
@@ -73,12 +93,23 @@ def _is_secret_option(key: str) -> bool:
 class ExternalStorageError(Exception):
     """Base class of every error pydantic-toast raises."""
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from its state, not through __init__ (whose arguments differ per class and
+        # which would mask the URL and append it again): copies and pickles keep everything.
+        return (_rebuild, (type(self), self.args, self.__dict__))
 
-class StorageConnectionError(ExternalStorageError):
-    """The storage could not be reached, or it failed while talking to it.
 
-    ``url`` is the storage URL with its password masked; the driver's own exception is
-    chained as ``__cause__``.
+def _rebuild(cls: type[ExternalStorageError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    if "failed_ids" in state:
+        error.__dict__["failed_ids"] = list(state["failed_ids"])  # a copy owns its list
+    return error
+
+
+class _StorageFailure(ExternalStorageError):
+    """A failure while talking to a store: ``url`` masked, ``failed_ids`` of a write.
 
     ``failed_ids``, when the failure ended a write, lists the ids of the records that write
     may not have stored; every other record it was given is stored. A record listed may
@@ -86,27 +117,27 @@ class StorageConnectionError(ExternalStorageError):
     writes are upserts by id, so writing the listed records again is always safe.
     """
 
-    def __init__(self, message: str, url: str, *, failed_ids: Iterable[str] = ()) -> None:
-        self.url = mask_url(url)
+    def __init__(self, message: str, url: str = "", *, failed_ids: Iterable[str] = ()) -> None:
+        self.url = mask_url(url) if url else ""
         self.failed_ids: list[str] = list(failed_ids)
-        super().__init__(f"{scrub_password(message, url)} ({self.url})")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Rebuilt from its state, not through __init__ (which would mask the URL and append
-        # it again): copies and pickles work.
-        return (_rebuild, (type(self), self.args, self.__dict__))
+        shown = scrub_password(message, url) if url else message
+        super().__init__(f"{shown} ({self.url})" if self.url else shown)
 
 
-def _rebuild(
-    cls: type[StorageConnectionError], args: tuple[Any, ...], state: dict[str, Any]
-) -> Any:
-    error = cls.__new__(cls)
-    error.args = args
-    error.__dict__.update(state, failed_ids=list(state.get("failed_ids", ())))
-    return error
+class StorageConnectionError(_StorageFailure):
+    """The storage could not be reached, or the connection failed: transient, so retried."""
 
 
-class RecordNotFoundError(ExternalStorageError):
+class StorageOperationError(_StorageFailure):
+    """The storage refused or failed for good: retrying cannot help, so nothing retries."""
+
+
+class UnsupportedOperationError(StorageOperationError, NotImplementedError):
+    """The backend does not implement this operation (a four-method custom backend cannot
+    delete or list records)."""
+
+
+class RecordNotFoundError(ExternalStorageError, LookupError):
     """No record exists for the reference.
 
     ``id`` is the first missing id; ``ids`` lists every missing id of a batch.
@@ -125,5 +156,15 @@ class RecordNotFoundError(ExternalStorageError):
         super().__init__(message)
 
 
-class StorageValidationError(ExternalStorageError):
+class StorageValidationError(ExternalStorageError, ValueError):
     """Configuration, a reference or a stored record is not what it must be."""
+
+
+class CorruptRecordError(StorageValidationError):
+    """A stored record cannot be decoded: it names the class and id (``class_name``, ``id``),
+    never the stored bytes."""
+
+    def __init__(self, class_name: str, id: object, problem: str) -> None:
+        self.class_name = class_name
+        self.id = str(id)
+        super().__init__(f"stored {class_name} record {id} is corrupt: {problem}")

@@ -36,7 +36,8 @@ from uuid import UUID, uuid4
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError, PydanticSerializationUnexpectedValue, core_schema
 
-from pydantic_toast.backends.base import Record, StorageBackend, check_class_name
+from pydantic_toast.backends.base import StorageBackend
+from pydantic_toast.backends.records import Record, check_class_name
 from pydantic_toast.bridge import run_sync
 from pydantic_toast.errors import StorageValidationError
 from pydantic_toast.model import ExternalBaseModel, _parse_id, _set_metadata

@@ -7,8 +7,10 @@ move the bytes, the registry finds the live backend, the bridge runs the sync tw
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import logging
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -20,7 +22,8 @@ from uuid import UUID, uuid4
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import PydanticSerializationError
 
-from pydantic_toast.backends.base import Record, StorageBackend, check_class_name, require_zstd
+from pydantic_toast.backends.base import StorageBackend
+from pydantic_toast.backends.records import Record, check_class_name, require_zstd
 from pydantic_toast.bridge import run_sync
 from pydantic_toast.errors import (
     ExternalStorageError,
@@ -143,6 +146,7 @@ class ExternalBaseModel(BaseModel):
         super().__pydantic_init_subclass__(**kwargs)
         owner = f"{cls.__module__}.{cls.__qualname__}"
         config = cls.model_config
+        _check_config_keys(config, owner)
         storage = config.get("storage")
         if not storage:
             raise StorageValidationError(
@@ -167,7 +171,7 @@ class ExternalBaseModel(BaseModel):
                 if isinstance(base, type)
             ):
                 explicit = None
-            class_name = check_class_name(explicit or cls.__name__)
+            class_name = check_class_name(cls.__name__ if explicit is None else explicit)
         except StorageValidationError as exc:
             raise StorageValidationError(f"{owner}: {exc}") from exc
         ttl = config.get("ttl")
@@ -283,7 +287,9 @@ class ExternalBaseModel(BaseModel):
         batches: dict[str, list[Record]] = {}
         for model in models:
             if not isinstance(model, cls):
-                raise TypeError(f"save_external_many of {cls.__name__} got {type(model).__name__}")
+                raise StorageValidationError(
+                    f"save_external_many of {cls.__name__} got {type(model).__name__}"
+                )
             if id(model) not in records:
                 record = records[id(model)] = model._to_record(now)
                 batches.setdefault(type(model).__external_storage__, []).append(record)
@@ -453,7 +459,7 @@ class ExternalBaseModel(BaseModel):
                 raise RecordNotFoundError(cls.__external_class_name__, ["(never saved)"])
             reference = {"class_name": metadata.class_name, "id": str(metadata.id)}
         if reference is None:
-            raise TypeError(f"{cls.__name__}.delete_external() needs a reference")
+            raise StorageValidationError(f"{cls.__name__}.delete_external() needs a reference")
         id = cls._reference_id(reference)
         name = cls.__external_class_name__
         deleted = (
@@ -493,7 +499,9 @@ class ExternalBaseModel(BaseModel):
         if before is None:
             age = older_than if older_than is not None else cls.__external_ttl__
             if age is None:
-                raise ValueError(f"{cls.__name__}.purge_external needs older_than or before")
+                raise StorageValidationError(
+                    f"{cls.__name__}.purge_external needs older_than or before"
+                )
             before = datetime.now(UTC) - age
         name, cutoff = cls.__external_class_name__, before
         return await with_backend(
@@ -528,6 +536,17 @@ class ExternalBaseModel(BaseModel):
             raise StorageValidationError(
                 f"{cls.__external_class_name__} cannot be serialized to JSON: {exc}"
             ) from exc
+        # Pydantic writes NaN and infinity as null by default, which never loads back into a
+        # float field: refuse to store what cannot be read, unless the model's own config
+        # writes them in a form that loads back (ser_json_inf_nan="strings" or "constants").
+        if b"null" in data and cls.model_config.get("ser_json_inf_nan", "null") == "null":
+            where = _non_finite_floats(self)
+            if where is not None:
+                raise StorageValidationError(
+                    f"{cls.__external_class_name__} field {where} is not a finite number: "
+                    "it would be stored as null and never load back (set "
+                    "ser_json_inf_nan='strings' in the model's config to store it)"
+                )
         return Record(
             id=pending if metadata is None else metadata.id,
             class_name=cls.__external_class_name__,
@@ -669,7 +688,7 @@ class ExternalBaseModel(BaseModel):
     def _live(cls, record: Record | None) -> Record | None:
         """``record``, or ``None`` when there is none or it outlived the class's ttl."""
         ttl = cls.__external_ttl__
-        if record is not None and ttl is not None and record.updated_at + ttl < datetime.now(UTC):
+        if record is not None and ttl is not None and _expired(record.updated_at, ttl):
             return None
         return record
 
@@ -745,6 +764,43 @@ def _set_metadata(model: ExternalBaseModel, record: Record) -> None:
     )
 
 
+_CONFIG_KEYS = frozenset(ExternalConfigDict.__optional_keys__) | frozenset(
+    ExternalConfigDict.__required_keys__
+)
+
+
+def _check_config_keys(config: Mapping[str, Any], owner: str) -> None:
+    """A misspelt setting (``tll=60``) would be ignored without a word: refuse it."""
+    for key in config:
+        if key not in _CONFIG_KEYS:
+            close = difflib.get_close_matches(key, _CONFIG_KEYS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise StorageValidationError(
+                f"{owner}: unknown ExternalConfigDict key {_short(key)}{hint}"
+            )
+
+
+def _non_finite_floats(value: object, path: str = "") -> str | None:
+    """The path of the first NaN or infinity in a dumped model, or ``None``."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path or "the value"
+    if isinstance(value, BaseModel):
+        items: Iterable[tuple[object, object]] = (
+            (k, getattr(value, k)) for k in type(value).model_fields
+        )
+    elif isinstance(value, Mapping):
+        items = value.items()
+    elif isinstance(value, list | tuple | set | frozenset):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _non_finite_floats(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 # Which class stores under which name in which storage: (storage, class name) -> owner.
 _names: dict[tuple[str, str], str] = {}
 
@@ -773,6 +829,16 @@ def _claim_name(cls: type, storage: str, class_name: str, owner: str) -> None:
 
 class ExternalNameWarning(UserWarning):
     """Two classes defined inside functions store under one name in one storage."""
+
+
+def _expired(updated_at: datetime, ttl: timedelta) -> bool:
+    """Whether a record last updated at ``updated_at`` outlived ``ttl``. Computed from now
+    backwards, so a record at the edge of time (year 9999, PostgreSQL's ``infinity``) never
+    overflows: it simply has not expired."""
+    try:
+        return updated_at < datetime.now(UTC) - ttl
+    except OverflowError:  # a ttl reaching before year 1: nothing is that old
+        return False
 
 
 def _parse_id(value: object) -> UUID | None:

@@ -22,7 +22,6 @@ from urllib.parse import urlsplit
 from pydantic_toast.backends.base import StorageBackend
 from pydantic_toast.errors import (
     ExternalStorageError,
-    StorageConnectionError,
     StorageValidationError,
     mask_url,
 )
@@ -183,21 +182,14 @@ async def _connect(loop: asyncio.AbstractEventLoop, url: str) -> StorageBackend:
         attempt.add_done_callback(partial(_attempt_done, per_loop, url))
     try:
         return await asyncio.shield(attempt)
-    except StorageConnectionError as exc:
+    except ExternalStorageError as exc:
         # Every caller gets an error object of its own: callers add to it (`failed_ids`).
         raise copy.copy(exc) from exc.__cause__
 
 
 async def _open(per_loop: _LoopBackends, url: str) -> StorageBackend:
     backend = backend_class_for(url)(url)
-    try:
-        await backend.connect()
-    except ExternalStorageError:
-        raise
-    except Exception as exc:
-        raise StorageConnectionError(
-            f"could not connect {type(backend).__name__}: {type(exc).__name__}: {exc}", url
-        ) from exc
+    await backend.open()
     per_loop.backends[url] = backend
     return backend
 

@@ -235,7 +235,6 @@ def test_only_commands_that_write_may_create_tables(
 READ_ONLY = [["ping"], ["stats"], ["ls", "Invoice"], ["get", "Invoice", ID]]
 
 
-@pytest.mark.xfail(strict=False, reason="backends honour create_missing in the spine change")
 @pytest.mark.parametrize("arguments", READ_ONLY)
 async def test_read_only_commands_create_no_sqlite_table(
     sqlite_url: str, tmp_path: Path, arguments: list[str]
@@ -250,7 +249,6 @@ async def test_read_only_commands_create_no_sqlite_table(
     assert not (tmp_path / "missing.db").exists()
 
 
-@pytest.mark.xfail(strict=False, reason="backends honour create_missing in the spine change")
 @pytest.mark.parametrize("arguments", READ_ONLY)
 def test_read_only_commands_create_no_directory(tmp_path: Path, arguments: list[str]) -> None:
     result = cli(f"file://{tmp_path}/missing", *arguments)
@@ -258,7 +256,6 @@ def test_read_only_commands_create_no_directory(tmp_path: Path, arguments: list[
     assert not (tmp_path / "missing").exists()
 
 
-@pytest.mark.xfail(strict=False, reason="backends honour create_missing in the spine change")
 @pytest.mark.parametrize("arguments", READ_ONLY)
 def test_read_only_commands_create_no_postgresql_table(
     postgresql_url: str, namespace: str, arguments: list[str]
@@ -345,7 +342,6 @@ def corrupt_a_record(kind: str, url: str, namespace: str, tmp_path: Path) -> UUI
     return id
 
 
-@pytest.mark.xfail(strict=False, reason="needs on_corrupt in the backends (spine change)")
 @pytest.mark.parametrize("kind", ["redis", "file", "sqlite"])
 async def test_a_corrupt_stored_record_is_reported_and_the_others_listed(
     request: pytest.FixtureRequest, kind: str, namespace: str, tmp_path: Path
@@ -374,16 +370,7 @@ async def test_a_corrupt_stored_record_is_reported_and_the_others_listed(
 
 @pytest.mark.parametrize(
     "kind",
-    [
-        "redis",
-        "file",
-        pytest.param(
-            "sqlite",
-            marks=pytest.mark.xfail(
-                strict=False, reason="needs on_corrupt in the backends (spine change)"
-            ),
-        ),
-    ],
+    ["redis", "file", "sqlite"],
 )
 async def test_getting_a_corrupt_stored_record_is_an_error(
     request: pytest.FixtureRequest, kind: str, namespace: str, tmp_path: Path

@@ -35,10 +35,12 @@ from redis.exceptions import RedisError
 from pydantic_toast import (
     ExternalBaseModel,
     ExternalConfigDict,
+    RecordNotFoundError,
     StorageConnectionError,
+    StorageOperationError,
     StorageValidationError,
 )
-from pydantic_toast.backends.base import Record, decode_envelope, encode_envelope
+from pydantic_toast.backends.records import Record, decode_envelope, encode_envelope
 from pydantic_toast.backends.redis import RedisBackend
 
 from .conftest import service_missing
@@ -448,7 +450,7 @@ async def test_a_burst_beyond_the_pool_waits_for_free_connections(
         await asyncio.sleep(0.01)
     else:
         pytest.fail("the backend's connections stayed open after disconnect()")
-    with pytest.raises(StorageConnectionError, match="closed"):
+    with pytest.raises(StorageOperationError, match="not connected"):
         await backend.read_record("Burst", records[0].id)
 
 
@@ -552,7 +554,7 @@ async def test_a_server_that_never_answers_times_out(namespace: str) -> None:
     started = time.monotonic()
     try:
         with pytest.raises(StorageConnectionError) as caught:
-            await backend.connect()
+            await backend.open()
     finally:
         for writer in accepted:
             writer.close()
@@ -571,19 +573,22 @@ async def test_rediss_speaks_tls(redis_server: str) -> None:
     backend = RedisBackend(f"rediss://{netloc}/0?timeout=0.5")
     started = time.monotonic()
     with pytest.raises(StorageConnectionError, match=netloc):
-        await backend.connect()
+        await backend.open()
     assert time.monotonic() - started < 5
 
 
-async def test_a_command_error_is_a_storage_connection_error(
+async def test_a_command_error_is_a_permanent_error(
     backend: RedisBackend, raw: aioredis.Redis
 ) -> None:
+    # The server answered and refused: retrying cannot help, so it is not a connection error.
     id = uuid4()
     await raw.hset(f"{backend.prefix}:Hashed:{id}", "field", "value")
-    with pytest.raises(StorageConnectionError, match=f"load Hashed record {id}.*WRONGTYPE"):
+    with pytest.raises(StorageOperationError, match=f"load Hashed record {id}.*WRONGTYPE"):
         await backend.read_record("Hashed", id)
-    with pytest.raises(StorageConnectionError, match="WRONGTYPE"):
+    with pytest.raises(StorageOperationError, match="WRONGTYPE") as caught:
         await backend.write_record(Record(id, "Hashed", b"{}", 1, T0, T0))
+    assert not isinstance(caught.value, StorageConnectionError)
+    assert caught.value.failed_ids == [str(id)]
 
 
 @pytest.mark.parametrize(
@@ -608,18 +613,17 @@ async def test_corrupt_stored_values_are_validation_errors(
     assert str(id) in str(caught.value)
 
 
-async def test_an_envelope_of_another_class_at_the_key_is_rejected(
+async def test_an_envelope_of_another_class_at_the_key_is_not_found(
     redis_url: str, raw: aioredis.Redis
 ) -> None:
     Customer = define_customer(redis_url)
     id = uuid4()
     other = Record(id, "Invoice", b'{"name":"x","email":"y"}', 1, T0, T0)
     await raw.set(f"{prefix_of(redis_url)}:Customer:{id}", encode_envelope(other))
-    with pytest.raises(StorageValidationError) as caught:
+    with pytest.raises(RecordNotFoundError) as caught:
         await Customer.load_external({"class_name": "Customer", "id": str(id)})
-    assert "Customer" in str(caught.value)
-    assert "Invoice" in str(caught.value)
-    assert str(id) in str(caught.value)
+    assert str(caught.value).startswith(f"no Customer record with id {id}")
+    assert "Invoice" not in str(caught.value)
 
 
 async def test_a_record_with_a_corrupt_payload_fails_model_validation(
@@ -639,24 +643,27 @@ async def test_a_record_with_a_corrupt_payload_fails_model_validation(
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("redis://127.0.0.1:6379/0?prefix=", "invalid redis key prefix"),
-        ("redis://127.0.0.1:6379/0?prefix=a%20b", "invalid redis key prefix"),
-        ("redis://127.0.0.1:6379/0?prefix=a%0Ab", "invalid redis key prefix"),
-        ("redis://127.0.0.1:6379/0?prefix=a%09b", "invalid redis key prefix"),
-        ("redis://127.0.0.1:6379/0?ttl=soon", "ttl must be a positive float"),
-        ("redis://127.0.0.1:6379/0?ttl=-5", "ttl must be a positive float"),
-        ("redis://127.0.0.1:6379/0?ttl=0", "ttl must be a positive float"),
-        ("redis://127.0.0.1:6379/0?ttl=inf", "ttl must be a positive float"),
+        ("redis://127.0.0.1:6379/0?prefix=", "option prefix must be a key prefix"),
+        ("redis://127.0.0.1:6379/0?prefix=a%20b", "option prefix must be a key prefix"),
+        ("redis://127.0.0.1:6379/0?prefix=a%0Ab", "option prefix must be a key prefix"),
+        ("redis://127.0.0.1:6379/0?prefix=a%09b", "option prefix must be a key prefix"),
+        ("redis://127.0.0.1:6379/0?ttl=soon", "ttl must be at least 0.001 seconds"),
+        ("redis://127.0.0.1:6379/0?ttl=-5", "ttl must be at least 0.001 seconds"),
+        ("redis://127.0.0.1:6379/0?ttl=0", "ttl must be at least 0.001 seconds"),
+        ("redis://127.0.0.1:6379/0?ttl=inf", "ttl must be at least 0.001 seconds"),
         ("redis://127.0.0.1:6379/0?ttl=0.0001", "ttl must be at least"),
-        ("redis://127.0.0.1:6379/0?timeout=0", "timeout must be a positive float"),
-        ("redis://127.0.0.1:6379/0?timeout=nan", "timeout must be a positive float"),
-        ("redis://127.0.0.1:6379/0?max_connections=0", "max_connections must be a positive int"),
-        ("redis://127.0.0.1:6379/0?max_connections=many", "max_connections must be a positive"),
+        ("redis://127.0.0.1:6379/0?timeout=0", "timeout must be a positive number of seconds"),
+        ("redis://127.0.0.1:6379/0?timeout=nan", "timeout must be a positive number of seconds"),
+        ("redis://127.0.0.1:6379/0?max_connections=0", "max_connections must be an integer >= 1"),
+        (
+            "redis://127.0.0.1:6379/0?max_connections=many",
+            "max_connections must be an integer >= 1",
+        ),
         ("redis://127.0.0.1:6379/notadb", "the path of a redis URL is the database number"),
         ("redis://127.0.0.1:6379/0?db=first", "Invalid value for 'db'"),
         ("redis://127.0.0.1:6379/0?socket_timeout=x", "Invalid value for 'socket_timeout'"),
         ("redis://127.0.0.1:6379/0?prefx=typo", "unknown redis option.*prefx"),
-        ("redis://127.0.0.1:99999/0", "malformed redis URL"),
+        ("redis://127.0.0.1:99999/0", "malformed storage URL"),
     ],
 )
 def test_invalid_options_fail_at_class_definition(url: str, message: str) -> None:
@@ -666,9 +673,9 @@ def test_invalid_options_fail_at_class_definition(url: str, message: str) -> Non
 
 
 def test_invalid_keyword_options() -> None:
-    with pytest.raises(StorageValidationError, match="invalid redis key prefix"):
+    with pytest.raises(StorageValidationError, match="option prefix must be a key prefix"):
         RedisBackend("redis://127.0.0.1/0", prefix="has space")
-    with pytest.raises(StorageValidationError, match="ttl must be a positive"):
+    with pytest.raises(StorageValidationError, match=r"ttl must be at least 0\.001 seconds"):
         RedisBackend("redis://127.0.0.1/0", ttl=-1)
     with pytest.raises(StorageValidationError, match=r"unknown redis option.*socket_tiemout"):
         RedisBackend("redis://127.0.0.1/0", socket_tiemout=3)
@@ -726,10 +733,15 @@ async def test_keyword_options_override_the_url(redis_url: str, raw: aioredis.Re
         await backend.disconnect()
 
 
-def test_class_names_are_checked_before_building_a_key() -> None:
-    backend = RedisBackend("redis://127.0.0.1/0")
-    with pytest.raises(StorageValidationError, match="invalid class name"):
-        backend._key("Bad:Name*", uuid4())
+async def test_class_names_are_checked_before_building_a_key() -> None:
+    backend = RedisBackend("redis://127.0.0.1/0")  # never connected: no request is made
+    for operation in (
+        backend.read_record("Bad:Name*", uuid4()),
+        backend.write_record(Record(uuid4(), "Bad:Name*", b"{}", 1, T0, T0)),
+        backend.delete_records("Bad:Name*", [uuid4()]),
+    ):
+        with pytest.raises(StorageValidationError, match="invalid class name"):
+            await operation
 
 
 # --- a private server: Unix socket and a flushed script cache -------------------------------

@@ -19,7 +19,7 @@ from pydantic_toast import (
     ExternalField,
     StorageValidationError,
 )
-from pydantic_toast.backends.base import Record, decode_envelope, encode_envelope
+from pydantic_toast.backends.records import Record, decode_envelope, encode_envelope
 from pydantic_toast.registry import get_backend
 
 

@@ -1,9 +1,24 @@
-"""Storage backends: one module per engine, each moving JSON records by id.
+"""The plug-in API: what a storage backend is made of.
 
 Built-in backends are imported on first use of their scheme (see `pydantic_toast.registry`),
-so a driver is only needed when its scheme is used.
+so a driver is only needed when its scheme is used. A backend subclasses `StorageBackend`,
+implements its primitives (or the four methods ``connect``, ``disconnect``, ``save`` and
+``load``), declares its `Capabilities` and its options as a `BackendOptions` model.
 """
 
-from pydantic_toast.backends.base import Record, StorageBackend
+from pydantic_toast.backends.base import Capabilities, StorageBackend
+from pydantic_toast.backends.options import BackendOptions, Count, Seconds, StorageURL
+from pydantic_toast.backends.records import Record, RecordInfo, StoredInfo, StoredRow
 
-__all__ = ["Record", "StorageBackend"]
+__all__ = [
+    "BackendOptions",
+    "Capabilities",
+    "Count",
+    "Record",
+    "RecordInfo",
+    "Seconds",
+    "StorageBackend",
+    "StorageURL",
+    "StoredInfo",
+    "StoredRow",
+]

@@ -1,368 +1,172 @@
-"""The backend contract: `StorageBackend`, the `Record` it moves, and the envelope codec.
+"""The backend contract: `StorageBackend`, the spine every backend shares.
 
-Backends know nothing of models. They move *records*: an id, a class name, the model's fields
-as JSON bytes (produced once by Pydantic's serializer) and the record's metadata.
+The public operations (`write_records`, `read_records`, `delete_records`, `scan_records`,
+`purge` and their single forms) do the shared work once, here: class-name and id checks,
+chunking and bounded concurrency, the ``created_at`` rule, class filtering, decoding and
+checking what was read (`decode_stored`), and mapping every failure to the error tree of
+`pydantic_toast.errors` (transient failures become `StorageConnectionError`, the only kind
+the model layer retries). An engine implements a few primitives, each a plain move of data:
 
-A custom backend implements four methods on plain dicts (`connect`, `disconnect`, `save`,
-`load`); every other operation has a default built from those. Built-in backends override the
-record methods (`write_record`, `read_record` and their batch forms) so that the JSON bytes
-reach the driver untouched: no dict round trip, no second encoding.
+=================  ===========================================================================
+``get_many``       what the store holds for each id (envelope bytes, a `StoredRow`, a dict or
+                   a `Record`), ``None`` where nothing is stored
+``put_many``       upsert records; with ``keeps_created_at``, keep a stored ``created_at`` and
+                   return the ``created_at`` each record now has
+``put_new``        (``put_if_absent``) write only records whose id holds nothing; say which
+``delete_many``    (``delete``) delete ids of a class; return how many existed
+``scan``           (``scan``) every record of a class, as `StoredInfo`
+``purge_before``   (``purge``) delete records not updated since a moment, natively
+=================  ===========================================================================
+
+and declares what it supports as data (`Capabilities`) and its options as a `BackendOptions`
+model (parsed by `pydantic_toast.backends.options`, never by the engine).
+
+A custom backend may instead implement the four methods of the first round on plain dicts
+(`connect`, `disconnect`, `save`, `load`): the default primitives are built from them, so it
+gets every feature the four can express.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import re
+import contextlib
+import errno
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, replace
+from datetime import datetime
 from functools import partial
 from typing import Any, ClassVar, TypeVar
 from uuid import UUID
 
+from pydantic_toast.backends.options import (
+    BackendOptions,
+    StorageURL,
+    parse_options,
+    parse_storage_url,
+)
+from pydantic_toast.backends.records import (
+    Record,
+    RecordInfo,
+    StoredInfo,
+    check_class_name,
+    decode_info,
+    decode_stored,
+)
 from pydantic_toast.errors import (
+    CorruptRecordError,
     ExternalStorageError,
     StorageConnectionError,
+    StorageOperationError,
     StorageValidationError,
+    UnsupportedOperationError,
     mask_url,
 )
 
-__all__ = [
-    "MAX_DECOMPRESSED_SIZE",
-    "Record",
-    "RecordInfo",
-    "StorageBackend",
-    "check_class_name",
-    "decode_envelope",
-    "decode_envelope_info",
-    "encode_envelope",
-]
+__all__ = ["Capabilities", "Record", "RecordInfo", "StorageBackend", "check_class_name"]
 
 A = TypeVar("A")
 T = TypeVar("T")
 
-# Class names become parts of keys, object names and file paths: letters, digits, "_", "." and
-# "-" only, starting with a letter or "_". That excludes "/", "..", ":", "*", spaces and
-# control characters, so no name can leave its backend's namespace.
-_CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,199}")
+#: What a scan reports a corrupt record to, instead of failing the whole scan.
+CorruptHandler = Callable[[CorruptRecordError], None]
 
-# How many single operations a default batch runs at once.
-DEFAULT_BATCH_CONCURRENCY = 16
-
-
-def check_class_name(class_name: object) -> str:
-    """Return ``class_name`` if it is safe to put in a key or path, else raise."""
-    if not isinstance(class_name, str) or _CLASS_NAME.fullmatch(class_name) is None:
-        shown = repr(class_name)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        raise StorageValidationError(
-            f"invalid class name {shown}: use letters, digits, '_', '.' and '-' "
-            "(at most 200 characters, starting with a letter or '_')"
-        )
-    return class_name
+# errno values of failures that go away by themselves: a peer restarting or unreachable.
+_TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.EPIPE,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.EAGAIN,
+    }
+)
 
 
-@dataclass(slots=True)
-class Record:
-    """One stored model: its id, class name, JSON fields and metadata.
-
-    ``data`` is the JSON text of the model's fields, exactly as Pydantic wrote it.
-    ``created_at`` and ``updated_at`` are timezone-aware UTC datetimes.
-    """
-
-    id: UUID
-    class_name: str
-    data: bytes
-    schema_version: int
-    created_at: datetime
-    updated_at: datetime
-    #: Compress ``data`` with zstd when it is longer than this many bytes (on the backends
-    #: that store bytes: Redis, S3, files); ``None`` never compresses.
-    compress_above: int | None = None
-    #: How long the record lives after this write, for backends that expire records
-    #: themselves (Redis); ``None`` for the backend's own default. Others ignore it: the model
-    #: layer hides expired records and purges them.
-    ttl: timedelta | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The record as the JSON-ready dict a four-method backend stores."""
-        try:
-            data = json.loads(self.data)
-        except (ValueError, RecursionError) as exc:
-            raise StorageValidationError(
-                f"{self.class_name} record {self.id} does not hold a JSON object: {exc}"
-            ) from exc
-        return {
-            "class_name": self.class_name,
-            "schema_version": self.schema_version,
-            "created_at": _timestamp(self.created_at),
-            "updated_at": _timestamp(self.updated_at),
-            "data": data,
-        }
-
-    @classmethod
-    def from_dict(cls, id: UUID, class_name: str, stored: object) -> Record:
-        """Rebuild a record from what a four-method backend's `load` returned."""
-        try:
-            if not isinstance(stored, dict):
-                raise TypeError(f"expected a dict, got {type(stored).__name__}")
-            return cls(
-                id=id,
-                class_name=_expect(stored, "class_name", str),
-                data=json.dumps(_expect(stored, "data", dict), separators=(",", ":")).encode(),
-                schema_version=_expect(stored, "schema_version", int),
-                created_at=_parse_timestamp(_expect(stored, "created_at", str)),
-                updated_at=_parse_timestamp(_expect(stored, "updated_at", str)),
-            )
-        except (TypeError, ValueError) as exc:
-            raise StorageValidationError(
-                f"stored {class_name} record {id} is not a pydantic-toast record: {exc}"
-            ) from exc
-
-
-def _expect(stored: dict[str, Any], key: str, kind: type[T]) -> T:
-    value = stored.get(key)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise TypeError(f"{key!r} must be {kind.__name__}")
-    return value
-
-
-def _timestamp(moment: datetime) -> str:
-    """Fixed-width ISO 8601 (32 characters for UTC), so it can be found by offset."""
-    return moment.isoformat(timespec="microseconds")
-
-
-def _parse_timestamp(text: str) -> datetime:
-    moment = datetime.fromisoformat(text)
-    if moment.tzinfo is None:
-        raise ValueError(f"timestamp {text!r} has no timezone")
-    return moment
+# A backend writes by one of these methods and reads by one of those (a wrapper around another
+# backend may override the public operations themselves).
+_WAYS_TO_WRITE_AND_READ = (
+    ("save", "put_many", "write_record", "write_records"),
+    ("load", "get_many", "read_record", "read_records"),
+)
 
 
 @dataclass(frozen=True, slots=True)
-class RecordInfo:
-    """What a listing shows of a record: no data, only its size in bytes."""
+class Capabilities:
+    """What an engine's primitives support; the spine plans every operation from this."""
 
-    class_name: str
-    id: UUID
-    size: int
-    updated_at: datetime
-
-
-# The envelope: how byte-oriented backends (Redis, S3, files) store a record. The metadata
-# comes first, in a fixed order and width, and the model's JSON last, so that reading a record
-# slices the model's bytes out instead of parsing and re-encoding them, and Redis can keep
-# `created_at` atomically by overwriting a fixed byte range.
-_ENVELOPE_START = b'{"created_at":"'
-_DATA_MARKER = b',"data":'
-CREATED_AT_OFFSET = len(_ENVELOPE_START)
-#: The envelope's metadata header always fits in this many leading bytes.
-HEAD_BYTES = 512
-CREATED_AT_WIDTH = 32
-
-
-_CODEC_MARKER = b',"codec":"zstd","size":'
-
-#: The largest record a compressed envelope may expand to; a header claiming more, or a frame
-#: that expands past what its header claims, is refused before or while decompressing.
-MAX_DECOMPRESSED_SIZE = 256 * 1024 * 1024
-
-
-def encode_envelope(record: Record) -> bytes:
-    """Encode a record as one JSON object holding its metadata and the model's fields.
-
-    When ``record.compress_above`` is set and the data is longer, the data is compressed
-    with zstd instead: the same header, then ``"codec":"zstd","size":N}``, a newline and the
-    frame. The header keeps its layout, so readers (and Redis's atomic ``created_at``) see
-    the metadata the same way.
-    """
-    header = b"".join(
-        (
-            _ENVELOPE_START,
-            _timestamp(record.created_at).encode(),
-            b'","updated_at":"',
-            _timestamp(record.updated_at).encode(),
-            b'","schema_version":',
-            str(record.schema_version).encode(),
-            b',"class_name":"',
-            record.class_name.encode(),
-            b'"',
-        )
-    )
-    limit = record.compress_above
-    if limit is not None and len(record.data) > limit:
-        frame = require_zstd().ZstdCompressor(level=3).compress(record.data)
-        return b"".join((header, _CODEC_MARKER, str(len(record.data)).encode(), b"}\n", frame))
-    return b"".join((header, _DATA_MARKER, record.data, b"}"))
-
-
-def require_zstd() -> Any:
-    """The zstandard module, or a clear error saying which extra installs it."""
-    try:
-        import zstandard
-    except ImportError as exc:
-        raise StorageValidationError(
-            "zstd compression needs the zstandard package: pip install 'pydantic-toast[zstd]'"
-        ) from exc
-    return zstandard
-
-
-_CLASS_NAME_KEY = b',"class_name":"'
-
-
-def _layout(raw: bytes) -> tuple[int, bool]:
-    """Where the header ends (the index just past the class name's closing quote) and whether
-    a compressed frame follows. Decided by position: the model's own JSON may well contain
-    ``"codec":"zstd"``, but it comes after the header, which holds no quote-bearing value."""
-    if not raw.startswith(_ENVELOPE_START):
-        raise ValueError("not a pydantic-toast envelope")
-    start = raw.find(_CLASS_NAME_KEY, 0, HEAD_BYTES)
-    end = raw.find(b'"', start + len(_CLASS_NAME_KEY), HEAD_BYTES) + 1 if start >= 0 else 0
-    if end <= 0:
-        raise ValueError("no envelope header")
-    if raw.startswith(_DATA_MARKER, end):
-        return end, False
-    if raw.startswith(_CODEC_MARKER, end):
-        return end, True
-    raise ValueError("the envelope header is followed by neither data nor a codec")
-
-
-def _compressed_header(raw: bytes, end: int) -> tuple[dict[str, Any], int]:
-    """A compressed envelope's header (it closes right after the codec and size) and where
-    its zstd frame starts."""
-    close = raw.find(b"}\n", end, end + 64)
-    if close < 0:
-        raise ValueError("compressed envelope without a header end")
-    header = json.loads(raw[: close + 1])
-    if not isinstance(header, dict):
-        raise ValueError("the envelope header is not an object")
-    return header, close + 2
-
-
-def decode_envelope_info(head: bytes, id: UUID, size: int) -> RecordInfo:
-    """The listing view of an envelope of ``size`` bytes, from its first `HEAD_BYTES`."""
-    try:
-        end, compressed = _layout(head)
-        if compressed:
-            header, _ = _compressed_header(head, end)
-            data_size = _expect(header, "size", int)
-        else:
-            header = json.loads(head[:end] + b"}")
-            data_size = size - end - len(_DATA_MARKER) - 1
-        return RecordInfo(
-            _expect(header, "class_name", str),
-            id,
-            data_size,
-            _parse_timestamp(_expect(header, "updated_at", str)),
-        )
-    except (TypeError, ValueError) as exc:
-        raise StorageValidationError(f"stored record {id} is corrupt: {exc}") from exc
-
-
-def decode_envelope(raw: bytes, id: UUID, class_name: str) -> Record:
-    """Decode what `encode_envelope` wrote; anything else is a `StorageValidationError`.
-
-    Only the small metadata header is parsed here; the model's JSON is validated later by the
-    model itself, so a corrupt payload still ends as a clear error naming class and id.
-    A compressed record is expanded only up to the size its header declares, and never past
-    `MAX_DECOMPRESSED_SIZE`.
-    """
-    try:
-        end, compressed = _layout(raw)
-        if compressed:
-            header, frame = _compressed_header(raw, end)
-            data = _decompress(raw[frame:], _expect(header, "size", int))
-        else:
-            if not raw.endswith(b"}"):
-                raise ValueError("not a pydantic-toast envelope")
-            data = raw[end + len(_DATA_MARKER) : -1]
-            fast = _fixed_header(raw, end)
-            if fast is not None:
-                return Record(id, fast[0], data, fast[1], fast[2], fast[3])
-            header = json.loads(raw[:end] + b"}")
-        return Record(
-            id=id,
-            class_name=_expect(header, "class_name", str),
-            data=data,
-            schema_version=_expect(header, "schema_version", int),
-            created_at=_parse_timestamp(_expect(header, "created_at", str)),
-            updated_at=_parse_timestamp(_expect(header, "updated_at", str)),
-        )
-    except (TypeError, ValueError) as exc:
-        raise StorageValidationError(f"stored {class_name} record {id} is corrupt: {exc}") from exc
-
-
-_UPDATED_AT_AT = CREATED_AT_OFFSET + CREATED_AT_WIDTH + len(b'","updated_at":"')
-_VERSION_AT = _UPDATED_AT_AT + CREATED_AT_WIDTH + len(b'","schema_version":')
-_FIXED_HEADER = re.compile(rb'(\d{1,9}),"class_name":"([A-Za-z_][A-Za-z0-9_.\-]{0,199})"')
-
-
-def _fixed_header(raw: bytes, marker: int) -> tuple[str, int, datetime, datetime] | None:
-    """Read the header `encode_envelope` writes by position, without a JSON parser (the
-    common case); ``None`` sends anything unusual to the general path."""
-    if raw[_UPDATED_AT_AT - 16 : _UPDATED_AT_AT] != b'","updated_at":"':
-        return None
-    match = _FIXED_HEADER.fullmatch(raw, _VERSION_AT, marker)
-    if match is None or raw[_VERSION_AT - 19 : _VERSION_AT] != b'","schema_version":':
-        return None
-    try:
-        created = _parse_timestamp(raw[CREATED_AT_OFFSET : _UPDATED_AT_AT - 16].decode())
-        updated = _parse_timestamp(raw[_UPDATED_AT_AT : _VERSION_AT - 19].decode())
-    except ValueError:
-        return None
-    return match[2].decode(), int(match[1]), created, updated
-
-
-def _decompress(frame: bytes, size: int) -> bytes:
-    if not 0 <= size <= MAX_DECOMPRESSED_SIZE:
-        raise ValueError(f"declared size {size} is beyond the {MAX_DECOMPRESSED_SIZE} byte limit")
-    zstandard = require_zstd()
-    try:
-        # The frame's own content size is the writer's word too: never allocate by it. Read
-        # at most one byte more than declared, so a larger frame is caught, not expanded.
-        with zstandard.ZstdDecompressor().stream_reader(frame) as reader:
-            data: bytes = reader.read(size + 1)
-    except zstandard.ZstdError as exc:
-        raise ValueError(f"zstd frame does not decompress: {exc}") from exc
-    if len(data) != size:
-        raise ValueError(f"zstd frame holds {len(data)} bytes, not the declared {size}")
-    return data
+    #: ``delete_many`` is implemented.
+    delete: bool = False
+    #: ``scan`` is implemented (listings, the CLI, the default purge).
+    scan: bool = False
+    #: ``purge_before`` is implemented; otherwise purging scans and deletes.
+    purge: bool = False
+    #: ``put_many`` keeps a stored ``created_at`` atomically and reports it.
+    keeps_created_at: bool = False
+    #: ``put_new`` is implemented (a conditional create), so a first save costs one write.
+    put_if_absent: bool = False
+    #: Concurrent single loads are worth gathering into batches (the store is remote).
+    coalesce_loads: bool = True
+    #: Ids or records per primitive call.
+    batch_size: int = 1
+    #: Ids per ``delete_many`` call (default: ``batch_size``).
+    delete_batch_size: int = 0
+    #: Primitive calls in flight for one batch.
+    concurrency: int = 16
 
 
 class StorageBackend(ABC):
     """Base class of storage backends, built-in and custom.
 
-    A custom backend subclasses this and implements `connect`, `disconnect`, `save` and
-    `load`; it receives the storage URL in its constructor (``self.url``, also ``self._url``).
-    ``save`` gets a JSON-ready dict (the record: metadata plus the model's fields under
-    ``"data"``) and ``load`` returns that dict, or ``None`` when there is no record.
-    The constructor must not do I/O: the library builds one when a model class is defined,
-    to check its URL early; `connect` opens connections, once per backend.
+    A backend receives its storage URL in the constructor (``self.url``; parsed once as
+    ``self.location``, options in ``self.options``, what is left for the driver in
+    ``self.driver_options``). The constructor must not do I/O: the library builds one when a
+    model class is defined, to check its URL early; `connect` opens connections, once.
+    ``create_missing`` (default true) lets `connect` create tables and directories; read-only
+    tools set it to false first.
     """
 
-    #: How many records the default batch operations handle at once.
-    batch_concurrency: ClassVar[int] = DEFAULT_BATCH_CONCURRENCY
+    options_model: ClassVar[type[BackendOptions]] = BackendOptions
+    #: What the primitives support (an instance may refine it, e.g. its concurrency).
+    capabilities: Capabilities = Capabilities()
 
-    #: Whether concurrent single loads should be gathered into batches. Worth it when a read
-    #: waits on the network; a backend that works in-process (memory, SQLite, files) says
-    #: no, and each load then goes straight to `read_record`.
-    coalesce_loads: ClassVar[bool] = True
-
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, **options: Any) -> None:
         self.url = url
         self._url = url
+        self.location: StorageURL = parse_storage_url(url)
+        self.options: BackendOptions
+        self.options, self.driver_options = parse_options(
+            type(self).options_model, self.location, options
+        )
+        self.create_missing = True
         cls = type(self)
-        for dict_level, record_level in (("save", "write_record"), ("load", "read_record")):
-            if getattr(cls, dict_level) is getattr(StorageBackend, dict_level) and getattr(
-                cls, record_level
-            ) is getattr(StorageBackend, record_level):
-                raise TypeError(f"{cls.__name__} must implement {dict_level}()")
+        if cls.delete is not StorageBackend.delete and not self.capabilities.delete:
+            # A first-round backend that deletes one id at a time (`delete(id, class_name)`).
+            self.capabilities = replace(self.capabilities, delete=True)
+        for four, primitive, *public in _WAYS_TO_WRITE_AND_READ:
+            if all(
+                getattr(cls, name) is getattr(StorageBackend, name)
+                for name in (four, primitive, *public)
+            ):
+                raise TypeError(f"{cls.__name__} must implement {four}() or {primitive}()")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({mask_url(self.url)!r})"
+
+    @property
+    def coalesce_loads(self) -> bool:
+        return self.capabilities.coalesce_loads
+
+    @property
+    def where(self) -> str:
+        """The store, for messages: never the password."""
+        return type(self).__name__
+
+    # --- lifecycle (engines implement) ---------------------------------------------------
 
     @abstractmethod
     async def connect(self) -> None:
@@ -372,70 +176,266 @@ class StorageBackend(ABC):
     async def disconnect(self) -> None:
         """Close what `connect` opened."""
 
+    async def open(self) -> None:
+        """`connect`, with any failure mapped to the library's errors (what the registry and
+        the command-line tool call)."""
+        await self.__run_primitive("connect", self.connect())
+
+    # --- the four-method API of the first round ------------------------------------------
+
     async def save(self, id: UUID, class_name: str, data: dict[str, Any]) -> None:
-        """Store ``data`` for ``id``, replacing any record stored for it."""
-        await self.write_record(Record.from_dict(id, class_name, data))
+        """Store ``data`` (a record as a JSON-ready dict) for ``id``."""
+        await self.write_record(decode_stored(data, id, class_name))
 
     async def load(self, id: UUID, class_name: str) -> dict[str, Any] | None:
         """Return what `save` stored for ``id``, or ``None``."""
         record = await self.read_record(class_name, id)
         return None if record is None else record.to_dict()
 
-    # Record operations. The defaults are built from `save` and `load`; built-in backends
-    # override them to hand the driver the JSON bytes directly (and `save` and `load` then
-    # come from them). A backend must implement one of the two pairs.
+    # --- primitives (engines override; the defaults use the four methods) -----------------
 
-    async def write_record(self, record: Record) -> None:
-        """Store a record, keeping the stored ``created_at`` when one exists."""
-        # A custom backend may build a path or key from the class name: check it first.
-        check_class_name(record.class_name)
-        await self._guard(
-            self.save(record.id, record.class_name, record.to_dict()), "save", record.class_name
+    async def get_many(self, class_name: str, ids: Sequence[UUID]) -> Sequence[object | None]:
+        """What is stored for each id, in order; ``None`` where nothing is."""
+        return [await self.load(id, class_name) for id in ids]
+
+    async def put_many(self, records: Sequence[Record]) -> Sequence[datetime] | None:
+        """Upsert ``records``. With ``keeps_created_at``, return each one's stored
+        ``created_at``; otherwise ``None`` (the spine has already set it)."""
+        for record in records:
+            await self.save(record.id, record.class_name, record.to_dict())
+        return None
+
+    async def put_new(self, records: Sequence[Record]) -> Sequence[bool]:
+        """Write each record only if nothing is stored under its id; True where written."""
+        raise UnsupportedOperationError(f"{type(self).__name__} has no conditional write")
+
+    async def delete_many(self, class_name: str, ids: Sequence[UUID]) -> int:
+        """Delete the records of ``class_name`` with these ids; return how many existed."""
+        if type(self).delete is not StorageBackend.delete:
+            return sum([await self.delete(id, class_name) for id in ids])
+        raise UnsupportedOperationError(
+            f"{type(self).__name__} does not support deleting records", self.url
         )
 
+    def scan(self, class_name: str | None) -> AsyncIterator[StoredInfo]:
+        """Every stored record of ``class_name`` (``None``: of every class)."""
+        raise UnsupportedOperationError(
+            f"{type(self).__name__} does not support listing records", self.url
+        )
+
+    async def purge_before(self, class_name: str, before: datetime, batch_size: int) -> int:
+        """Delete ``class_name``'s records last updated before ``before``; return how many."""
+        raise UnsupportedOperationError(f"{type(self).__name__} has no native purge", self.url)
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """Whether a failure may go away by itself (so retrying makes sense). Engines add
+        their driver's connection errors; the default knows the socket layer's."""
+        if isinstance(exc, TimeoutError | ConnectionError):
+            return True
+        return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
+
+    def invalid(self, exc: BaseException) -> bool:
+        """Whether the store refused the data itself (retrying cannot help, and the data is
+        at fault, not the store): then a `StorageValidationError`."""
+        return False
+
+    # --- the public operations ---------------------------------------------------------------
+
+    async def write_record(self, record: Record) -> None:
+        """Store a record, keeping the stored ``created_at`` when one exists (the record is
+        given it)."""
+        await self.__write_many((record,))
+
     async def read_record(self, class_name: str, id: UUID) -> Record | None:
-        """Return the record stored for ``id``, or ``None``."""
-        check_class_name(class_name)
-        stored = await self._guard(self.load(id, class_name), "load", class_name)
-        return None if stored is None else Record.from_dict(id, class_name, stored)
+        """The record of ``class_name`` stored for ``id``, or ``None``."""
+        return (await self.__read_many(class_name, (id,)))[0]
 
     async def write_records(self, records: Sequence[Record]) -> None:
-        """Store many records. The default runs `write_record` with bounded concurrency."""
-        await self._bounded(self.write_record, records)
+        """Store many records; each one keeps a stored ``created_at`` and is given it.
+
+        A failure is raised with ``failed_ids``: the records of every chunk not confirmed
+        written. The others are stored.
+        """
+        await self.__write_many(records)
 
     async def read_records(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
-        """Return the record for each id, in order, ``None`` where there is none."""
-        return await self._bounded(partial(self.read_record, class_name), ids)
+        """The record of ``class_name`` for each id, in order; ``None`` where there is none.
+
+        A record stored under the id for another class is ``None`` too: a forged reference
+        cannot tell an unknown id from one of another class.
+        """
+        return await self.__read_many(class_name, ids)
+
+    # The public operations call these, never each other, so that a subclass (a wrapper that
+    # counts or logs) may override any public operation without recursion.
+
+    async def __write_many(self, records: Sequence[Record]) -> None:
+        if not records:
+            return
+        for record in records:
+            _check_record(record)
+        if len(records) > 1:
+            unique = list({record.id: record for record in records}.values())
+            if len(unique) < len(records):  # a store may not upsert one id twice at once
+                await self.__write_many(unique)
+                _copy_created_at(records, unique)
+                return
+        if self.capabilities.keeps_created_at:
+            await self.__write_chunks(records)
+            return
+        # A first save (the model layer gives it created_at == updated_at) may find a record
+        # already there (a retried save, a concurrent one, a content-addressed value): the
+        # stored created_at wins. Later saves carry the created_at they loaded.
+        fresh = [record for record in records if record.created_at == record.updated_at]
+        written: set[UUID] = set()
+        if fresh and self.capabilities.put_if_absent:
+            created = await self.__run_chunks(
+                _doing("save", fresh),
+                fresh,
+                self.put_new,
+                failed=lambda chunk: [r.id for r in chunk],
+            )
+            written = {record.id for record, done in zip(fresh, created, strict=True) if done}
+            fresh = [record for record in fresh if record.id not in written]
+        if fresh:
+            await self.__adopt_created_at(fresh)
+        rest = [record for record in records if record.id not in written]
+        if rest:
+            await self.__write_chunks(rest)
+
+    async def __adopt_created_at(self, records: Sequence[Record]) -> None:
+        """Give each record the ``created_at`` stored under its id, if any (not atomic: the
+        engine cannot keep it itself)."""
+        by_class: dict[str, list[Record]] = {}
+        for record in records:
+            by_class.setdefault(record.class_name, []).append(record)
+        for class_name, group in by_class.items():
+            stored = await self.__run_chunks(
+                _doing("save", group),
+                [record.id for record in group],
+                partial(self.get_many, class_name),
+                failed=list,
+            )
+            for record, found in zip(group, stored, strict=True):
+                if found is None:
+                    continue
+                with contextlib.suppress(CorruptRecordError):  # replaced whole by this write
+                    record.created_at = decode_stored(found, record.id, class_name).created_at
+
+    async def __write_chunks(self, records: Sequence[Record]) -> None:
+        kept = await self.__run_chunks(
+            _doing("save", records),
+            records,
+            self.__put_checked,
+            failed=lambda chunk: [r.id for r in chunk],
+        )
+        if self.capabilities.keeps_created_at:
+            for record, created_at in zip(records, kept, strict=True):
+                record.created_at = created_at
+
+    async def __put_checked(self, records: Sequence[Record]) -> Sequence[datetime]:
+        kept = await self.put_many(records)
+        if not self.capabilities.keeps_created_at:
+            return [record.created_at for record in records]
+        if kept is None or len(kept) != len(records):
+            raise TypeError(f"{type(self).__name__}.put_many must return one created_at each")
+        return kept
+
+    async def __read_many(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
+        check_class_name(class_name)
+        for id in ids:
+            _check_id(id)
+        stored = await self.__run_chunks(
+            _doing("load", ids, class_name), ids, lambda chunk: self.get_many(class_name, chunk)
+        )
+        records: list[Record | None] = []
+        for id, found in zip(ids, stored, strict=True):
+            if found is None:
+                records.append(None)
+                continue
+            record = decode_stored(found, id, class_name)
+            records.append(record if record.class_name == class_name else None)
+        return records
 
     async def delete(self, id: UUID, class_name: str) -> bool:
-        """Delete the record for ``id``; return whether there was one.
-
-        Optional for custom backends: the four required methods cannot express deletion, so
-        unless the backend deletes in batches (`delete_records`), this says it cannot.
-        """
-        if type(self).delete_records is not StorageBackend.delete_records:
-            return await self.delete_records(class_name, [id]) > 0
-        raise NotImplementedError(f"{type(self).__name__} does not support deleting records")
+        """Delete the record for ``id``; return whether there was one."""
+        return await self.__delete_many(class_name, [id]) > 0
 
     async def delete_records(self, class_name: str, ids: Sequence[UUID]) -> int:
         """Delete the records of ``ids``; return how many existed. Missing ids are no error."""
+        return await self.__delete_many(class_name, ids)
+
+    async def __delete_many(self, class_name: str, ids: Sequence[UUID]) -> int:
         check_class_name(class_name)
-        deleted = await self._bounded(
-            lambda id: self._guard(self.delete(id, class_name), "delete", class_name), ids
+        for id in ids:
+            _check_id(id)
+        if not self.capabilities.delete:
+            raise UnsupportedOperationError(
+                f"{type(self).__name__} does not support deleting records", self.url
+            )
+        unique = list(dict.fromkeys(ids))
+        counts = await self.__run_chunks(
+            _doing("delete", unique, class_name),
+            unique,
+            lambda chunk: _one(self.delete_many(class_name, chunk)),
+            size=self.capabilities.delete_batch_size,
         )
-        return sum(deleted)
+        return sum(counts)
 
-    def scan_records(self, class_name: str | None = None) -> AsyncIterator[RecordInfo]:
+    async def scan_records(
+        self, class_name: str | None = None, *, on_corrupt: CorruptHandler | None = None
+    ) -> AsyncIterator[RecordInfo]:
         """Every record of ``class_name`` (or of every class), without its data, in no
-        particular order. Used by listings and `purge`; optional for custom backends."""
-        raise NotImplementedError(f"{type(self).__name__} does not support listing records")
+        particular order. A record that cannot be decoded raises `CorruptRecordError`, or,
+        with ``on_corrupt``, is handed to it and skipped."""
+        if class_name is not None:
+            check_class_name(class_name)
+        if not self.capabilities.scan:
+            raise UnsupportedOperationError(
+                f"{type(self).__name__} does not support listing records", self.url
+            )
+        entries = self.scan(class_name).__aiter__()
+        while True:
+            try:
+                stored = await entries.__anext__()
+            except StopAsyncIteration:
+                return
+            except Exception as exc:
+                raise self.map_error(exc, f"list {class_name or 'all'} records") from exc
+            try:
+                info = decode_info(stored, class_name)
+            except CorruptRecordError as exc:
+                if on_corrupt is None:
+                    raise
+                on_corrupt(exc)
+                continue
+            if class_name is None or info.class_name == class_name:
+                yield info
 
-    async def purge(self, class_name: str, before: datetime, *, batch_size: int = 500) -> int:
+    async def purge(
+        self,
+        class_name: str,
+        before: datetime,
+        *,
+        batch_size: int = 500,
+        on_corrupt: CorruptHandler | None = None,
+    ) -> int:
         """Delete ``class_name``'s records last updated before ``before``, ``batch_size`` at a
-        time; return how many were deleted. The default scans, then deletes in batches."""
+        time; return how many were deleted."""
+        check_class_name(class_name)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise StorageValidationError(
+                f"batch_size must be a positive integer, not {batch_size!r}"
+            )
+        if not isinstance(before, datetime) or before.tzinfo is None:
+            raise StorageValidationError(f"before must be an aware datetime, not {before!r}")
+        if self.capabilities.purge:
+            return await self.__run_primitive(
+                f"purge {class_name} records", self.purge_before(class_name, before, batch_size)
+            )
         deleted = 0
         doomed: list[UUID] = []
-        async for info in self.scan_records(class_name):
+        async for info in self.scan_records(class_name, on_corrupt=on_corrupt):
             if info.updated_at < before:
                 doomed.append(info.id)
                 if len(doomed) >= batch_size:
@@ -445,27 +445,117 @@ class StorageBackend(ABC):
             deleted += await self.delete_records(class_name, doomed)
         return deleted
 
-    async def _bounded(self, operation: Callable[[A], Awaitable[T]], items: Sequence[A]) -> list[T]:
-        """Run ``operation`` on every item, at most `batch_concurrency` at a time, in order."""
-        if len(items) == 1:
-            return [await operation(items[0])]
-        gate = asyncio.Semaphore(self.batch_concurrency)
+    # --- shared machinery --------------------------------------------------------------------
 
-        async def run(item: A) -> T:
-            async with gate:
-                return await operation(item)
+    async def __run_chunks(
+        self,
+        verb: str,
+        items: Sequence[A],
+        primitive: Callable[[Sequence[A]], Awaitable[Sequence[T]]],
+        failed: Callable[[Sequence[A]], list[UUID]] | None = None,
+        size: int = 0,
+    ) -> list[T]:
+        """``primitive`` over ``items`` in chunks of ``batch_size``, at most ``concurrency``
+        chunks in flight, results in order. A failure names, in ``failed_ids``, what
+        ``failed`` says of every chunk not done; the chunks still in flight are cancelled."""
+        size = size or self.capabilities.batch_size
+        if not items:
+            return []
+        if len(items) <= size:  # the common case: one call, no task
+            return list(
+                await self.__run_primitive(verb, primitive(items), failed and failed(items))
+            )
+        chunks = [items[start : start + size] for start in range(0, len(items), size)]
+        results: dict[int, Sequence[T]] = {}
+        pending = iter(range(len(chunks)))
 
-        return list(await asyncio.gather(*(run(item) for item in items)))
+        async def worker() -> None:
+            for index in pending:
+                results[index] = await self.__run_primitive(verb, primitive(chunks[index]))
 
-    async def _guard(self, operation: Awaitable[T], verb: str, class_name: str) -> T:
-        """Await a custom backend's call, turning a foreign exception into ours."""
+        workers = min(self.capabilities.concurrency, len(chunks))
+        try:
+            if workers == 1:
+                await worker()
+            else:
+                tasks = [asyncio.ensure_future(worker()) for _ in range(workers)]
+                try:
+                    await asyncio.gather(*tasks)
+                except BaseException:
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.wait(tasks)
+                    raise
+        except (StorageConnectionError, StorageOperationError) as exc:
+            if failed is not None:
+                undone = [c for index, c in enumerate(chunks) if index not in results]
+                exc.failed_ids = [str(id) for chunk in undone for id in failed(chunk)]
+            raise
+        return [result for index in range(len(chunks)) for result in results[index]]
+
+    async def __run_primitive(
+        self, verb: str, operation: Awaitable[T], failed_ids: Sequence[UUID] | None = None
+    ) -> T:
+        """Await a primitive, turning any failure into one of the library's errors."""
         try:
             return await operation
-        except (ExternalStorageError, NotImplementedError):
+        except (StorageConnectionError, StorageOperationError) as exc:
+            if failed_ids and not exc.failed_ids:
+                exc.failed_ids = [str(id) for id in failed_ids]
+            raise
+        except ExternalStorageError:
             raise
         except Exception as exc:
-            raise StorageConnectionError(
-                f"{type(self).__name__}.{verb} failed for {class_name}: "
-                f"{type(exc).__name__}: {exc}",
-                self.url,
-            ) from exc
+            failure = self.map_error(exc, verb)
+            if failed_ids and isinstance(failure, StorageConnectionError | StorageOperationError):
+                failure.failed_ids = [str(id) for id in failed_ids]
+            raise failure from exc
+
+    def map_error(self, exc: Exception, doing: str) -> ExternalStorageError:
+        """Our error for a driver's: transient, refused data, or a permanent failure."""
+        message = f"{self.where} could not {doing}: {type(exc).__name__}: {exc}"
+        if isinstance(exc, ExternalStorageError):
+            return exc
+        if self.invalid(exc):
+            return StorageValidationError(message)
+        if self.is_transient(exc):
+            return StorageConnectionError(message, self.url)
+        return StorageOperationError(message, self.url)
+
+    def closed(self) -> StorageOperationError:
+        """The error for an operation on a backend that is not connected (not retried: a
+        backend the caller closed stays closed; the registry reconnects its own)."""
+        return StorageOperationError(f"{self.where} is not connected", self.url)
+
+
+def _doing(verb: str, items: Sequence[Record] | Sequence[UUID], class_name: str = "") -> str:
+    """What an operation was doing, for its error: class and id of one record, or a count."""
+    first: object = items[0] if items else None
+    if isinstance(first, Record):
+        names = {item.class_name for item in items if isinstance(item, Record)}
+        class_name = names.pop() if len(names) == 1 else ""
+        first = first.id
+    named = f" {class_name}" if class_name else ""
+    if len(items) == 1:
+        return f"{verb}{named} record {first}"
+    return f"{verb} {len(items)}{named} records"
+
+
+async def _one(count: Awaitable[int]) -> list[int]:
+    return [await count]
+
+
+def _check_record(record: Record) -> None:
+    check_class_name(record.class_name)
+    _check_id(record.id)
+
+
+def _check_id(id: object) -> None:
+    if not isinstance(id, UUID):
+        raise StorageValidationError(f"a record id is a UUID, not {type(id).__name__}")
+
+
+def _copy_created_at(records: Sequence[Record], unique: Sequence[Record]) -> None:
+    by_id = {record.id: record.created_at for record in unique}
+    for record in records:
+        record.created_at = by_id[record.id]

@@ -10,29 +10,50 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
+from datetime import datetime
 from typing import ClassVar
 from uuid import UUID
 
-from pydantic_toast.backends.base import Record, RecordInfo, StorageBackend, check_class_name
+from pydantic_toast.backends.base import Capabilities, StorageBackend
+from pydantic_toast.backends.options import BackendOptions
+from pydantic_toast.backends.records import Record, StoredInfo
 from pydantic_toast.errors import StorageValidationError
 
 __all__ = ["MemoryBackend"]
+
+
+class MemoryOptions(BackendOptions):
+    """None: a memory URL is only a name."""
+
+    label = "memory"
+
+    @classmethod
+    def driver_option_names(cls) -> frozenset[str]:
+        return frozenset()
 
 
 class MemoryBackend(StorageBackend):
     """Keeps `Record` objects in a dict, copying the small object (never the bytes) on the
     way in and out so that no caller can change what is stored."""
 
-    coalesce_loads = False  # in-process: a batch would not wait on anything less
+    options_model = MemoryOptions
+    capabilities = Capabilities(
+        delete=True,
+        scan=True,
+        keeps_created_at=True,
+        coalesce_loads=False,  # in-process: a batch would not wait on anything less
+        batch_size=1 << 30,
+        concurrency=1,
+    )
 
     _stores: ClassVar[dict[str, dict[UUID, Record]]] = {}
     _stores_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
-        self._name = url.partition("://")[2]
-        if "?" in self._name or "#" in self._name:
+        if self.location.fragment:
             raise StorageValidationError("memory URLs take a name and no options: memory://name")
+        self._name = self.location.netloc + self.location.path
         self._store: dict[UUID, Record] = {}
 
     async def connect(self) -> None:
@@ -42,29 +63,21 @@ class MemoryBackend(StorageBackend):
     async def disconnect(self) -> None:
         """Keeps the data: other backends of the same URL may still use it."""
 
-    async def write_record(self, record: Record) -> None:
-        check_class_name(record.class_name)
-        existing = self._store.get(record.id)
-        if existing is not None:
-            record.created_at = existing.created_at  # tell the caller, as others do
-        self._store[record.id] = replace(record)
-
-    async def read_record(self, class_name: str, id: UUID) -> Record | None:
-        check_class_name(class_name)
-        record = self._store.get(id)
-        return None if record is None else replace(record)  # callers may change their copy
-
-    async def write_records(self, records: Sequence[Record]) -> None:
-        for record in records:
-            await self.write_record(record)
-
-    async def read_records(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
-        check_class_name(class_name)
+    async def get_many(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
         store = self._store
-        return [None if (r := store.get(id)) is None else replace(r) for id in ids]
+        return [store.get(id) for id in ids]  # the spine hands out copies
 
-    async def delete_records(self, class_name: str, ids: Sequence[UUID]) -> int:
-        check_class_name(class_name)
+    async def put_many(self, records: Sequence[Record]) -> list[datetime]:
+        store = self._store
+        kept = []
+        for record in records:
+            existing = store.get(record.id)
+            created_at = record.created_at if existing is None else existing.created_at
+            store[record.id] = replace(record, created_at=created_at)
+            kept.append(created_at)
+        return kept
+
+    async def delete_many(self, class_name: str, ids: Sequence[UUID]) -> int:
         store = self._store
         doomed = [
             id for id in ids if (r := store.get(id)) is not None and r.class_name == class_name
@@ -73,10 +86,10 @@ class MemoryBackend(StorageBackend):
             del store[id]
         return len(doomed)
 
-    async def scan_records(self, class_name: str | None = None) -> AsyncIterator[RecordInfo]:
+    async def scan(self, class_name: str | None) -> AsyncIterator[StoredInfo]:
         for record in list(self._store.values()):
             if class_name is None or record.class_name == class_name:
-                yield RecordInfo(record.class_name, record.id, len(record.data), record.updated_at)
+                yield StoredInfo(record.id, record.class_name, len(record.data), record.updated_at)
 
     @classmethod
     def clear(cls, url: str) -> None:

@@ -20,40 +20,94 @@ that ``data->>'email'`` works in plain SQL. Choices that keep the driver's cost 
 from __future__ import annotations
 
 import asyncio
-import math
-import re
 import zlib
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
-from typing import Any
-from urllib.parse import unquote, unquote_plus, urlsplit
+from typing import Annotated, Any
+from urllib.parse import quote
 from uuid import UUID
 
 import asyncpg  # type: ignore[import-untyped]
+from pydantic import Field, model_validator
 
-from pydantic_toast.backends.base import Record, RecordInfo, StorageBackend, check_class_name
-from pydantic_toast.errors import (
-    ExternalStorageError,
-    StorageConnectionError,
-    StorageValidationError,
-)
+from pydantic_toast.backends.base import Capabilities, StorageBackend
+from pydantic_toast.backends.options import BackendOptions, Count, Identifier, Seconds
+from pydantic_toast.backends.records import Record, StoredInfo, StoredRow
+from pydantic_toast.errors import StorageOperationError
 
 __all__ = ["PostgreSQLBackend"]
 
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-_OPTIONS = ("table", "min_size", "max_size", "timeout", "command_timeout")
 _COLUMNS = "id, class_name, data, schema_version, created_at, updated_at"
-# Rows per page of `scan_records`.
+# Rows per page of `scan`.
 SCAN_PAGE = 500
 
-# What the driver raises when the server is unreachable, the connection drops, a timeout
-# expires or the server refuses a statement. (`TimeoutError` is an `OSError`.)
-_DRIVER_ERRORS = (
-    OSError,
-    asyncpg.PostgresError,
+# The query parameters asyncpg itself reads from a DSN; they go to it untouched.
+_ASYNCPG_PARAMETERS = frozenset(
+    {
+        "application_name",
+        "database",
+        "dbname",
+        "gsslib",
+        "host",
+        "krbsrvname",
+        "passfile",
+        "password",
+        "port",
+        "service",
+        "ssl_max_protocol_version",
+        "ssl_min_protocol_version",
+        "sslcert",
+        "sslcrl",
+        "sslkey",
+        "sslmode",
+        "sslnegotiation",
+        "sslpassword",
+        "sslrootcert",
+        "target_session_attrs",
+        "user",
+    }
+)
+
+# Failures that go away by themselves: the connection (class 08), a server shutting down or
+# starting (57P0x), too many connections (53300), a transaction chosen as a serialization or
+# deadlock victim (40001, 40P01), a server that became a read-only standby in a failover
+# (25006), and the client's view of a lost connection.
+_TRANSIENT = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.ReadOnlySQLTransactionError,
     asyncpg.InterfaceError,
     asyncpg.InternalClientError,
 )
+
+
+class PostgreSQLOptions(BackendOptions):
+    label = "PostgreSQL"
+
+    table: Identifier = "external_models"
+    min_size: Annotated[int, Field(ge=0, description="an integer >= 0")] = 1
+    max_size: Count = 10
+    #: Seconds to connect (and to wait for a free pooled connection).
+    timeout: Seconds = 10.0
+    #: Seconds per statement.
+    command_timeout: Seconds = 30.0
+
+    @model_validator(mode="after")
+    def _sizes(self) -> PostgreSQLOptions:
+        if self.min_size > self.max_size:
+            raise ValueError(
+                f"min_size ({self.min_size}) must not exceed max_size ({self.max_size})"
+            )
+        return self
+
+    @classmethod
+    def driver_option_names(cls) -> frozenset[str]:
+        return _ASYNCPG_PARAMETERS
 
 
 async def _keep_session(connection: Any) -> None:
@@ -63,73 +117,43 @@ async def _keep_session(connection: Any) -> None:
 class PostgreSQLBackend(StorageBackend):
     """Records in a PostgreSQL table, through one asyncpg pool.
 
-    Options, from the URL's query string or as keyword arguments (keywords win):
-    ``table`` (default ``external_models``), ``min_size`` and ``max_size`` of the pool
-    (default 1 and 10), ``timeout`` to connect in seconds (default 10) and ``command_timeout``
-    per statement (default 30). They are removed from the URL before asyncpg sees it; every
-    other query parameter (``sslmode``, ``sslrootcert``, ...) is asyncpg's.
+    Options, from the URL's query string or as keyword arguments: ``table`` (default
+    ``external_models``), ``min_size`` and ``max_size`` of the pool (default 1 and 10),
+    ``timeout`` to connect in seconds (default 10) and ``command_timeout`` per statement
+    (default 30). They are removed from the URL before asyncpg sees it; asyncpg's own DSN
+    parameters (``sslmode``, ``sslrootcert``, ``target_session_attrs``, ...) pass through, and
+    anything else is refused when the model is defined.
     """
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        table: str | None = None,
-        min_size: int | None = None,
-        max_size: int | None = None,
-        timeout: float | None = None,
-        command_timeout: float | None = None,
-    ) -> None:
-        super().__init__(url)
-        parts = urlsplit(url)
-        if parts.scheme not in ("postgresql", "postgres"):
-            raise StorageValidationError(
-                f"not a PostgreSQL URL: scheme {parts.scheme!r}, expected 'postgresql'"
-            )
-        options: dict[str, str] = {}
-        kept: list[str] = []
-        for pair in filter(None, parts.query.split("&")):
-            key, _, value = pair.partition("=")
-            if unquote_plus(key) in _OPTIONS:
-                options[unquote_plus(key)] = unquote_plus(value)
-            else:
-                kept.append(pair)
+    options_model = PostgreSQLOptions
+    options: PostgreSQLOptions
+    capabilities = Capabilities(
+        delete=True,
+        scan=True,
+        purge=True,
+        keeps_created_at=True,
+        batch_size=10_000,
+        concurrency=1,
+    )
 
+    def __init__(self, url: str, **options: object) -> None:
+        super().__init__(url, **options)
+        location = self.location
         # The password travels to asyncpg as an argument, not inside the DSN, so that no
         # driver message that quotes the DSN can ever show it.
-        netloc, self._password = parts.netloc, None
-        userinfo, at, hostinfo = netloc.rpartition("@")
-        if at:
-            user, colon, secret = userinfo.partition(":")
-            if colon:
-                netloc, self._password = f"{user}@{hostinfo}", unquote(secret)
-        if hostinfo and "," not in hostinfo:
-            try:
-                parts.port  # noqa: B018 - parsing is the check
-            except ValueError as exc:
-                raise StorageValidationError(f"invalid PostgreSQL URL: {exc}") from exc
+        self._password = location.password
+        user = f"{location.username}@" if location.username else ""
+        query = "&".join(f"{name}={value}" for name, value in _quoted(self.driver_options))
         # Rebuilt by hand: urlunsplit would turn "postgresql:///db" into "postgresql:/db".
-        self._dsn = (
-            f"{parts.scheme}://{netloc}{parts.path}" + ("?" if kept else "") + "&".join(kept)
-        )
-        self._where = f"{hostinfo or 'localhost'}{parts.path}"
+        self._dsn = f"{location.scheme}://{user}{location.netloc}{location.path}"
+        self._dsn += f"?{query}" if query else ""
+        self._where = f"{location.netloc or 'localhost'}{location.path}"
 
-        self.table = table if table is not None else options.get("table", "external_models")
-        if not isinstance(self.table, str) or _IDENTIFIER.fullmatch(self.table) is None:
-            raise StorageValidationError(
-                f"invalid table name {self.table!r}: use letters, digits and '_' "
-                "(at most 63 characters, not starting with a digit)"
-            )
-        self.min_size = int(_option("min_size", min_size, options, 1, int, 0))
-        self.max_size = int(_option("max_size", max_size, options, 10, int, 1))
-        if self.min_size > self.max_size:
-            raise StorageValidationError(
-                f"min_size ({self.min_size}) must not exceed max_size ({self.max_size})"
-            )
-        self.timeout = _option("timeout", timeout, options, 10.0, float, 0.0)
-        self.command_timeout = _option(
-            "command_timeout", command_timeout, options, 30.0, float, 0.0
-        )
+        self.table = self.options.table
+        self.min_size = self.options.min_size
+        self.max_size = self.options.max_size
+        self.timeout = self.options.timeout
+        self.command_timeout = self.options.command_timeout
 
         self._pool: Any = None
         self._releases: set[asyncio.Task[None]] = set()  # hand-backs finishing after a cancel
@@ -140,10 +164,14 @@ class PostgreSQLBackend(StorageBackend):
             " data = EXCLUDED.data, schema_version = EXCLUDED.schema_version,"
             " updated_at = EXCLUDED.updated_at"
         )
-        self._upsert = f"INSERT INTO {quoted} ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6){update}"
+        self._upsert = (
+            f"INSERT INTO {quoted} ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6){update}"
+            " RETURNING created_at"
+        )
         self._upsert_many = (
             f"INSERT INTO {quoted} ({_COLUMNS}) SELECT * FROM unnest($1::uuid[], $2::text[],"
             f" $3::jsonb[], $4::integer[], $5::timestamptz[], $6::timestamptz[]){update}"
+            " RETURNING id, created_at"
         )
         self._select = (
             "SELECT class_name, data, schema_version, created_at, updated_at"
@@ -151,11 +179,12 @@ class PostgreSQLBackend(StorageBackend):
         )
         self._select_many = f"SELECT {_COLUMNS} FROM {quoted} WHERE id = ANY($1::uuid[])"
         self._delete_many = f"DELETE FROM {quoted} WHERE id = ANY($1::uuid[]) AND class_name = $2"
-        # Listing: the size is that of the JSON text `read_record` returns. The first page has
-        # no lower bound (any UUID, even the nil one, may be an id); later ones start after the
+        # Listing: the size is that of the JSON text a read returns. The first page has no
+        # lower bound (any UUID, even the nil one, may be an id); later ones start after the
         # last id seen.
         scan = (
-            f"SELECT id, class_name, octet_length(data::text), updated_at FROM {quoted}"
+            "SELECT id, class_name, octet_length(data::text), updated_at, schema_version"
+            f" FROM {quoted}"
             " WHERE ($1::text IS NULL OR class_name = $1){after} ORDER BY id LIMIT {limit}"
         )
         self._scan_first = scan.format(after="", limit=SCAN_PAGE)
@@ -170,6 +199,10 @@ class PostgreSQLBackend(StorageBackend):
             f"DELETE FROM {quoted} WHERE id = ANY(ARRAY(SELECT id FROM {quoted}"
             " WHERE class_name = $1 AND updated_at < $2 LIMIT $3 FOR UPDATE SKIP LOCKED))"
         )
+
+    @property
+    def where(self) -> str:
+        return f"PostgreSQL at {self._where}"
 
     async def connect(self) -> None:
         """Open the pool and make sure the table and its index exist."""
@@ -187,11 +220,9 @@ class PostgreSQLBackend(StorageBackend):
                 reset=_keep_session,
             )
             await self._create_table(pool)
-        except BaseException as exc:
+        except BaseException:
             if pool is not None:
                 pool.terminate()
-            if isinstance(exc, _DRIVER_ERRORS):
-                raise self._error(exc, "connect") from exc
             raise
         self._pool = pool
 
@@ -201,13 +232,18 @@ class PostgreSQLBackend(StorageBackend):
         Processes starting together would race in ``CREATE TABLE IF NOT EXISTS`` (it can fail
         with a unique violation on ``pg_type``), so creation holds a transaction-level advisory
         lock keyed by the table name. When both exist nothing is created, so a role without
-        the CREATE privilege can still use a table made for it.
+        the CREATE privilege can still use a table made for it; read-only tools
+        (``create_missing`` false) create nothing and say what is missing.
         """
         quoted = f'"{self.table}"'
         async with pool.acquire() as connection, connection.transaction():
             exists = "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL"
             if await connection.fetchval(exists, quoted, f'"{self._index}"'):
                 return
+            if not self.create_missing:
+                if await connection.fetchval("SELECT to_regclass($1) IS NOT NULL", quoted):
+                    return
+                raise StorageOperationError(f"{self.where} has no table {self.table!r}", self.url)
             await connection.execute(
                 "SELECT pg_advisory_xact_lock(hashtext($1))", f"pydantic_toast:{self.table}"
             )
@@ -227,14 +263,14 @@ class PostgreSQLBackend(StorageBackend):
             return
         try:
             await asyncio.wait_for(pool.close(), self.timeout)
-        except _DRIVER_ERRORS:
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             pool.terminate()
 
-    async def write_record(self, record: Record) -> None:
-        check_class_name(record.class_name)
-        try:
-            await self._run(
-                "execute",
+    async def put_many(self, records: Sequence[Record]) -> list[datetime]:
+        if len(records) == 1:
+            record = records[0]
+            created_at = await self._run(
+                "fetchval",
                 self._upsert,
                 record.id,
                 record.class_name,
@@ -243,101 +279,50 @@ class PostgreSQLBackend(StorageBackend):
                 record.created_at,
                 record.updated_at,
             )
-        except _DRIVER_ERRORS as exc:
-            raise self._error(exc, "save", record.class_name, record.id, [record.id]) from exc
+            return [created_at]
+        rows = await self._run(
+            "fetch",
+            self._upsert_many,
+            [record.id for record in records],
+            [record.class_name for record in records],
+            [record.data.decode() for record in records],
+            [record.schema_version for record in records],
+            [record.created_at for record in records],
+            [record.updated_at for record in records],
+        )
+        kept = {row[0]: row[1] for row in rows}
+        return [kept[record.id] for record in records]
 
-    async def read_record(self, class_name: str, id: UUID) -> Record | None:
-        check_class_name(class_name)
-        try:
-            row = await self._run("fetchrow", self._select, id)
-        except _DRIVER_ERRORS as exc:
-            raise self._error(exc, "load", class_name, id) from exc
-        if row is None:
-            return None
-        return Record(id, row[0], row[1].encode(), row[2], row[3], row[4])
+    async def get_many(self, class_name: str, ids: Sequence[UUID]) -> list[StoredRow | None]:
+        if len(ids) == 1:
+            row = await self._run("fetchrow", self._select, ids[0])
+            return [None if row is None else StoredRow(*row)]
+        found = {row[0]: row for row in await self._run("fetch", self._select_many, ids)}
+        return [None if (row := found.get(id)) is None else StoredRow(*row[1:]) for id in ids]
 
-    async def write_records(self, records: Sequence[Record]) -> None:
-        if len(records) <= 1:
-            if records:
-                await self.write_record(records[0])
-            return
-        # One upsert may not touch a row twice: keep the last record of each id.
-        latest = list({record.id: record for record in records}.values())
-        names = {check_class_name(record.class_name) for record in latest}
-        try:
-            await self._run(
-                "execute",
-                self._upsert_many,
-                [record.id for record in latest],
-                [record.class_name for record in latest],
-                [record.data.decode() for record in latest],
-                [record.schema_version for record in latest],
-                [record.created_at for record in latest],
-                [record.updated_at for record in latest],
-            )
-        except _DRIVER_ERRORS as exc:
-            # One statement: PostgreSQL wrote all of the batch or none of it.
-            failed = [record.id for record in latest]
-            name = names.pop() if len(names) == 1 else ""
-            raise self._error(exc, "save", name, failed_ids=failed) from exc
-
-    async def read_records(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
-        if len(ids) <= 1:
-            return [await self.read_record(class_name, ids[0])] if ids else []
-        check_class_name(class_name)
-        try:
-            rows = await self._run("fetch", self._select_many, ids)
-        except _DRIVER_ERRORS as exc:
-            raise self._error(exc, "load", class_name) from exc
-        found = {row[0]: row for row in rows}
-        records: list[Record | None] = []
-        for id in ids:
-            row = found.get(id)
-            records.append(
-                None if row is None else Record(id, row[1], row[2].encode(), row[3], row[4], row[5])
-            )
-        return records
-
-    async def delete_records(self, class_name: str, ids: Sequence[UUID]) -> int:
-        check_class_name(class_name)
-        if not ids:
-            return 0
-        try:
-            status = await self._run("execute", self._delete_many, ids, class_name)
-        except _DRIVER_ERRORS as exc:
-            raise self._error(exc, "delete", class_name) from exc
+    async def delete_many(self, class_name: str, ids: Sequence[UUID]) -> int:
+        status = await self._run("execute", self._delete_many, ids, class_name)
         return int(status.rpartition(" ")[2])
 
-    async def scan_records(self, class_name: str | None = None) -> AsyncIterator[RecordInfo]:
-        if class_name is not None:
-            check_class_name(class_name)
+    async def scan(self, class_name: str | None) -> AsyncIterator[StoredInfo]:
         self._open()  # fail now, not at the first page, when not connected
         last: UUID | None = None
         while True:
-            try:
-                if last is None:
-                    rows = await self._run("fetch", self._scan_first, class_name)
-                else:
-                    rows = await self._run("fetch", self._scan_next, class_name, last)
-            except _DRIVER_ERRORS as exc:
-                raise self._error(exc, "list", class_name or "") from exc
-            for id, name, size, updated_at in rows:
-                yield RecordInfo(name, id, size, updated_at)
+            if last is None:
+                rows = await self._run("fetch", self._scan_first, class_name)
+            else:
+                rows = await self._run("fetch", self._scan_next, class_name, last)
+            for id, name, size, updated_at, version in rows:
+                yield StoredInfo(id, name, size, updated_at, schema_version=version)
             if len(rows) < SCAN_PAGE:
                 return
             last = rows[-1][0]
 
-    async def purge(self, class_name: str, before: datetime, *, batch_size: int = 500) -> int:
-        check_class_name(class_name)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+    async def purge_before(self, class_name: str, before: datetime, batch_size: int) -> int:
         self._open()
         deleted = 0
         while True:
-            try:
-                status = await self._run("execute", self._purge, class_name, before, batch_size)
-            except _DRIVER_ERRORS as exc:
-                raise self._error(exc, "purge", class_name) from exc
+            status = await self._run("execute", self._purge, class_name, before, batch_size)
             count = int(status.rpartition(" ")[2])
             deleted += count
             if count < batch_size:
@@ -376,71 +361,20 @@ class PostgreSQLBackend(StorageBackend):
 
     def _open(self) -> Any:
         if self._pool is None:
-            raise StorageConnectionError(
-                f"the PostgreSQL backend for {self._where} is not connected", self.url
-            )
+            raise self.closed()
         return self._pool
 
-    def _error(
-        self,
-        exc: BaseException,
-        verb: str,
-        class_name: str = "",
-        id: UUID | None = None,
-        failed_ids: Sequence[UUID] = (),
-    ) -> ExternalStorageError:
-        """Our exception for a driver's: data PostgreSQL refuses to store is a validation
-        error (retrying cannot help); everything else is a connection error, naming the
-        records a failed write may not have stored."""
-        what = f" {class_name} record" if class_name else ""
-        what += f" {id}" if id is not None else ("s" if class_name else "")
-        if isinstance(exc, asyncpg.DataError):
-            return StorageValidationError(f"PostgreSQL cannot {verb}{what}: {exc}")
-        sqlstate = getattr(exc, "sqlstate", None) or ""
-        if sqlstate[:2] in _PERMANENT_SQLSTATE_CLASSES:
-            # The server answered and refused (no permission, no such table, over a limit):
-            # not a connection failure, so nothing retries it.
-            return ExternalStorageError(
-                f"PostgreSQL at {self._where} refused to {verb}{what}: "
-                f"{type(exc).__name__} ({sqlstate}): {exc}"
-            )
-        return StorageConnectionError(
-            f"PostgreSQL at {self._where}: could not {verb}{what}: {type(exc).__name__}: {exc}",
-            self.url,
-            failed_ids=map(str, failed_ids),
-        )
+    def is_transient(self, exc: BaseException) -> bool:
+        return isinstance(exc, _TRANSIENT) or super().is_transient(exc)
+
+    def invalid(self, exc: BaseException) -> bool:
+        # Class 22: the server refused the data itself (a NUL in JSON text, a value out of
+        # range), so the data is at fault and no retry can help.
+        return isinstance(exc, asyncpg.DataError)
 
 
-# SQLSTATE classes of errors that retrying cannot fix: 22 data exception, 42 syntax error
-# or access rule violation (permissions, undefined objects), 54 program limit exceeded.
-_PERMANENT_SQLSTATE_CLASSES = frozenset({"22", "42", "54"})
-
-
-def _option(
-    name: str,
-    given: float | None,
-    options: dict[str, str],
-    default: float,
-    kind: type[int] | type[float],
-    above: float,
-) -> float:
-    """A numeric option from the keyword or the URL, checked: at least ``above`` for ints
-    (a count), more than ``above`` for floats (a duration)."""
-    raw: str | float = given if given is not None else options.get(name, default)
-    try:
-        if isinstance(raw, bool):
-            raise ValueError
-        value = kind(raw)
-        if kind is float and (not math.isfinite(value) or value <= above):
-            raise ValueError
-        if kind is int and value < above:
-            raise ValueError
-    except (TypeError, ValueError):
-        bound = f"an integer >= {above:g}" if kind is int else f"a number of seconds > {above:g}"
-        raise StorageValidationError(
-            f"PostgreSQL option {name} must be {bound}, not {raw!r}"
-        ) from None
-    return value
+def _quoted(options: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(quote(name, safe=""), quote(str(value), safe="")) for name, value in options.items()]
 
 
 def _index_name(table: str) -> str:

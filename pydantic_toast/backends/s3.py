@@ -8,8 +8,9 @@ botocore user expects, from the standard environment and config files (``AWS_END
 ``AWS_REGION``/``AWS_DEFAULT_REGION``, ``AWS_PROFILE``, the credentials chain); the URL never
 carries credentials.
 
-S3 has no conditional "keep created_at" upsert, so a write stores the record as given: the
-model layer already put the ``created_at`` it knows in it.
+A first save is a conditional PutObject (``If-None-Match: *``): when an object is already
+there, the spine reads its ``created_at`` and the save overwrites it keeping that (not
+atomically: S3 has no conditional "keep this field" write).
 
 Listing pages through ListObjectsV2 (continuation tokens, nothing held on the server) and reads
 each record's envelope header with a ranged GET of its first 512 bytes, a page at a time, with
@@ -25,35 +26,34 @@ import ipaddress
 import math
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from datetime import datetime
-from typing import Any, NoReturn, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import replace
+from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
 from uuid import UUID
 
 import aiohttp
 from aiobotocore.config import AioConfig  # type: ignore[import-untyped]
 from aiobotocore.session import AioSession  # type: ignore[import-untyped]
-from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
+from botocore import exceptions as boto_errors  # type: ignore[import-untyped]
+from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+from pydantic import AfterValidator, Field
 
-from pydantic_toast.backends.base import (
+from pydantic_toast.backends.base import Capabilities, StorageBackend
+from pydantic_toast.backends.options import BackendOptions, Count, Seconds
+from pydantic_toast.backends.records import (
     HEAD_BYTES,
     Record,
-    RecordInfo,
-    StorageBackend,
+    StoredInfo,
     check_class_name,
-    decode_envelope,
-    decode_envelope_info,
     encode_envelope,
 )
-from pydantic_toast.errors import StorageConnectionError, StorageValidationError
+from pydantic_toast.errors import StorageOperationError, StorageValidationError
 
 __all__ = ["S3Backend"]
 
-A = TypeVar("A")
 T = TypeVar("T")
 
-OPTIONS = ("endpoint_url", "region", "profile", "max_concurrency", "timeout", "max_size")
 DEFAULT_MAX_CONCURRENCY = 32
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 30.0
@@ -61,20 +61,76 @@ DEFAULT_READ_TIMEOUT = 30.0
 DELETE_CHUNK = 1000
 # ListObjectsV2 returns at most 1,000 keys per page.
 LIST_PAGE = 1000
-# The envelope header (metadata before the model's fields) fits in the first 512 bytes.
 
 # Today's bucket naming rules (AWS, MinIO): 3-63 lowercase letters, digits, "." and "-",
 # starting and ending with a letter or digit, no "..", not an IPv4 address.
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")
-# What botocore, aiohttp and the socket layer raise when S3 cannot be reached or refuses a
-# request. `asyncio.TimeoutError` is `TimeoutError`, an `OSError`.
-_DRIVER_ERRORS = (BotoCoreError, ClientError, aiohttp.ClientError, OSError)
 # The total size in a ranged GET's Content-Range: "bytes 0-511/12345".
 _CONTENT_RANGE_TOTAL = re.compile(r"bytes \d+-\d+/(\d+)")
+# Failures that go away by themselves: no connection, a timeout, a connection cut, and the
+# server asking to slow down or failing inside (5xx).
+_TRANSIENT = (
+    boto_errors.EndpointConnectionError,
+    boto_errors.ConnectionClosedError,
+    boto_errors.ReadTimeoutError,
+    boto_errors.ConnectTimeoutError,
+    boto_errors.ResponseStreamingError,
+    aiohttp.ClientConnectionError,
+    aiohttp.ServerTimeoutError,
+    aiohttp.ClientPayloadError,
+)
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "RequestTimeout",
+        "Throttling",
+        "ThrottlingException",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestTimeTooSkewed",
+    }
+)
+
+
+def _endpoint(value: str) -> str:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - parsing the port validates it
+    except ValueError as exc:
+        raise ValueError(f"not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected http(s)://host[:port]")
+    if "@" in parts.netloc:
+        raise ValueError(
+            "it must not carry credentials: they come from the AWS environment, config files "
+            "or the profile option"
+        )
+    return value
+
+
+#: A non-empty printable name (a region, a profile).
+Name = Annotated[
+    str, Field(pattern=r"^[^\x00-\x1f\x7f]+$", description="a non-empty printable name")
+]
+
+
+class S3Options(BackendOptions):
+    label = "S3"
+
+    endpoint_url: Annotated[str, AfterValidator(_endpoint)] | None = None
+    region: Name | None = None
+    profile: Name | None = None
+    max_concurrency: Count = DEFAULT_MAX_CONCURRENCY
+    timeout: Seconds | None = None
+    max_size: Count | None = None
+
+    @classmethod
+    def driver_option_names(cls) -> frozenset[str]:
+        return frozenset()
 
 
 class S3Backend(StorageBackend):
-    """Options (URL query or keyword arguments; keywords win):
+    """Options (URL query or keyword arguments):
 
     ``endpoint_url``
         A custom endpoint such as MinIO or LocalStack (``http://localhost:9000``); requests
@@ -94,23 +150,29 @@ class S3Backend(StorageBackend):
         Refuse to read a stored object larger than this many bytes (default: no limit).
     """
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        endpoint_url: str | None = None,
-        region: str | None = None,
-        profile: str | None = None,
-        max_concurrency: int | None = None,
-        timeout: float | None = None,
-        max_size: int | None = None,
-    ) -> None:
-        super().__init__(url)
-        parts = urlsplit(url)
-        if parts.fragment:
+    options_model = S3Options
+    options: S3Options
+    capabilities = Capabilities(
+        delete=True,
+        scan=True,
+        put_if_absent=True,
+        batch_size=1,
+        delete_batch_size=DELETE_CHUNK,
+        concurrency=DEFAULT_MAX_CONCURRENCY,
+    )
+
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, **options)
+        location = self.location
+        if location.fragment:
             raise StorageValidationError("S3 URLs take no '#' fragment")
-        self.bucket = _bucket_of(parts.netloc)
-        prefix = unquote(parts.path).strip("/")
+        if location.username is not None or location.password is not None:
+            raise StorageValidationError(
+                "S3 URLs carry no credentials: they come from the AWS environment, config "
+                "files or the profile option"
+            )
+        self.bucket = _bucket_of(location.netloc)
+        prefix = location.unquoted_path.strip("/")
         if prefix and any(segment in ("", ".", "..") for segment in prefix.split("/")):
             raise StorageValidationError(
                 f"invalid S3 key prefix {prefix!r}: no empty, '.' or '..' segments"
@@ -119,28 +181,22 @@ class S3Backend(StorageBackend):
             raise StorageValidationError("invalid S3 key prefix: control characters")
         self.prefix = prefix
         self._key_base = f"{prefix}/" if prefix else ""
-
-        options = _query_options(parts.query)
-        given = {
-            "endpoint_url": endpoint_url,
-            "region": region,
-            "profile": profile,
-            "max_concurrency": max_concurrency,
-            "timeout": timeout,
-            "max_size": max_size,
-        }
-        options.update({key: value for key, value in given.items() if value is not None})
-        self.endpoint_url = _endpoint(options.get("endpoint_url"))
-        self.region = _name(options.get("region"), "region")
-        self.profile = _name(options.get("profile"), "profile")
-        self.max_concurrency = _number(
-            options.get("max_concurrency"), "max_concurrency", int, DEFAULT_MAX_CONCURRENCY
+        self.endpoint_url = self.options.endpoint_url
+        self.region = self.options.region
+        self.profile = self.options.profile
+        self.max_concurrency = self.options.max_concurrency
+        self.timeout = self.options.timeout
+        self.max_size = self.options.max_size
+        self.capabilities = replace(
+            self.capabilities, concurrency=self.max_concurrency, delete_batch_size=DELETE_CHUNK
         )
-        self.timeout: float | None = _number(options.get("timeout"), "timeout", float, None)
-        self.max_size: int | None = _number(options.get("max_size"), "max_size", int, None)
 
         self._stack: contextlib.AsyncExitStack | None = None
         self._s3: Any = None  # the aiobotocore client: untyped, so confined to this module
+
+    @property
+    def where(self) -> str:
+        return f"S3 bucket {self.bucket!r}"
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -159,11 +215,9 @@ class S3Backend(StorageBackend):
                     config=self._config(),
                 )
             )
-        except _DRIVER_ERRORS as exc:  # e.g. an unknown profile
+        except BaseException:  # e.g. an unknown profile
             await stack.aclose()
-            raise StorageConnectionError(
-                f"cannot create the S3 client: {type(exc).__name__}: {exc}", self.url
-            ) from exc
+            raise
         try:
             await client.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
@@ -172,13 +226,11 @@ class S3Backend(StorageBackend):
             if _status(exc) != 403:
                 await stack.aclose()
                 if _status(exc) == 404:
-                    message = f"S3 bucket {self.bucket!r} does not exist at {_endpoint_of(client)}"
-                else:
-                    message = _cannot_open(self.bucket, client, exc)
-                raise StorageConnectionError(message, self.url) from exc
-        except _DRIVER_ERRORS as exc:
-            await stack.aclose()
-            raise StorageConnectionError(_cannot_open(self.bucket, client, exc), self.url) from exc
+                    raise StorageOperationError(
+                        f"S3 bucket {self.bucket!r} does not exist at {_endpoint_of(client)}",
+                        self.url,
+                    ) from exc
+                raise
         except BaseException:
             await stack.aclose()
             raise
@@ -216,28 +268,40 @@ class S3Backend(StorageBackend):
     # --- records ------------------------------------------------------------------------------
 
     def _key(self, class_name: str, id: UUID) -> str:
-        return f"{self._key_base}{check_class_name(class_name)}/{id}.json"
+        return f"{self._key_base}{class_name}/{id}.json"
 
     @property
     def _client(self) -> Any:
         if self._s3 is None:
-            raise StorageConnectionError("the S3 backend is not connected", self.url)
+            raise self.closed()
         return self._s3
 
-    async def write_record(self, record: Record) -> None:
-        key = self._key(record.class_name, record.id)
+    async def put_many(self, records: Sequence[Record]) -> None:
+        for record in records:  # one record per call (batch_size 1); the spine runs many
+            await self._put_object(record)
+
+    async def put_new(self, records: Sequence[Record]) -> list[bool]:
+        return [await self._put_object(record, only_new=True) for record in records]
+
+    async def _put_object(self, record: Record, *, only_new: bool = False) -> bool:
         body = encode_envelope(record)
+        request: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self._key(record.class_name, record.id),
+            "Body": body,
+            "ContentType": "application/json",
+        }
+        if only_new:
+            request["IfNoneMatch"] = "*"
         try:
-            await self._sending(
-                len(body),
-                self._client.put_object(
-                    Bucket=self.bucket, Key=key, Body=body, ContentType="application/json"
-                ),
-            )
-        except _DRIVER_ERRORS as exc:
-            self._fail(
-                exc, f"cannot write {record.class_name} record {record.id}", [str(record.id)]
-            )
+            await self._sending(len(body), self._client.put_object(**request))
+        except ClientError as exc:
+            # 412: an object is there already; 409: another conditional write to the key is
+            # under way. Either way the key is taken: the spine keeps its created_at.
+            if only_new and _status(exc) in (409, 412):
+                return False
+            raise
+        return True
 
     async def _sending(self, size: int, request: Awaitable[T]) -> T:
         """Await a request that sends a body of ``size`` bytes, within a deadline.
@@ -261,134 +325,93 @@ class S3Backend(StorageBackend):
                 f"no complete response from {_endpoint_of(self._s3)} within {deadline:g}s"
             ) from None
 
-    async def read_record(self, class_name: str, id: UUID) -> Record | None:
-        key = self._key(class_name, id)
+    async def get_many(self, class_name: str, ids: Sequence[UUID]) -> list[bytes | None]:
+        return [await self._get(class_name, id) for id in ids]
+
+    async def _get(self, class_name: str, id: UUID) -> bytes | None:
         try:
-            response = await self._client.get_object(Bucket=self.bucket, Key=key)
-            async with response["Body"] as body:
-                size = response.get("ContentLength")
-                if self.max_size is not None and isinstance(size, int) and size > self.max_size:
-                    raise StorageValidationError(
-                        f"stored {class_name} record {id} is {size} bytes, "
-                        f"more than max_size={self.max_size}"
-                    )
-                raw: bytes = await body.read()
+            response = await self._client.get_object(
+                Bucket=self.bucket, Key=self._key(class_name, id)
+            )
         except ClientError as exc:
             if _code(exc) == "NoSuchKey":
                 return None
-            self._fail(exc, f"cannot read {class_name} record {id}")
-        except _DRIVER_ERRORS as exc:
-            self._fail(exc, f"cannot read {class_name} record {id}")
-        return decode_envelope(raw, id, class_name)
-
-    async def write_records(self, records: Sequence[Record]) -> None:
-        """Concurrent PutObjects: each object is written whole or not at all, the batch is
-        not atomic. A failure cancels the puts not yet done and names in ``failed_ids`` every
-        record without a completed put."""
-        for record in records:  # check every name before the first request
-            check_class_name(record.class_name)
-        written: set[UUID] = set()
-
-        async def write(record: Record) -> None:
-            await self.write_record(record)
-            written.add(record.id)
-
-        try:
-            await self._each(write, records)
-        except StorageConnectionError as exc:
-            exc.failed_ids = list(dict.fromkeys(str(r.id) for r in records if r.id not in written))
             raise
+        async with response["Body"] as body:
+            size = response.get("ContentLength")
+            if self.max_size is not None and isinstance(size, int) and size > self.max_size:
+                raise StorageValidationError(
+                    f"stored {class_name} record {id} is {size} bytes, "
+                    f"more than max_size={self.max_size}"
+                )
+            raw: bytes = await body.read()
+        return raw
 
-    async def read_records(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
-        check_class_name(class_name)
-        return await self._each(lambda id: self.read_record(class_name, id), ids)
-
-    async def delete_records(self, class_name: str, ids: Sequence[UUID]) -> int:
-        """Delete every requested object; return how many of them existed.
+    async def delete_many(self, class_name: str, ids: Sequence[UUID]) -> int:
+        """Delete every requested object (one DeleteObjects, up to 1,000 keys); return how
+        many of them existed.
 
         S3's DeleteObjects reports a key as deleted whether or not it existed, so the count
         comes from a HEAD of each key just before the delete. The delete itself covers every
         requested key, so none of them is left behind; only the count can miss an object
         another client writes or deletes between the two steps.
         """
-        keys = list(dict.fromkeys(self._key(class_name, id) for id in ids))
-        existed = sum(await self._each(self._exists, keys))
+        keys = [self._key(class_name, id) for id in ids]
+        gate = asyncio.Semaphore(self.max_concurrency)
+
+        async def exists(key: str) -> bool:
+            async with gate:
+                return await self._exists(key)
+
+        existed = sum(await asyncio.gather(*(exists(key) for key in keys)))
         await self._delete_keys(class_name, keys)
         return existed
 
     async def _delete_keys(self, class_name: str, keys: Sequence[str]) -> None:
-        """DeleteObjects for every key, `DELETE_CHUNK` keys a request."""
-        for start in range(0, len(keys), DELETE_CHUNK):
-            chunk = keys[start : start + DELETE_CHUNK]
-            try:
-                response = await self._sending(
-                    sum(len(key) + 40 for key in chunk),  # the XML body, roughly
-                    self._client.delete_objects(
-                        Bucket=self.bucket,
-                        Delete={"Objects": [{"Key": key} for key in chunk], "Quiet": True},
-                    ),
-                )
-            except _DRIVER_ERRORS as exc:
-                self._fail(exc, f"cannot delete {class_name} records")
-            errors = response.get("Errors") or []
-            if errors:
-                first = errors[0]
-                raise StorageConnectionError(
-                    f"cannot delete {len(errors)} {class_name} record(s), first "
-                    f"{first.get('Key')!r}: {first.get('Code')}: {first.get('Message')}",
-                    self.url,
-                )
+        response = await self._sending(
+            sum(len(key) + 40 for key in keys),  # the XML body, roughly
+            self._client.delete_objects(
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": key} for key in keys], "Quiet": True},
+            ),
+        )
+        errors = response.get("Errors") or []
+        if errors:
+            first = errors[0]
+            raise StorageOperationError(
+                f"cannot delete {len(errors)} {class_name} record(s), first "
+                f"{first.get('Key')!r}: {first.get('Code')}: {first.get('Message')}",
+                self.url,
+            )
 
-    async def purge(self, class_name: str, before: datetime, *, batch_size: int = 500) -> int:
-        """Scan the class and delete its records last updated before ``before``, one
-        DeleteObjects per ``batch_size`` of them.
-
-        Unlike `delete_records`, no HEAD request counts them: the scan has just read each
-        one's header, so each deleted key is counted as existing. A record another client
-        deletes between the scan and the delete is still counted; one it re-saves in that
-        window is still deleted (S3 has no conditional DeleteObjects everywhere).
-        """
-        check_class_name(class_name)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
-        deleted = 0
-        doomed: list[str] = []
-        async for info in self.scan_records(class_name):
-            if info.updated_at < before:
-                doomed.append(self._key(class_name, info.id))
-                if len(doomed) >= batch_size:
-                    await self._delete_keys(class_name, doomed)
-                    deleted, doomed = deleted + len(doomed), []
-        if doomed:
-            await self._delete_keys(class_name, doomed)
-            deleted += len(doomed)
-        return deleted
-
-    async def scan_records(self, class_name: str | None = None) -> AsyncIterator[RecordInfo]:
+    async def scan(self, class_name: str | None) -> AsyncIterator[StoredInfo]:
         """Every record under ``{prefix}/{class_name}/`` (or the whole prefix), page by page.
 
         Keys that are not ``{ClassName}/{uuid}.json`` under the prefix are not records and are
-        skipped, as are objects deleted between the listing and the read. An object under a
-        record key that holds no envelope is a `StorageValidationError` naming it.
+        skipped, as are objects deleted between the listing and the read. Each page's headers
+        come from ranged GETs of their first 512 bytes, at most ``max_concurrency`` at once.
         """
         base = self._key_base
         if class_name is not None:
-            base += check_class_name(class_name) + "/"
+            base += class_name + "/"
+        gate = asyncio.Semaphore(self.max_concurrency)
+
+        async def head(listed: tuple[str, tuple[str, UUID], int | None]) -> StoredInfo | None:
+            async with gate:
+                return await self._head_info(listed)
+
         token: str | None = None
         while True:
             request: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base, "MaxKeys": LIST_PAGE}
             if token is not None:
                 request["ContinuationToken"] = token
-            try:
-                page = await self._client.list_objects_v2(**request)
-            except _DRIVER_ERRORS as exc:
-                self._fail(exc, f"cannot list {class_name or 'the'} records")
+            page = await self._client.list_objects_v2(**request)
             found = [
                 (item["Key"], parsed, item.get("Size"))
                 for item in page.get("Contents") or []
                 if (parsed := self._parse_key(item["Key"])) is not None
             ]
-            for info in await self._each(self._head_info, found):
+            for info in await asyncio.gather(*(head(listed) for listed in found)):
                 if info is not None:
                     yield info
             token = page.get("NextContinuationToken")
@@ -413,8 +436,8 @@ class S3Backend(StorageBackend):
 
     async def _head_info(
         self, listed: tuple[str, tuple[str, UUID], int | None]
-    ) -> RecordInfo | None:
-        """The listing view of one object, from a ranged GET of its envelope header; ``None``
+    ) -> StoredInfo | None:
+        """The listing entry of one object, from a ranged GET of its envelope header; ``None``
         when the object is gone."""
         key, (class_name, id), listed_size = listed
         try:
@@ -427,12 +450,8 @@ class S3Backend(StorageBackend):
             if _code(exc) == "NoSuchKey":
                 return None  # deleted since the listing
             if _code(exc) == "InvalidRange":  # an empty object
-                raise StorageValidationError(
-                    f"stored {class_name} record {id} is corrupt: object {key!r} is empty"
-                ) from exc
-            self._fail(exc, f"cannot read {class_name} record {id}")
-        except _DRIVER_ERRORS as exc:
-            self._fail(exc, f"cannot read {class_name} record {id}")
+                return StoredInfo(id, class_name, 0, None, b"")
+            raise
         # The size of the very object whose header was read (it may have been rewritten since
         # the listing) is in Content-Range; a server that ignores Range sends the whole object.
         total = _CONTENT_RANGE_TOTAL.fullmatch(str(response.get("ContentRange") or ""))
@@ -442,15 +461,7 @@ class S3Backend(StorageBackend):
             size = len(head)
         else:
             size = listed_size if isinstance(listed_size, int) else len(head)
-        try:
-            info = decode_envelope_info(head, id, size)
-        except StorageValidationError as exc:
-            raise StorageValidationError(
-                f"stored {class_name} record {id} is corrupt: object {key!r} does not start"
-                " with a pydantic-toast envelope header"
-            ) from exc
-        # Listed under the class its key names, which is the class that reads and deletes it.
-        return RecordInfo(class_name, id, info.size, info.updated_at)
+        return StoredInfo(id, class_name, size, None, head)
 
     async def _exists(self, key: str) -> bool:
         try:
@@ -458,47 +469,18 @@ class S3Backend(StorageBackend):
         except ClientError as exc:
             if _status(exc) == 404:
                 return False
-            self._fail(exc, f"cannot check object {key!r}")
-        except _DRIVER_ERRORS as exc:
-            self._fail(exc, f"cannot check object {key!r}")
+            raise
         return True
 
-    # --- helpers ------------------------------------------------------------------------------
+    def invalid(self, exc: BaseException) -> bool:
+        # Configuration botocore cannot use: the fault is the caller's, not the store's.
+        return isinstance(exc, boto_errors.ProfileNotFound | boto_errors.NoCredentialsError)
 
-    async def _each(self, operation: Callable[[A], Awaitable[T]], items: Sequence[A]) -> list[T]:
-        """Run ``operation`` on every item with at most `max_concurrency` in flight, in order.
-
-        A fixed set of workers pulls items, so a batch of 100,000 makes `max_concurrency`
-        tasks, not 100,000; on the first failure the other workers are cancelled.
-        """
-        if len(items) <= 1:
-            return [await operation(item) for item in items]
-        results: dict[int, T] = {}
-        pending = iter(range(len(items)))
-
-        async def worker() -> None:
-            for index in pending:
-                results[index] = await operation(items[index])
-
-        tasks = [
-            asyncio.create_task(worker()) for _ in range(min(self.max_concurrency, len(items)))
-        ]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.wait(tasks)
-            raise
-        return [results[index] for index in range(len(items))]
-
-    def _fail(self, exc: BaseException, what: str, failed_ids: Sequence[str] = ()) -> NoReturn:
-        """Raise the driver's failure as ours, naming the bucket; the driver's is the cause."""
-        raise StorageConnectionError(
-            f"{what} in S3 bucket {self.bucket!r}: {type(exc).__name__}: {exc}",
-            self.url,
-            failed_ids=failed_ids,
-        ) from exc
+    def is_transient(self, exc: BaseException) -> bool:
+        if isinstance(exc, ClientError):
+            status = _status(exc)
+            return _code(exc) in _TRANSIENT_CODES or (status is not None and status >= 500)
+        return isinstance(exc, _TRANSIENT) or super().is_transient(exc)
 
 
 def _bucket_of(netloc: str) -> str:
@@ -525,67 +507,6 @@ def _is_ip_address(text: str) -> bool:
     return True
 
 
-def _query_options(query: str) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        if key in options:
-            raise StorageValidationError(f"S3 option {key!r} is given twice")
-        options[key] = value
-    unknown = set(options) - set(OPTIONS)
-    if unknown:
-        raise StorageValidationError(
-            f"unknown S3 option(s): {', '.join(sorted(unknown))}; "
-            f"known options: {', '.join(OPTIONS)}"
-        )
-    return options
-
-
-def _endpoint(value: object) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise StorageValidationError(f"S3 endpoint_url must be a string, not {value!r}")
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - parsing the port validates it
-    except ValueError as exc:
-        raise StorageValidationError(f"invalid S3 endpoint_url: {exc}") from exc
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise StorageValidationError(
-            f"invalid S3 endpoint_url {value[:80]!r}: expected http(s)://host[:port]"
-        )
-    if "@" in parts.netloc:
-        raise StorageValidationError(
-            "the S3 endpoint_url must not carry credentials: they come from the AWS "
-            "environment, config files or the profile option"
-        )
-    return value
-
-
-def _name(value: object, option: str) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value or not value.isprintable():
-        raise StorageValidationError(f"S3 {option} must be a non-empty name, not {value!r}")
-    return value
-
-
-def _number(value: object, option: str, kind: type[T], default: T) -> T:
-    if value is None:
-        return default
-    try:
-        if isinstance(value, bool):
-            raise ValueError("not a number")
-        number = kind(value)  # type: ignore[call-arg]
-        if not number > 0:  # type: ignore[operator]
-            raise ValueError("must be positive")
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise StorageValidationError(
-            f"S3 {option} must be a positive {kind.__name__}, not {value!r}"
-        ) from exc
-    return number
-
-
 def _endpoint_from_environment() -> bool:
     ignored = os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true"
     return not ignored and bool(
@@ -600,12 +521,6 @@ def _code(exc: Any) -> str:
 def _status(exc: Any) -> int | None:
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return status if isinstance(status, int) else None
-
-
-def _cannot_open(bucket: str, client: Any, exc: BaseException) -> str:
-    return (
-        f"cannot reach S3 bucket {bucket!r} at {_endpoint_of(client)}: {type(exc).__name__}: {exc}"
-    )
 
 
 def _endpoint_of(client: Any) -> str:

@@ -9,60 +9,68 @@ or processes can read while one writes.
 
 from __future__ import annotations
 
-import re
 import sqlite3
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 from uuid import UUID
 
-from pydantic_toast.backends.base import Record, RecordInfo, StorageBackend, check_class_name
-from pydantic_toast.errors import StorageConnectionError, StorageValidationError
+from pydantic_toast.backends.base import Capabilities, StorageBackend
+from pydantic_toast.backends.options import BackendOptions, Identifier, Seconds
+from pydantic_toast.backends.records import Record, StoredInfo, StoredRow, timestamp_text
+from pydantic_toast.errors import StorageOperationError, StorageValidationError
 
 __all__ = ["SQLiteBackend"]
 
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
 # SQLite limits the number of bound parameters per statement; stay well below it.
-_IDS_PER_SELECT = 500
+_IDS_PER_STATEMENT = 500
+
+
+class SQLiteOptions(BackendOptions):
+    label = "sqlite"
+
+    #: The table (created on connect).
+    table: Identifier = "external_models"
+    #: Seconds to wait for another writer.
+    timeout: Seconds = 5.0
+
+    @classmethod
+    def driver_option_names(cls) -> frozenset[str]:
+        return frozenset()
 
 
 class SQLiteBackend(StorageBackend):
-    """Options (URL query): ``table`` (default ``external_models``), ``timeout`` seconds
-    to wait for another writer (default 5)."""
+    """Options (URL query or keywords): ``table`` (default ``external_models``), ``timeout``
+    seconds to wait for another writer (default 5)."""
 
-    coalesce_loads = False  # in-process: a batch would not wait on anything less
+    options_model = SQLiteOptions
+    options: SQLiteOptions
+    capabilities = Capabilities(
+        delete=True,
+        scan=True,
+        purge=True,
+        keeps_created_at=True,
+        coalesce_loads=False,  # in-process: a batch would not wait on anything less
+        batch_size=_IDS_PER_STATEMENT,
+        concurrency=1,
+    )
 
-    def __init__(self, url: str, *, table: str | None = None, timeout: float | None = None) -> None:
-        super().__init__(url)
-        parts = urlsplit(url)
-        options = dict(parse_qsl(parts.query, keep_blank_values=True))
-        unknown = set(options) - {"table", "timeout"}
-        if unknown:
-            raise StorageValidationError(f"unknown sqlite option(s): {', '.join(sorted(unknown))}")
-        if parts.netloc:
+    def __init__(self, url: str, **options: object) -> None:
+        super().__init__(url, **options)
+        location = self.location
+        if location.netloc:
             raise StorageValidationError(
                 "sqlite URLs have no host: use sqlite:///relative.db or sqlite:////absolute.db"
             )
-        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        path = location.path[1:] if location.path.startswith("/") else location.path
         if not path or path == ":memory:":
             raise StorageValidationError(
                 "sqlite URLs need a file path (sqlite:///models.db); for memory use memory://"
             )
         self.path = Path(path)
-        self.table = table or options.get("table", "external_models")
-        if _IDENTIFIER.fullmatch(self.table) is None:
-            raise StorageValidationError(f"invalid table name {self.table!r}")
-        try:
-            self.timeout = float(timeout if timeout is not None else options.get("timeout", 5))
-        except ValueError:
-            self.timeout = -1.0
-        if not 0 < self.timeout < float("inf"):
-            raise StorageValidationError(
-                "sqlite option timeout must be a positive number of seconds"
-            )
+        self.table = self.options.table
+        self.timeout = self.options.timeout
         self._connection: sqlite3.Connection | None = None
         quoted = f'"{self.table}"'
         self._upsert = (
@@ -75,13 +83,22 @@ class SQLiteBackend(StorageBackend):
             f"SELECT id, class_name, data, schema_version, created_at, updated_at FROM {quoted}"
             " WHERE id IN ({})"
         )
+        self._created = f"SELECT id, created_at FROM {quoted} WHERE id IN ({{}})"
+
+    @property
+    def where(self) -> str:
+        return f"sqlite database {self.path}"
 
     async def connect(self) -> None:
-        with self._errors("open"):
+        if self.create_missing:
             if self.path.parent != Path():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             connection = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
-            try:
+        else:  # read-only tools: never create the file or the table
+            uri = f"{self.path.absolute().as_uri()}?mode=ro"
+            connection = sqlite3.connect(uri, timeout=self.timeout, isolation_level=None, uri=True)
+        try:
+            if self.create_missing:
                 connection.execute("PRAGMA journal_mode=WAL")
                 connection.execute("PRAGMA synchronous=NORMAL")
                 connection.execute(
@@ -94,9 +111,13 @@ class SQLiteBackend(StorageBackend):
                     f'CREATE INDEX IF NOT EXISTS "{self.table}_class_updated"'
                     f' ON "{self.table}" (class_name, updated_at)'
                 )
-            except BaseException:
-                connection.close()
-                raise
+            elif not connection.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (self.table,)
+            ).fetchone():
+                raise StorageOperationError(f"{self.where} has no table {self.table!r}", self.url)
+        except BaseException:
+            connection.close()
+            raise
         self._connection = connection
 
     async def disconnect(self) -> None:
@@ -104,129 +125,111 @@ class SQLiteBackend(StorageBackend):
         if connection is not None:
             connection.close()
 
-    async def write_record(self, record: Record) -> None:
-        await self.write_records((record,))
+    def _open(self) -> sqlite3.Connection:
+        if self._connection is None:
+            raise self.closed()
+        return self._connection
 
-    async def read_record(self, class_name: str, id: UUID) -> Record | None:
-        return (await self.read_records(class_name, (id,)))[0]
-
-    async def write_records(self, records: Sequence[Record]) -> None:
+    async def put_many(self, records: Sequence[Record]) -> list[datetime]:
+        connection = self._open()
         rows = [_row(record) for record in records]
-        with self._errors("write"):
-            connection = self._open()
-            if len(rows) == 1:
-                connection.execute(self._upsert, rows[0])
-                return
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                connection.executemany(self._upsert, rows)
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-            connection.execute("COMMIT")
+        if len(rows) == 1:
+            (stored,) = connection.execute(
+                self._upsert + " RETURNING created_at", rows[0]
+            ).fetchone()
+            return [_created_at(stored, records[0])]
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            keys = [row[0] for row in rows]
+            found = dict(connection.execute(self._created.format(", ".join("?" * len(keys))), keys))
+            connection.executemany(self._upsert, rows)
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+        return [
+            record.created_at if key not in found else _created_at(found[key], record)
+            for key, record in zip(keys, records, strict=True)
+        ]
 
-    async def read_records(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
-        check_class_name(class_name)
-        found: dict[str, Record] = {}
-        with self._errors("read"):
-            connection = self._open()
-            keys = [str(id) for id in ids]
-            for start in range(0, len(keys), _IDS_PER_SELECT):
-                chunk = keys[start : start + _IDS_PER_SELECT]
-                statement = self._select.format(", ".join("?" * len(chunk)))
-                for row in connection.execute(statement, chunk):
-                    found[row[0]] = _record(row)
+    async def get_many(self, class_name: str, ids: Sequence[UUID]) -> list[StoredRow | None]:
+        keys = [str(id) for id in ids]
+        statement = self._select.format(", ".join("?" * len(keys)))
+        found = {row[0]: StoredRow(*row[1:]) for row in self._open().execute(statement, keys)}
         return [found.get(key) for key in keys]
 
-    async def delete_records(self, class_name: str, ids: Sequence[UUID]) -> int:
-        check_class_name(class_name)
-        deleted = 0
-        with self._errors("delete"):
-            connection = self._open()
-            keys = [str(id) for id in ids]
-            for start in range(0, len(keys), _IDS_PER_SELECT):
-                chunk = keys[start : start + _IDS_PER_SELECT]
-                cursor = connection.execute(
-                    f'DELETE FROM "{self.table}" WHERE class_name = ? AND id IN '
-                    f"({', '.join('?' * len(chunk))})",
-                    [class_name, *chunk],
-                )
-                deleted += cursor.rowcount
-        return deleted
+    async def delete_many(self, class_name: str, ids: Sequence[UUID]) -> int:
+        keys = [str(id) for id in ids]
+        cursor = self._open().execute(
+            f'DELETE FROM "{self.table}" WHERE class_name = ? AND id IN '
+            f"({', '.join('?' * len(keys))})",
+            [class_name, *keys],
+        )
+        return cursor.rowcount
 
-    async def scan_records(self, class_name: str | None = None) -> AsyncIterator[RecordInfo]:
+    async def scan(self, class_name: str | None) -> AsyncIterator[StoredInfo]:
         # Keyset pagination: no cursor stays open across a yield, so callers may delete.
         last = ""
         while True:
-            with self._errors("list"):
-                rows = (
-                    self._open()
-                    .execute(
-                        "SELECT id, class_name, length(CAST(data AS BLOB)), updated_at"
-                        f' FROM "{self.table}" WHERE id > ?'
-                        " AND (? IS NULL OR class_name = ?) ORDER BY id LIMIT 500",
-                        (last, class_name, class_name),
-                    )
-                    .fetchall()
+            rows = (
+                self._open()
+                .execute(
+                    "SELECT id, class_name, length(CAST(data AS BLOB)), updated_at, schema_version"
+                    f' FROM "{self.table}" WHERE id > ?'
+                    " AND (? IS NULL OR class_name = ?) ORDER BY id LIMIT 500",
+                    (last, class_name, class_name),
                 )
-            for id, name, size, updated_at in rows:
-                yield RecordInfo(name, UUID(id), size, datetime.fromisoformat(updated_at))
+                .fetchall()
+            )
+            for key, name, size, updated_at, version in rows:
+                try:
+                    id = UUID(key)
+                except (TypeError, ValueError):
+                    continue  # not a record of ours
+                yield StoredInfo(id, name, size, updated_at, schema_version=version)
             if len(rows) < 500:
                 return
             last = rows[-1][0]
 
-    async def purge(self, class_name: str, before: datetime, *, batch_size: int = 500) -> int:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-        check_class_name(class_name)
+    async def purge_before(self, class_name: str, before: datetime, batch_size: int) -> int:
         # Timestamps are stored as UTC ISO text of fixed width, so text order is time order.
-        cutoff = before.astimezone(UTC).isoformat(timespec="microseconds")
+        cutoff = timestamp_text(before.astimezone(UTC))
         deleted = 0
         while True:
-            with self._errors("purge"):
-                cursor = self._open().execute(
-                    f'DELETE FROM "{self.table}" WHERE id IN (SELECT id FROM "{self.table}"'
-                    " WHERE class_name = ? AND updated_at < ? LIMIT ?)",
-                    (class_name, cutoff, batch_size),
-                )
+            cursor = self._open().execute(
+                f'DELETE FROM "{self.table}" WHERE id IN (SELECT id FROM "{self.table}"'
+                " WHERE class_name = ? AND updated_at < ? LIMIT ?)",
+                (class_name, cutoff, batch_size),
+            )
             deleted += cursor.rowcount
             if cursor.rowcount < batch_size:
                 return deleted
 
-    def _open(self) -> sqlite3.Connection:
-        if self._connection is None:
-            raise StorageConnectionError("the sqlite backend is closed", self.url)
-        return self._connection
-
-    @contextmanager
-    def _errors(self, verb: str) -> Iterator[None]:
-        try:
-            yield
-        except (sqlite3.Error, OSError) as exc:
-            raise StorageConnectionError(
-                f"sqlite could not {verb} {self.path}: {exc}", self.url
-            ) from exc
+    def is_transient(self, exc: BaseException) -> bool:
+        # Another writer holding the database past the busy timeout goes away by itself.
+        if isinstance(exc, sqlite3.OperationalError):
+            return "locked" in str(exc) or "busy" in str(exc)
+        return super().is_transient(exc)
 
 
 def _row(record: Record) -> tuple[str, str, str, int, str, str]:
-    check_class_name(record.class_name)
     return (
         str(record.id),
         record.class_name,
         record.data.decode(),
         record.schema_version,
-        record.created_at.isoformat(timespec="microseconds"),
-        record.updated_at.isoformat(timespec="microseconds"),
+        timestamp_text(record.created_at.astimezone(UTC)),
+        timestamp_text(record.updated_at.astimezone(UTC)),
     )
 
 
-def _record(row: tuple[Any, ...]) -> Record:
-    id, class_name, data, version, created_at, updated_at = row
-    return Record(
-        id=UUID(id),
-        class_name=class_name,
-        data=data.encode(),
-        schema_version=version,
-        created_at=datetime.fromisoformat(created_at),
-        updated_at=datetime.fromisoformat(updated_at),
-    )
+def _created_at(stored: object, record: Record) -> datetime:
+    """The stored ``created_at`` the upsert kept; the record's own if it is unreadable (the
+    record then reads back as corrupt, which says more than a made-up time)."""
+    try:
+        moment = datetime.fromisoformat(stored) if isinstance(stored, str) else None
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        return record.created_at
+    return moment

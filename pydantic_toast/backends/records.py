@@ -1,0 +1,444 @@
+"""What backends move: the `Record`, the envelope codec, and the one decoder of stored data.
+
+Backends know nothing of models. They move *records*: an id, a class name, the model's fields
+as JSON bytes (produced once by Pydantic's serializer) and the record's metadata. Whatever
+shape a store hands back (an envelope of bytes, a table row, a four-method backend's dict) is
+decoded and checked here, by `decode_stored`, so that every backend refuses the same corrupt
+data with the same `CorruptRecordError`, naming class and id.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
+from uuid import UUID
+
+from pydantic_toast.errors import CorruptRecordError, StorageValidationError
+
+__all__ = [
+    "HEAD_BYTES",
+    "MAX_DECOMPRESSED_SIZE",
+    "Record",
+    "RecordInfo",
+    "StoredInfo",
+    "StoredRow",
+    "check_class_name",
+    "decode_envelope",
+    "decode_envelope_info",
+    "decode_info",
+    "decode_stored",
+    "encode_envelope",
+    "require_zstd",
+    "timestamp_text",
+]
+
+# Class names become parts of keys, object names and file paths: letters, digits, "_", "." and
+# "-" only, starting with a letter or "_". That excludes "/", "..", ":", "*", spaces and
+# control characters, so no name can leave its backend's namespace.
+_CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,199}")
+
+
+def check_class_name(class_name: object) -> str:
+    """Return ``class_name`` if it is safe to put in a key or path, else raise."""
+    if not isinstance(class_name, str) or _CLASS_NAME.fullmatch(class_name) is None:
+        shown = repr(class_name)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        raise StorageValidationError(
+            f"invalid class name {shown}: use letters, digits, '_', '.' and '-' "
+            "(at most 200 characters, starting with a letter or '_')"
+        )
+    return class_name
+
+
+@dataclass(slots=True)
+class Record:
+    """One stored model: its id, class name, JSON fields and metadata.
+
+    ``data`` is the JSON text of the model's fields, exactly as Pydantic wrote it.
+    ``created_at`` and ``updated_at`` are timezone-aware datetimes.
+    """
+
+    id: UUID
+    class_name: str
+    data: bytes
+    schema_version: int
+    created_at: datetime
+    updated_at: datetime
+    #: Compress ``data`` with zstd when it is longer than this many bytes (on the backends
+    #: that store bytes: Redis, S3, files); ``None`` never compresses.
+    compress_above: int | None = None
+    #: How long the record lives after this write, for backends that expire records
+    #: themselves (Redis); ``None`` for the backend's own default. Others ignore it: the model
+    #: layer hides expired records and purges them.
+    ttl: timedelta | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as the JSON-ready dict a four-method backend stores."""
+        try:
+            data = json.loads(self.data)
+        except (ValueError, RecursionError) as exc:
+            raise StorageValidationError(
+                f"{self.class_name} record {self.id} does not hold a JSON object: {exc}"
+            ) from None
+        return {
+            "class_name": self.class_name,
+            "schema_version": self.schema_version,
+            "created_at": timestamp_text(self.created_at),
+            "updated_at": timestamp_text(self.updated_at),
+            "data": data,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RecordInfo:
+    """What a listing shows of a record: no data, only its size in bytes."""
+
+    class_name: str
+    id: UUID
+    size: int
+    updated_at: datetime
+
+
+class StoredRow(NamedTuple):
+    """A record as a table holds it; each column as the driver returned it, unchecked."""
+
+    class_name: Any
+    data: Any
+    schema_version: Any
+    created_at: Any
+    updated_at: Any
+
+
+class StoredInfo(NamedTuple):
+    """A listing entry as a store returns it, unchecked: ``head`` is either an envelope's
+    first `HEAD_BYTES` (with ``size`` the whole envelope's) or ``None`` when the store gave
+    ``class_name``, ``size`` (of the JSON data) and ``updated_at`` directly."""
+
+    id: UUID
+    class_name: Any
+    size: Any
+    updated_at: Any
+    head: bytes | None = None
+    #: A table's ``schema_version`` column, checked like a read would check it.
+    schema_version: Any = 1
+
+
+def timestamp_text(moment: datetime) -> str:
+    """Fixed-width ISO 8601 (32 characters for UTC), so it can be found by offset."""
+    return moment.isoformat(timespec="microseconds")
+
+
+# The edges of time as drivers return them without a zone (PostgreSQL's ``infinity`` and
+# ``-infinity`` arrive as naive `datetime.max` / `datetime.min`).
+_EDGES = {
+    datetime.max: datetime.max.replace(tzinfo=UTC),
+    datetime.min: datetime.min.replace(tzinfo=UTC),
+}
+
+
+def _moment(value: object, what: str) -> datetime:
+    """A stored timestamp as an aware datetime; anything else raises `ValueError`."""
+    if isinstance(value, str):
+        if len(value) > 40:
+            raise ValueError(f"{what} is not a timestamp")
+        value = datetime.fromisoformat(value)
+    if not isinstance(value, datetime):
+        raise ValueError(f"{what} is a {type(value).__name__}, not a timestamp")
+    if value.tzinfo is None:
+        edge = _EDGES.get(value)
+        if edge is None:
+            raise ValueError(f"{what} {value.isoformat()} has no timezone")
+        return edge
+    return value
+
+
+def _version(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value < 2**31:
+        raise ValueError(f"schema_version {_short(value)} is not a positive integer")
+    return value
+
+
+def _short(value: object) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
+
+
+def _name(value: object) -> str:
+    if not isinstance(value, str) or _CLASS_NAME.fullmatch(value) is None:
+        raise ValueError(f"class_name {_short(value)} is not a class name")
+    return value
+
+
+def _json_bytes(value: object) -> bytes:
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, bytes):
+        return value
+    raise ValueError(f"data is a {type(value).__name__}, not JSON text")
+
+
+def decode_stored(stored: object, id: UUID, class_name: str) -> Record:
+    """Decode what a store returned for ``id``: an envelope (bytes), a `StoredRow`, a
+    four-method backend's dict or a `Record`. Anything wrong is a `CorruptRecordError`."""
+    try:
+        return _decode(stored, id)
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        problem = str(exc)
+    # Raised outside the handler, so the error holds no traceback of the decoding and none
+    # of its buffers (a failed decompression may have held hundreds of MB).
+    raise CorruptRecordError(class_name, id, problem)
+
+
+def _decode(stored: object, id: UUID) -> Record:
+    if isinstance(stored, bytes | bytearray | memoryview):
+        return _decode_envelope(bytes(stored), id)
+    if isinstance(stored, StoredRow):
+        return Record(
+            id,
+            _name(stored.class_name),
+            _json_bytes(stored.data),
+            _version(stored.schema_version),
+            _moment(stored.created_at, "created_at"),
+            _moment(stored.updated_at, "updated_at"),
+        )
+    if isinstance(stored, Record):
+        return replace(stored)  # the caller may change its copy
+    if isinstance(stored, dict):
+        return _from_dict(stored, id)
+    raise ValueError(f"the backend returned a {type(stored).__name__}")
+
+
+def _from_dict(stored: dict[str, Any], id: UUID) -> Record:
+    data = stored.get("data")
+    if not isinstance(data, dict):
+        raise ValueError("'data' is not a JSON object")
+    return Record(
+        id,
+        _name(stored.get("class_name")),
+        json.dumps(data, separators=(",", ":"), allow_nan=False).encode(),
+        _version(stored.get("schema_version")),
+        _moment(stored.get("created_at"), "created_at"),
+        _moment(stored.get("updated_at"), "updated_at"),
+    )
+
+
+def decode_info(stored: StoredInfo, class_name: str | None) -> RecordInfo:
+    """Decode a listing entry; anything wrong is a `CorruptRecordError`."""
+    try:
+        return _decode_info(stored)
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        problem = str(exc)
+    raise CorruptRecordError(class_name or "listed", stored.id, problem)
+
+
+def _decode_info(stored: StoredInfo) -> RecordInfo:
+    if stored.head is not None:
+        info = _envelope_info(stored.head, stored.id, stored.size)
+        # Listed under the class its key names, when the key names one: that is the class
+        # that reads and deletes it.
+        name = info.class_name if stored.class_name is None else _name(stored.class_name)
+        return RecordInfo(name, stored.id, info.size, info.updated_at)
+    size = stored.size
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ValueError(f"size {_short(size)} is not a byte count")
+    _version(stored.schema_version)
+    return RecordInfo(
+        _name(stored.class_name), stored.id, size, _moment(stored.updated_at, "updated_at")
+    )
+
+
+# --- the envelope --------------------------------------------------------------------------
+
+# How byte-oriented backends (Redis, S3, files) store a record. The metadata comes first, in a
+# fixed order and width, and the model's JSON last, so that reading a record slices the
+# model's bytes out instead of parsing and re-encoding them, and Redis can keep `created_at`
+# atomically by overwriting a fixed byte range.
+_ENVELOPE_START = b'{"created_at":"'
+_DATA_MARKER = b',"data":'
+CREATED_AT_OFFSET = len(_ENVELOPE_START)
+#: The envelope's metadata header always fits in this many leading bytes.
+HEAD_BYTES = 512
+CREATED_AT_WIDTH = 32
+
+_CODEC_MARKER = b',"codec":"zstd","size":'
+
+#: The largest record a compressed envelope may expand to; a header claiming more, or a frame
+#: that expands past what its header claims, is refused before or while decompressing.
+MAX_DECOMPRESSED_SIZE = 256 * 1024 * 1024
+
+
+def encode_envelope(record: Record) -> bytes:
+    """Encode a record as one JSON object holding its metadata and the model's fields.
+
+    When ``record.compress_above`` is set and the data is longer, the data is compressed
+    with zstd instead: the same header, then ``"codec":"zstd","size":N}``, a newline and the
+    frame. The header keeps its layout, so readers (and Redis's atomic ``created_at``) see
+    the metadata the same way.
+    """
+    header = b"".join(
+        (
+            _ENVELOPE_START,
+            timestamp_text(record.created_at).encode(),
+            b'","updated_at":"',
+            timestamp_text(record.updated_at).encode(),
+            b'","schema_version":',
+            str(record.schema_version).encode(),
+            b',"class_name":"',
+            record.class_name.encode(),
+            b'"',
+        )
+    )
+    limit = record.compress_above
+    if limit is not None and len(record.data) > limit:
+        frame = require_zstd().ZstdCompressor(level=3).compress(record.data)
+        return b"".join((header, _CODEC_MARKER, str(len(record.data)).encode(), b"}\n", frame))
+    return b"".join((header, _DATA_MARKER, record.data, b"}"))
+
+
+def require_zstd() -> Any:
+    """The zstandard module, or a clear error saying which extra installs it."""
+    try:
+        import zstandard
+    except ImportError as exc:
+        raise StorageValidationError(
+            "zstd compression needs the zstandard package: pip install 'pydantic-toast[zstd]'"
+        ) from exc
+    return zstandard
+
+
+_CLASS_NAME_KEY = b',"class_name":"'
+
+
+def _layout(raw: bytes) -> tuple[int, bool]:
+    """Where the header ends (the index just past the class name's closing quote) and whether
+    a compressed frame follows. Decided by position: the model's own JSON may well contain
+    ``"codec":"zstd"``, but it comes after the header, which holds no quote-bearing value."""
+    if not raw.startswith(_ENVELOPE_START):
+        raise ValueError("not a pydantic-toast envelope")
+    start = raw.find(_CLASS_NAME_KEY, 0, HEAD_BYTES)
+    end = raw.find(b'"', start + len(_CLASS_NAME_KEY), HEAD_BYTES) + 1 if start >= 0 else 0
+    if end <= 0:
+        raise ValueError("no envelope header")
+    if raw.startswith(_DATA_MARKER, end):
+        return end, False
+    if raw.startswith(_CODEC_MARKER, end):
+        return end, True
+    raise ValueError("the envelope header is followed by neither data nor a codec")
+
+
+def _compressed_header(raw: bytes, end: int) -> tuple[dict[str, Any], int]:
+    """A compressed envelope's header (it closes right after the codec and size) and where
+    its zstd frame starts."""
+    close = raw.find(b"}\n", end, end + 64)
+    if close < 0:
+        raise ValueError("compressed envelope without a header end")
+    header = json.loads(raw[: close + 1])
+    if not isinstance(header, dict):
+        raise ValueError("the envelope header is not an object")
+    return header, close + 2
+
+
+def _expect(stored: dict[str, Any], key: str, kind: type) -> Any:
+    value = stored.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{key!r} must be {kind.__name__}")
+    return value
+
+
+def decode_envelope_info(head: bytes, id: UUID, size: int) -> RecordInfo:
+    """The listing view of an envelope of ``size`` bytes, from its first `HEAD_BYTES`."""
+    return decode_info(StoredInfo(id, None, size, None, head), None)
+
+
+def _envelope_info(head: bytes, id: UUID, size: int) -> RecordInfo:
+    end, compressed = _layout(head)
+    if compressed:
+        header, _ = _compressed_header(head, end)
+        data_size = _expect(header, "size", int)
+    else:
+        header = json.loads(head[:end] + b"}")
+        data_size = size - end - len(_DATA_MARKER) - 1
+    return RecordInfo(
+        _name(header.get("class_name")),
+        id,
+        data_size,
+        _moment(header.get("updated_at"), "updated_at"),
+    )
+
+
+def decode_envelope(raw: bytes, id: UUID, class_name: str) -> Record:
+    """Decode what `encode_envelope` wrote; anything else is a `CorruptRecordError`."""
+    return decode_stored(raw, id, class_name)
+
+
+def _decode_envelope(raw: bytes, id: UUID) -> Record:
+    """Only the small metadata header is parsed here; the model's JSON is validated later by
+    the model itself. A compressed record is expanded only up to the size its header
+    declares, and never past `MAX_DECOMPRESSED_SIZE`."""
+    end, compressed = _layout(raw)
+    if compressed:
+        header, frame = _compressed_header(raw, end)
+        data = _decompress(raw[frame:], _expect(header, "size", int))
+    else:
+        if not raw.endswith(b"}"):
+            raise ValueError("not a pydantic-toast envelope")
+        data = raw[end + len(_DATA_MARKER) : -1]
+        fast = _fixed_header(raw, end)
+        if fast is not None:
+            return Record(id, fast[0], data, fast[1], fast[2], fast[3])
+        header = json.loads(raw[:end] + b"}")
+    return Record(
+        id=id,
+        class_name=_name(header.get("class_name")),
+        data=data,
+        schema_version=_version(header.get("schema_version")),
+        created_at=_moment(header.get("created_at"), "created_at"),
+        updated_at=_moment(header.get("updated_at"), "updated_at"),
+    )
+
+
+_UPDATED_AT_AT = CREATED_AT_OFFSET + CREATED_AT_WIDTH + len(b'","updated_at":"')
+_VERSION_AT = _UPDATED_AT_AT + CREATED_AT_WIDTH + len(b'","schema_version":')
+_FIXED_HEADER = re.compile(rb'([1-9]\d{0,8}),"class_name":"([A-Za-z_][A-Za-z0-9_.\-]{0,199})"')
+
+
+def _fixed_header(raw: bytes, marker: int) -> tuple[str, int, datetime, datetime] | None:
+    """Read the header `encode_envelope` writes by position, without a JSON parser (the
+    common case); ``None`` sends anything unusual to the general path."""
+    if raw[_UPDATED_AT_AT - 16 : _UPDATED_AT_AT] != b'","updated_at":"':
+        return None
+    match = _FIXED_HEADER.fullmatch(raw, _VERSION_AT, marker)
+    if match is None or raw[_VERSION_AT - 19 : _VERSION_AT] != b'","schema_version":':
+        return None
+    try:
+        created = datetime.fromisoformat(raw[CREATED_AT_OFFSET : _UPDATED_AT_AT - 16].decode())
+        updated = datetime.fromisoformat(raw[_UPDATED_AT_AT : _VERSION_AT - 19].decode())
+    except ValueError:
+        return None
+    if created.tzinfo is None or updated.tzinfo is None:
+        return None
+    return match[2].decode(), int(match[1]), created, updated
+
+
+def _decompress(frame: bytes, size: int) -> bytes:
+    if not 0 <= size <= MAX_DECOMPRESSED_SIZE:
+        raise ValueError(f"declared size {size} is beyond the {MAX_DECOMPRESSED_SIZE} byte limit")
+    zstandard = require_zstd()
+    try:
+        # The frame's own content size is the writer's word too: never allocate by it. Read
+        # at most one byte more than declared, so a larger frame is caught, not expanded.
+        with zstandard.ZstdDecompressor().stream_reader(frame) as reader:
+            data: bytes = reader.read(size + 1)
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"zstd frame does not decompress: {exc}") from None
+    if len(data) != size:
+        found = len(data)
+        # The buffer may be hundreds of MB: let it go before the error (whose traceback
+        # keeps this frame, and its locals, alive for as long as anyone holds the error).
+        del data
+        raise ValueError(f"zstd frame holds {found} bytes or more, not the declared {size}")
+    return data

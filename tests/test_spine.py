@@ -1,0 +1,395 @@
+"""The rules the shared record path (`StorageBackend`'s public operations) enforces, on every
+backend, the four-method custom one included: a rule that holds on one backend holds on all.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import errno
+import gc
+import json
+import pickle
+import sqlite3
+import tracemalloc
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+
+from pydantic_toast import (
+    CorruptRecordError,
+    ExternalBaseModel,
+    ExternalConfigDict,
+    ExternalStorageError,
+    RecordNotFoundError,
+    StorageBackend,
+    StorageConnectionError,
+    StorageOperationError,
+    StorageValidationError,
+    UnsupportedOperationError,
+    register_backend,
+)
+from pydantic_toast.backends.records import Record
+from pydantic_toast.registry import get_backend
+
+T0 = dt.datetime(2024, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
+T1 = T0 + dt.timedelta(days=1)
+
+
+def define_item(storage: str, **config: Any) -> type[ExternalBaseModel]:
+    class Item(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=storage, **config)
+        name: str
+
+    return Item
+
+
+# --- the created_at rule ---------------------------------------------------------------------
+
+
+async def test_a_first_write_over_a_stored_record_keeps_its_created_at(storage: str) -> None:
+    backend = await get_backend(storage)
+    id = uuid4()
+    await backend.write_record(Record(id, "Item", b'{"name":"first"}', 1, T0, T0))
+    # A write that believes it is the first (created_at == updated_at), as a retried first
+    # save or a content-addressed value is: the stored created_at wins, and the caller is told.
+    again = Record(id, "Item", b'{"name":"second"}', 1, T1, T1)
+    await backend.write_record(again)
+    assert again.created_at == T0
+    stored = await backend.read_record("Item", id)
+    assert stored is not None
+    assert (stored.created_at, stored.updated_at) == (T0, T1)
+    assert json.loads(stored.data) == {"name": "second"}  # JSONB keeps its own spacing
+
+
+async def test_a_batch_keeps_each_stored_created_at(storage: str) -> None:
+    backend = await get_backend(storage)
+    old, new = uuid4(), uuid4()
+    await backend.write_record(Record(old, "Item", b'{"name":"old"}', 1, T0, T0))
+    batch = [
+        Record(old, "Item", b'{"name":"old2"}', 1, T1, T1),
+        Record(new, "Item", b'{"name":"new"}', 1, T1, T1),
+    ]
+    await backend.write_records(batch)
+    assert [record.created_at for record in batch] == [T0, T1]
+    stored = await backend.read_records("Item", [old, new])
+    assert [(r.created_at, r.updated_at) for r in stored if r] == [(T0, T1), (T1, T1)]
+
+
+# --- class filtering ---------------------------------------------------------------------------
+
+
+async def test_an_id_of_another_class_is_unknown_to_every_operation(storage: str) -> None:
+    Item = define_item(storage)
+    backend = await get_backend(storage)
+    id = uuid4()
+    await backend.write_record(Record(id, "Other", b'{"name":"x"}', 1, T0, T0))
+    reference = {"class_name": "Item", "id": str(id)}
+    with pytest.raises(RecordNotFoundError, match=f"^no Item record with id {id}") as caught:
+        await Item.load_external(reference)
+    assert "Other" not in str(caught.value)
+    assert await Item.exists_external(reference) is False
+    assert await Item.load_external_many([reference], missing_ok=True) == [None]
+    assert await backend.read_record("Other", id) is not None
+
+
+# --- the edge of time --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC), dt.datetime(1, 1, 1, tzinfo=dt.UTC)],
+)
+async def test_records_at_the_edge_of_time_load_on_a_ttl_class(
+    storage: str, moment: dt.datetime
+) -> None:
+    Item = define_item(storage, ttl=3600)
+    backend = await get_backend(storage)
+    id = uuid4()
+    await backend.write_record(Record(id, "Item", b'{"name":"edge"}', 1, moment, moment))
+    reference = {"class_name": "Item", "id": str(id)}
+    if moment.year == 9999:  # updated "in the future": not expired
+        assert await Item.load_external(reference) == Item(name="edge")
+        assert await Item.exists_external(reference) is True
+        assert await Item.load_external_many([reference]) == [Item(name="edge")]
+    else:  # updated at the dawn of time: long expired
+        with pytest.raises(RecordNotFoundError):
+            await Item.load_external(reference)
+        assert await Item.exists_external(reference) is False
+        assert await Item.load_external_many([reference], missing_ok=True) == [None]
+
+
+@pytest.mark.parametrize("edge", ["infinity", "-infinity"])
+async def test_postgresql_infinity_timestamps_load_on_a_ttl_class(
+    postgresql_url: str, namespace: str, edge: str
+) -> None:
+    import asyncpg
+
+    Item = define_item(postgresql_url, ttl=3600)
+    reference = await Item(name="x").save_external()
+    connection = await asyncpg.connect(postgresql_url.partition("?")[0])
+    try:
+        await connection.execute(
+            f"UPDATE \"{namespace}\" SET created_at = '{edge}', updated_at = '{edge}'"
+        )
+    finally:
+        await connection.close()
+    if edge == "infinity":
+        loaded = await Item.load_external(reference)
+        assert loaded == Item(name="x")
+        assert loaded.external_metadata is not None
+        assert loaded.external_metadata.updated_at == dt.datetime.max.replace(tzinfo=dt.UTC)
+        assert await Item.exists_external(reference) is True
+    else:
+        with pytest.raises(RecordNotFoundError):
+            await Item.load_external(reference)
+        assert await Item.exists_external(reference) is False
+        assert await Item.load_external_many([reference], missing_ok=True) == [None]
+
+
+# --- corrupt SQLite rows -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("schema_version", "'one'"),
+        ("schema_version", "x'01'"),
+        ("schema_version", "0"),
+        ("created_at", "'garbage'"),
+        ("updated_at", "'2024-01-02T03:04:05'"),  # no zone
+        ("updated_at", "12"),
+        ("class_name", "x'00'"),
+    ],
+)
+async def test_corrupt_sqlite_rows_are_corrupt_record_errors(
+    sqlite_url: str, column: str, value: str
+) -> None:
+    Item = define_item(sqlite_url, ttl=3600)
+    reference = await Item(name="x").save_external()
+    path = sqlite_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as connection:
+        connection.execute(f"UPDATE external_models SET {column} = {value}")
+    with pytest.raises(CorruptRecordError) as caught:
+        await Item.load_external(reference)
+    assert str(caught.value).startswith(f"stored Item record {reference['id']} is corrupt")
+    assert caught.value.class_name == "Item" and caught.value.id == reference["id"]
+    with pytest.raises(CorruptRecordError):
+        await Item.exists_external(reference)
+
+
+async def test_sqlite_data_stored_as_a_blob_still_loads(sqlite_url: str) -> None:
+    Item = define_item(sqlite_url)
+    reference = await Item(name="blob").save_external()
+    with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as connection:
+        connection.execute("UPDATE external_models SET data = CAST(data AS BLOB)")
+    assert await Item.load_external(reference) == Item(name="blob")
+
+
+# --- no buffer outlives its error --------------------------------------------------------------
+
+
+async def test_a_failed_decompression_keeps_no_buffer_alive(file_url: str) -> None:
+    import zstandard
+
+    Item = define_item(file_url)
+    backend = await get_backend(file_url)
+    id = uuid4()
+    declared = 64 << 20
+    frame = zstandard.ZstdCompressor().compress(b"\x00" * (declared + 4096))
+    head = (
+        f'{{"created_at":"{T0.isoformat()}","updated_at":"{T0.isoformat()}",'
+        f'"schema_version":1,"class_name":"Item","codec":"zstd","size":{declared}}}\n'
+    ).encode()
+    path = backend.directory / "Item" / f"{id}.json"  # type: ignore[attr-defined]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(head + frame)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        errors = []
+        for _ in range(4):
+            with pytest.raises(CorruptRecordError, match="not the declared") as caught:
+                await Item.load_external({"class_name": "Item", "id": str(id)})
+            errors.append(caught.value)
+        gc.collect()
+        held, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(errors) == 4
+    assert held < 8 << 20, f"{held:,} bytes still held by four errors"
+
+
+# --- options: one parser, one set of rules -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("sqlite:///x.db?table=a&table=b", "sqlite option 'table' is given twice in the URL"),
+        ("file:///tmp/x?fsync=true&fsync=false", "file option 'fsync' is given twice"),
+        ("postgresql://h/db?table=a&table=b", "PostgreSQL option 'table' is given twice"),
+        ("redis://h/0?prefix=a&prefix=b", "redis option 'prefix' is given twice"),
+        ("s3://bucket?region=a&region=b", "S3 option 'region' is given twice"),
+        ("s3://bucket?timeout=inf", "S3 option timeout must be a positive number of seconds"),
+        ("redis://h/0?timeout=inf", "redis option timeout must be a positive number of seconds"),
+        ("postgresql://h/db?timeout=inf", "PostgreSQL option timeout must be a positive number"),
+        ("sqlite:///x.db?timout=3", "unknown sqlite option 'timout': did you mean 'timeout'?"),
+        ("postgresql://h/db?sslmod=require", "unknown PostgreSQL option 'sslmod'"),
+        ("file:///tmp/x?fsync=perhaps", "file option fsync must be true or false"),
+        ("memory://x?anything=1", "unknown memory option 'anything'"),
+    ],
+)
+def test_options_follow_one_set_of_rules(url: str, message: str) -> None:
+    with pytest.raises(StorageValidationError, match=message.replace("?", r"\?")):
+        define_item(url)
+
+
+def test_an_empty_class_name_is_refused() -> None:
+    with pytest.raises(StorageValidationError, match="invalid class name ''"):
+        define_item("memory://x", class_name="")
+
+
+def test_a_config_typo_is_refused_with_a_suggestion() -> None:
+    with pytest.raises(
+        StorageValidationError, match=r"unknown ExternalConfigDict key 'tll'.*'ttl'"
+    ):
+        define_item("memory://x", tll=60)
+    with pytest.raises(StorageValidationError, match=r"'schema_verison'.*'schema_version'"):
+        define_item("memory://x", schema_verison=2)
+
+
+async def test_a_value_that_cannot_round_trip_is_refused_at_save(storage: str) -> None:
+    class Reading(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=storage)
+        values: list[float]
+
+    with pytest.raises(StorageValidationError, match=r"Reading field values\.1 is not a finite"):
+        await Reading(values=[1.0, float("nan")]).save_external()
+
+    class Lenient(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=storage, ser_json_inf_nan="strings")
+        value: float
+
+    loaded = await Lenient.load_external(await Lenient(value=float("inf")).save_external())
+    assert loaded.value == float("inf")
+
+
+# --- errors that decide retries ----------------------------------------------------------------
+
+
+class Flaky(StorageBackend):
+    """A four-method backend that fails as it is told, counting attempts."""
+
+    failure: BaseException | None = None
+    attempts = 0
+
+    async def connect(self) -> None: ...
+
+    async def disconnect(self) -> None: ...
+
+    async def save(self, id: UUID, class_name: str, data: dict[str, Any]) -> None:
+        type(self).attempts += 1
+        if self.failure is not None:
+            raise self.failure
+
+    async def load(self, id: UUID, class_name: str) -> dict[str, Any] | None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("failure", "kind", "attempts"),
+    [
+        (ConnectionResetError(errno.ECONNRESET, "reset"), StorageConnectionError, 3),
+        (TimeoutError("slow"), StorageConnectionError, 3),
+        (OSError(errno.ENOSPC, "No space left on device"), StorageOperationError, 1),
+        (PermissionError(errno.EACCES, "Permission denied"), StorageOperationError, 1),
+        (ValueError("a bug in the backend"), StorageOperationError, 1),
+        (TypeError("another bug"), StorageOperationError, 1),
+    ],
+)
+async def test_only_transient_failures_are_retried(
+    failure: BaseException, kind: type[ExternalStorageError], attempts: int
+) -> None:
+    register_backend("flaky", Flaky)
+    Item = define_item("flaky://x", retry_backoff=0.001)
+    Flaky.failure, Flaky.attempts = failure, 0
+    with pytest.raises(kind) as caught:
+        await Item(name="x").save_external()
+    assert Flaky.attempts == attempts
+    assert caught.value.__cause__ is failure
+    assert type(failure).__name__ in str(caught.value)
+    if kind is StorageOperationError:
+        assert not isinstance(caught.value, StorageConnectionError)
+
+
+async def test_a_closed_backend_is_a_permanent_error(storage: str) -> None:
+    backend = await get_backend(storage)
+    fresh = type(backend)(backend.url)
+    if storage.startswith(("memory://", "file://", "dictstore://")):
+        pytest.skip("nothing to close: these backends hold no connection")
+    with pytest.raises(StorageOperationError, match="not connected"):
+        await fresh.read_record("Item", uuid4())
+
+
+async def test_a_four_method_backend_says_what_it_cannot_do() -> None:
+    backend = Flaky("flaky://x")
+    with pytest.raises(UnsupportedOperationError, match="does not support deleting"):
+        await backend.delete_records("Item", [uuid4()])
+    with pytest.raises(NotImplementedError):
+        [info async for info in backend.scan_records("Item")]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RecordNotFoundError("Item", [str(UUID(int=1)), str(UUID(int=2))], "redis://u:pw@h/0"),
+        StorageConnectionError("boom", "postgresql://u:s3cretPW@h/db", failed_ids=["a"]),
+        StorageOperationError("refused", "s3://bucket", failed_ids=["b"]),
+        UnsupportedOperationError("cannot", "x://y"),
+        StorageValidationError("bad"),
+        CorruptRecordError("Item", UUID(int=3), "garbage"),
+    ],
+)
+def test_every_error_survives_copy_and_pickle(error: ExternalStorageError) -> None:
+    for clone in (copy.copy(error), copy.deepcopy(error), pickle.loads(pickle.dumps(error))):
+        assert type(clone) is type(error)
+        assert str(clone) == str(error)
+        assert clone.__dict__ == error.__dict__
+        assert "s3cretPW" not in str(clone) and "s3cretPW" not in repr(clone)
+    if isinstance(error, RecordNotFoundError):
+        assert pickle.loads(pickle.dumps(error)).ids == error.ids
+
+
+def test_the_public_names_are_pinned() -> None:
+    import pydantic_toast
+
+    assert sorted(pydantic_toast.__all__) == [
+        "CorruptRecordError",
+        "External",
+        "ExternalBaseModel",
+        "ExternalConfigDict",
+        "ExternalField",
+        "ExternalMetadata",
+        "ExternalNameWarning",
+        "ExternalReference",
+        "ExternalStorageError",
+        "RecordNotFoundError",
+        "StorageBackend",
+        "StorageConnectionError",
+        "StorageOperationError",
+        "StorageValidationError",
+        "UnsupportedOperationError",
+        "aclose",
+        "close",
+        "dump",
+        "dump_json",
+        "dump_json_sync",
+        "dump_sync",
+        "register_backend",
+        "validate",
+        "validate_sync",
+    ]
+    for name in pydantic_toast.__all__:
+        assert getattr(pydantic_toast, name) is not None
