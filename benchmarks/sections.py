@@ -11,8 +11,8 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import pydantic_toast
+import pydantic_toast._registry
 import pydantic_toast.backends.records
-import pydantic_toast.registry
 from benchmarks.backends import RawStore, Target
 from benchmarks.models import (
     AllExternalOrder,
@@ -294,7 +294,7 @@ async def _noop() -> None:
 async def bridge_floor(settings: Settings) -> list[Row]:
     """What the sync bridge itself costs: a coroutine that does nothing, awaited and run
     through the library's sync bridge (its event loop in a background thread)."""
-    from pydantic_toast.bridge import run_sync  # the bridge every *_sync method goes through
+    from pydantic_toast._bridge import run_sync  # the bridge every *_sync method goes through
 
     blocks, block_size = settings.sync
     ops: dict[str, Any] = {"async": _noop, "sync": lambda: run_sync(_noop())}
@@ -485,7 +485,7 @@ async def toast(target: Target, settings: Settings) -> list[Row]:
 
 async def _stored_size(target: Target, model: type[Doc], id: str) -> int:
     """Bytes the backend holds for a record: its envelope, as the backend stored it."""
-    backend = await pydantic_toast.registry.get_backend(target.url)
+    backend = await pydantic_toast._registry.get_backend(target.url)
     record = await backend.read_record(model.__external_class_name__, UUID(id))
     assert record is not None
     raw = pydantic_toast.backends.records.encode_envelope(

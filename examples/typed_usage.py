@@ -52,4 +52,15 @@ async def main() -> None:
     print(f"order for {again.customer.name} round-tripped through {len(message)} bytes")
 
 
+def sync_main() -> None:
+    """The sync twins carry the same types as the async methods."""
+    reference: ExternalReference = Customer(name="Lin").save_external_sync()
+    loaded: Customer = Customer.load_external_sync(reference)
+    maybe: list[Customer | None] = Customer.load_external_many_sync([reference], missing_ok=True)
+    exists: bool = Customer.exists_external_sync(reference)
+    assert maybe == [loaded] and exists
+    print(f"{loaded.name} saved and loaded from synchronous code")
+
+
 asyncio.run(main())
+sync_main()

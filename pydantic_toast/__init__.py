@@ -1,8 +1,8 @@
 """pydantic-toast: store Pydantic models out of line and pass tiny references instead."""
 
-from pydantic_toast.backends.base import StorageBackend
-from pydantic_toast.bridge import aclose, close
-from pydantic_toast.errors import (
+from pydantic_toast._bridge import aclose, close
+from pydantic_toast._config import ExternalConfigDict, ExternalNameWarning
+from pydantic_toast._errors import (
     CorruptRecordError,
     ExternalStorageError,
     RecordNotFoundError,
@@ -11,7 +11,7 @@ from pydantic_toast.errors import (
     StorageValidationError,
     UnsupportedOperationError,
 )
-from pydantic_toast.external import (
+from pydantic_toast._external import (
     External,
     ExternalField,
     dump,
@@ -21,14 +21,10 @@ from pydantic_toast.external import (
     validate,
     validate_sync,
 )
-from pydantic_toast.model import (
-    ExternalBaseModel,
-    ExternalConfigDict,
-    ExternalMetadata,
-    ExternalNameWarning,
-    ExternalReference,
-)
-from pydantic_toast.registry import register_backend
+from pydantic_toast._model import ExternalBaseModel, ExternalMetadata
+from pydantic_toast._references import ExternalReference
+from pydantic_toast._registry import register_backend
+from pydantic_toast.backends.base import StorageBackend
 
 __all__ = [
     "CorruptRecordError",

@@ -21,11 +21,11 @@ from uuid import UUID, uuid4
 import pytest
 
 from pydantic_toast import ExternalBaseModel, ExternalConfigDict, register_backend
+from pydantic_toast._cli import main
+from pydantic_toast._errors import StorageValidationError
+from pydantic_toast._registry import get_backend
 from pydantic_toast.backends.base import Record, RecordInfo
 from pydantic_toast.backends.memory import MemoryBackend
-from pydantic_toast.cli import main
-from pydantic_toast.errors import StorageValidationError
-from pydantic_toast.registry import get_backend
 
 PERSISTENT = ["sqlite", "file", "postgresql", "redis", "s3"]
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,8 +24,8 @@ from pydantic_toast import (
     RecordNotFoundError,
     StorageValidationError,
 )
+from pydantic_toast._registry import get_backend
 from pydantic_toast.backends.base import Record
-from pydantic_toast.registry import get_backend
 
 
 class Color(enum.Enum):

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 import pydantic_toast
 from pydantic_toast import External, ExternalBaseModel, ExternalConfigDict, StorageBackend
+from pydantic_toast._registry import get_backend
 from pydantic_toast.backends.base import Record
-from pydantic_toast.registry import get_backend
 
 
 class Line(BaseModel):

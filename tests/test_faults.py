@@ -47,7 +47,7 @@ from pydantic_toast import (
     aclose,
     close,
 )
-from pydantic_toast.registry import get_backend
+from pydantic_toast._registry import get_backend
 
 from .conftest import POSTGRES_URL, service_missing
 from .faultproxy import FaultProxy

@@ -23,9 +23,9 @@ from pydantic_toast import (
     RecordNotFoundError,
     StorageValidationError,
 )
+from pydantic_toast._bridge import run_sync
+from pydantic_toast._registry import get_backend
 from pydantic_toast.backends.base import Record
-from pydantic_toast.bridge import run_sync
-from pydantic_toast.registry import get_backend
 
 HOSTILE_IDS: list[Any] = [
     "../../etc/passwd",

@@ -24,10 +24,10 @@ from pydantic_toast import (
     StorageValidationError,
     register_backend,
 )
+from pydantic_toast._errors import CorruptRecordError, StorageOperationError, mask_url
+from pydantic_toast._registry import get_backend
 from pydantic_toast.backends.base import Record
 from pydantic_toast.backends.records import decode_stored
-from pydantic_toast.errors import CorruptRecordError, StorageOperationError, mask_url
-from pydantic_toast.registry import get_backend
 
 
 class CountingBackend(StorageBackend):
@@ -162,8 +162,8 @@ def test_config_is_inherited_and_plain_pydantic_still_works() -> None:
 
 
 def test_user_backend_replaces_a_builtin_scheme(tmp_path: Any) -> None:
+    from pydantic_toast._registry import backend_class_for
     from pydantic_toast.backends.file import FileBackend
-    from pydantic_toast.registry import backend_class_for
 
     class MyFiles(CountingBackend):
         pass
@@ -469,7 +469,7 @@ def test_records_from_a_custom_backend_that_are_not_records(
         backend = await get_backend("counting://shape")
         await backend.save(UUID(reference["id"]), "Counted", {"value": 1})
 
-    from pydantic_toast.bridge import run_sync
+    from pydantic_toast._bridge import run_sync
 
     run_sync(corrupt())
     with pytest.raises(StorageValidationError, match="is corrupt"):

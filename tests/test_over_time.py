@@ -13,12 +13,12 @@ import pytest
 from pydantic_toast import (
     ExternalBaseModel,
     ExternalConfigDict,
+    ExternalNameWarning,
     RecordNotFoundError,
     StorageValidationError,
 )
+from pydantic_toast._registry import get_backend
 from pydantic_toast.backends.base import Record
-from pydantic_toast.model import ExternalNameWarning
-from pydantic_toast.registry import get_backend
 
 # --- schema versions and migrations ------------------------------------------------------------
 

@@ -31,10 +31,10 @@ from pydantic_toast import (
     StorageOperationError,
     StorageValidationError,
 )
+from pydantic_toast._registry import get_backend
 from pydantic_toast.backends import s3
 from pydantic_toast.backends.records import Record, RecordInfo, encode_envelope
 from pydantic_toast.backends.s3 import S3Backend
-from pydantic_toast.registry import get_backend
 
 
 def define_thing(storage: str) -> type[ExternalBaseModel]:

@@ -30,8 +30,8 @@ from pydantic_toast import (
     UnsupportedOperationError,
     register_backend,
 )
+from pydantic_toast._registry import get_backend
 from pydantic_toast.backends.records import Record
-from pydantic_toast.registry import get_backend
 
 T0 = dt.datetime(2024, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
 T1 = T0 + dt.timedelta(days=1)

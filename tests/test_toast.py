@@ -19,8 +19,8 @@ from pydantic_toast import (
     ExternalField,
     StorageValidationError,
 )
+from pydantic_toast._registry import get_backend
 from pydantic_toast.backends.records import Record, decode_envelope, encode_envelope
-from pydantic_toast.registry import get_backend
 
 
 class Line(BaseModel):

@@ -1,6 +1,6 @@
 """The plug-in API: what a storage backend is made of.
 
-Built-in backends are imported on first use of their scheme (see `pydantic_toast.registry`),
+Built-in backends are imported on first use of their scheme (see `pydantic_toast._registry`),
 so a driver is only needed when its scheme is used. A backend subclasses `StorageBackend`,
 implements its primitives (or the four methods ``connect``, ``disconnect``, ``save`` and
 ``load``), declares its `Capabilities` and its options as a `BackendOptions` model.

@@ -4,7 +4,7 @@ The public operations (`write_records`, `read_records`, `delete_records`, `scan_
 `purge` and their single forms) do the shared work once, here: class-name and id checks,
 chunking and bounded concurrency, the ``created_at`` rule, class filtering, decoding and
 checking what was read (`decode_stored`), and mapping every failure to the error tree of
-`pydantic_toast.errors` (transient failures become `StorageConnectionError`, the only kind
+`pydantic_toast._errors` (transient failures become `StorageConnectionError`, the only kind
 the model layer retries). An engine implements a few primitives, each a plain move of data:
 
 =================  ===========================================================================
@@ -39,6 +39,15 @@ from functools import partial
 from typing import Any, ClassVar, TypeVar
 from uuid import UUID
 
+from pydantic_toast._errors import (
+    CorruptRecordError,
+    ExternalStorageError,
+    StorageConnectionError,
+    StorageOperationError,
+    StorageValidationError,
+    UnsupportedOperationError,
+    mask_url,
+)
 from pydantic_toast.backends.options import (
     BackendOptions,
     StorageURL,
@@ -52,15 +61,6 @@ from pydantic_toast.backends.records import (
     check_class_name,
     decode_info,
     decode_stored,
-)
-from pydantic_toast.errors import (
-    CorruptRecordError,
-    ExternalStorageError,
-    StorageConnectionError,
-    StorageOperationError,
-    StorageValidationError,
-    UnsupportedOperationError,
-    mask_url,
 )
 
 __all__ = ["Capabilities", "Record", "RecordInfo", "StorageBackend", "check_class_name"]

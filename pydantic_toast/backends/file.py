@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from uuid import UUID, uuid4
 
+from pydantic_toast._errors import StorageOperationError, StorageValidationError
 from pydantic_toast.backends.base import Capabilities, StorageBackend
 from pydantic_toast.backends.options import BackendOptions
 from pydantic_toast.backends.records import HEAD_BYTES, Record, StoredInfo, encode_envelope
-from pydantic_toast.errors import StorageOperationError, StorageValidationError
 
 __all__ = ["FileBackend"]
 

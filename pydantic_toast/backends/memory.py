@@ -14,10 +14,10 @@ from datetime import datetime
 from typing import ClassVar
 from uuid import UUID
 
+from pydantic_toast._errors import StorageValidationError
 from pydantic_toast.backends.base import Capabilities, StorageBackend
 from pydantic_toast.backends.options import BackendOptions
 from pydantic_toast.backends.records import Record, StoredInfo
-from pydantic_toast.errors import StorageValidationError
 
 __all__ = ["MemoryBackend"]
 

@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 
-from pydantic_toast.errors import StorageValidationError, mask_url
+from pydantic_toast._errors import StorageValidationError, mask_url
 
 __all__ = [
     "BackendOptions",

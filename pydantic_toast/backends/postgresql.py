@@ -30,10 +30,10 @@ from uuid import UUID
 import asyncpg  # type: ignore[import-untyped]
 from pydantic import Field, model_validator
 
+from pydantic_toast._errors import StorageOperationError
 from pydantic_toast.backends.base import Capabilities, StorageBackend
 from pydantic_toast.backends.options import BackendOptions, Count, Identifier, Seconds
 from pydantic_toast.backends.records import Record, StoredInfo, StoredRow
-from pydantic_toast.errors import StorageOperationError
 
 __all__ = ["PostgreSQLBackend"]
 

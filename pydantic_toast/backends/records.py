@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 from uuid import UUID
 
-from pydantic_toast.errors import CorruptRecordError, StorageValidationError
+from pydantic_toast._errors import CorruptRecordError, StorageValidationError
 
 __all__ = [
     "HEAD_BYTES",

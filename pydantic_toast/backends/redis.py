@@ -38,6 +38,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
+from pydantic_toast._errors import StorageValidationError
 from pydantic_toast.backends.base import Capabilities, StorageBackend
 from pydantic_toast.backends.options import BackendOptions, Count, Seconds
 from pydantic_toast.backends.records import (
@@ -49,7 +50,6 @@ from pydantic_toast.backends.records import (
     check_class_name,
     encode_envelope,
 )
-from pydantic_toast.errors import StorageValidationError
 
 __all__ = ["RedisBackend"]
 

@@ -39,6 +39,7 @@ from botocore import exceptions as boto_errors  # type: ignore[import-untyped]
 from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 from pydantic import AfterValidator, Field
 
+from pydantic_toast._errors import StorageOperationError, StorageValidationError
 from pydantic_toast.backends.base import Capabilities, StorageBackend
 from pydantic_toast.backends.options import BackendOptions, Count, Seconds
 from pydantic_toast.backends.records import (
@@ -48,7 +49,6 @@ from pydantic_toast.backends.records import (
     check_class_name,
     encode_envelope,
 )
-from pydantic_toast.errors import StorageOperationError, StorageValidationError
 
 __all__ = ["S3Backend"]
 

@@ -15,10 +15,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from uuid import UUID
 
+from pydantic_toast._errors import StorageOperationError, StorageValidationError
 from pydantic_toast.backends.base import Capabilities, StorageBackend
 from pydantic_toast.backends.options import BackendOptions, Identifier, Seconds
 from pydantic_toast.backends.records import Record, StoredInfo, StoredRow, timestamp_text
-from pydantic_toast.errors import StorageOperationError, StorageValidationError
 
 __all__ = ["SQLiteBackend"]
 

@@ -36,12 +36,13 @@ from uuid import UUID, uuid4
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError, PydanticSerializationUnexpectedValue, core_schema
 
+from pydantic_toast._bridge import run_sync
+from pydantic_toast._errors import StorageValidationError
+from pydantic_toast._model import ExternalBaseModel
+from pydantic_toast._references import parse_id
+from pydantic_toast._retry import DEFAULT_RETRY_POLICY, RetryPolicy, with_backend
 from pydantic_toast.backends.base import StorageBackend
 from pydantic_toast.backends.records import Record, check_class_name
-from pydantic_toast.bridge import run_sync
-from pydantic_toast.errors import StorageValidationError
-from pydantic_toast.model import ExternalBaseModel, _parse_id, _set_metadata
-from pydantic_toast.retry import DEFAULT_RETRY_POLICY, RetryPolicy, with_backend
 
 __all__ = [
     "DEFAULT_MAX_DEPTH",
@@ -251,10 +252,6 @@ class _Target:
         try:
             if self.model is not None:
                 return self.model._from_record(record, context)
-            if record.class_name != self.class_name:
-                raise StorageValidationError(
-                    f"record {id} belongs to class {record.class_name}, not {self.class_name}"
-                )
             return self.from_json(record.data, context)
         except (ValidationError, StorageValidationError) as exc:
             raise PydanticCustomError(
@@ -333,7 +330,7 @@ class _Session:
                 self.seen[key] = (weakref.ref(value, lambda _: self.seen.pop(key, None)), record)
             run_sync(_write(storage, record, target.retry))
             if isinstance(value, ExternalBaseModel):
-                _set_metadata(value, record)
+                value._remember(record)
         return {"class_name": record.class_name, "id": str(record.id)}
 
     @staticmethod
@@ -373,7 +370,7 @@ class _Session:
         )
         for value, record in self.stored.values():
             if isinstance(value, ExternalBaseModel):
-                _set_metadata(value, record)
+                value._remember(record)
 
     async def prefetch(self, data: Any, default_storage: Storage | None) -> None:
         """Read every reference reachable from ``data``, one level per round of batches."""
@@ -438,7 +435,7 @@ def _references_in(data: Any) -> list[tuple[str, UUID]]:
         item = stack.pop()
         if isinstance(item, dict):
             if _looks_like_reference(item):
-                class_name, id = item["class_name"], _parse_id(item["id"])
+                class_name, id = item["class_name"], parse_id(item["id"])
                 if isinstance(class_name, str) and id is not None:
                     found.append((class_name, id))
                 continue

@@ -33,16 +33,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TextIO
 from uuid import UUID
 
-from pydantic_toast.backends.base import StorageBackend
-from pydantic_toast.backends.records import check_class_name
-from pydantic_toast.errors import (
+from pydantic_toast._errors import (
     CorruptRecordError,
     ExternalStorageError,
     StorageValidationError,
     mask_url,
 )
-from pydantic_toast.model import _parse_id
-from pydantic_toast.registry import backend_class_for
+from pydantic_toast._references import parse_id
+from pydantic_toast._registry import backend_class_for
+from pydantic_toast.backends.base import StorageBackend
+from pydantic_toast.backends.records import check_class_name
 
 __all__ = ["main"]
 
@@ -350,7 +350,7 @@ def _class_name(name: object) -> str:
 
 
 def _id(text: object) -> UUID:
-    id = _parse_id(text)
+    id = parse_id(text)
     if id is None:
         raise ValueError(f"not a UUID: {mask_url(str(text))[:80]!r}")  # masked before the cut
     return id

@@ -19,12 +19,12 @@ from collections.abc import AsyncGenerator
 from functools import partial
 from urllib.parse import urlsplit
 
-from pydantic_toast.backends.base import StorageBackend
-from pydantic_toast.errors import (
+from pydantic_toast._errors import (
     ExternalStorageError,
     StorageValidationError,
     mask_url,
 )
+from pydantic_toast.backends.base import StorageBackend
 
 __all__ = [
     "backend_class_for",

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from pydantic_toast.registry import close_running_loop_backends
+from pydantic_toast._registry import close_running_loop_backends
 
 __all__ = ["aclose", "close", "run_sync"]
 

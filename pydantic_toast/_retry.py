@@ -15,9 +15,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from pydantic_toast._errors import StorageConnectionError
+from pydantic_toast._registry import get_backend
 from pydantic_toast.backends.base import StorageBackend
-from pydantic_toast.errors import StorageConnectionError
-from pydantic_toast.registry import get_backend
 
 __all__ = ["RetryPolicy", "with_backend"]
 

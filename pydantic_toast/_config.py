@@ -1,0 +1,168 @@
+"""Configuration of an `ExternalBaseModel`: `ExternalConfigDict`, checked when a class is
+defined, so that a wrong URL, a misspelt key or two classes claiming one stored name fail
+at import time, naming the class, and never at the first save in production."""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from pydantic import ConfigDict
+
+from pydantic_toast._errors import StorageValidationError, mask_url
+from pydantic_toast._references import short
+from pydantic_toast._registry import check_storage_url, registered_schemes
+from pydantic_toast._retry import RetryPolicy
+from pydantic_toast.backends.records import check_class_name, require_zstd
+
+__all__ = ["ExternalConfigDict", "ExternalNameWarning", "ModelSettings", "settings_for"]
+
+
+class ExternalConfigDict(ConfigDict, total=False):
+    """Pydantic's `ConfigDict` plus the storage settings of an `ExternalBaseModel`."""
+
+    storage: str
+    """The storage URL, such as ``"sqlite:///models.db"`` or ``"postgresql://host/db"``."""
+
+    schema_version: int
+    """Stored with every record (default 1); raise it when the model's shape changes, and
+    register a `migration` from the previous version."""
+
+    class_name: str
+    """The stable name records are stored under (default: the class's ``__name__``). Set it to
+    rename or move the class without orphaning its records, or to tell apart two classes of
+    the same name in one storage (``"billing.User"``)."""
+
+    ttl: float | timedelta
+    """Time to live of the records (seconds or a timedelta), counted from their last save.
+    Redis expires them itself; elsewhere an expired record loads as missing, and
+    `purge_external` deletes them."""
+
+    save_migrated: bool
+    """Write a record back after a load migrated it to the current schema version."""
+
+    retries: int
+    """How many times a load, save or delete is tried again after a connection failure
+    (default 2, with exponential backoff); 0 turns retrying off."""
+
+    retry_backoff: float
+    """Seconds before the first retry (default 0.05), doubling for each next one."""
+
+    compress_above: int
+    """Compress a record's JSON with zstd when it is longer than this many bytes, on the
+    backends that store bytes (Redis, S3, files); needs ``pydantic-toast[zstd]``."""
+
+
+class ExternalNameWarning(UserWarning):
+    """Two classes defined inside functions store under one name in one storage."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    """What a class's configuration says, checked."""
+
+    storage: str
+    class_name: str
+    schema_version: int
+    ttl: timedelta | None
+    compress_above: int | None
+    retry: RetryPolicy
+    save_migrated: bool
+
+
+_CONFIG_KEYS = ExternalConfigDict.__optional_keys__ | ExternalConfigDict.__required_keys__
+
+
+def settings_for(cls: type, config: Mapping[str, Any], bases: tuple[type, ...]) -> ModelSettings:
+    """Check ``cls``'s configuration; ``bases`` are its stored ancestors (whose explicit
+    ``class_name`` it inherits in the config, but not as its own name)."""
+    owner = f"{cls.__module__}.{cls.__qualname__}"
+    for key in config:
+        if key not in _CONFIG_KEYS:
+            close = difflib.get_close_matches(key, _CONFIG_KEYS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise StorageValidationError(
+                f"{owner}: unknown ExternalConfigDict key {short(key)}{hint}"
+            )
+    storage = config.get("storage")
+    if not storage:
+        raise StorageValidationError(
+            f"{owner} has no storage: set model_config = ExternalConfigDict("
+            f"storage='scheme://...'); registered schemes: {', '.join(registered_schemes())}"
+        )
+    check_storage_url(storage, owner)
+    assert isinstance(storage, str)  # check_storage_url proved it
+    version = config.get("schema_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise StorageValidationError(
+            f"{owner}: schema_version must be a positive int, not {version!r}"
+        )
+    try:
+        # A stable name is the class's own: a subclass inherits the config, not the name.
+        explicit = config.get("class_name")
+        if any(base.model_config.get("class_name") == explicit for base in bases):  # type: ignore[attr-defined]
+            explicit = None
+        class_name = check_class_name(cls.__name__ if explicit is None else explicit)
+    except StorageValidationError as exc:
+        raise StorageValidationError(f"{owner}: {exc}") from exc
+    ttl = config.get("ttl")
+    if isinstance(ttl, int | float) and not isinstance(ttl, bool):
+        ttl = timedelta(seconds=ttl)
+    if ttl is not None and (not isinstance(ttl, timedelta) or ttl <= timedelta(0)):
+        raise StorageValidationError(f"{owner}: ttl must be a positive duration, not {ttl!r}")
+    compress_above = config.get("compress_above")
+    if compress_above is not None:
+        if not isinstance(compress_above, int) or compress_above < 0:
+            raise StorageValidationError(
+                f"{owner}: compress_above must be a byte count, not {compress_above!r}"
+            )
+        try:
+            require_zstd()
+        except StorageValidationError as exc:
+            raise StorageValidationError(f"{owner}: {exc}") from exc
+    retries, backoff = config.get("retries", 2), config.get("retry_backoff", 0.05)
+    if not isinstance(retries, int) or retries < 0 or not isinstance(backoff, int | float):
+        raise StorageValidationError(
+            f"{owner}: retries must be a count and retry_backoff seconds, "
+            f"not {retries!r} and {backoff!r}"
+        )
+    _claim_name(storage, class_name, owner)
+    return ModelSettings(
+        storage=storage,
+        class_name=class_name,
+        schema_version=version,
+        ttl=ttl,
+        compress_above=compress_above,
+        retry=RetryPolicy(retries, float(backoff)),
+        save_migrated=bool(config.get("save_migrated")),
+    )
+
+
+# Which class stores under which name in which storage: (storage, class name) -> owner.
+_names: dict[tuple[str, str], str] = {}
+
+
+def _claim_name(storage: str, class_name: str, owner: str) -> None:
+    """Refuse two different classes storing under one name in one storage.
+
+    Redefining the same class (a notebook cell run again, a reloaded module) is no collision;
+    classes defined inside functions, as tests do, only get a warning.
+    """
+    key = (storage, class_name)
+    holder = _names.get(key)
+    _names[key] = owner
+    if holder is None or holder == owner:
+        return
+    message = (
+        f"{owner} and {holder} both store records as {class_name!r} in "
+        f"{mask_url(storage)}; give one a stable name: ExternalConfigDict(class_name=...)"
+    )
+    if "<locals>" in owner or "<locals>" in holder:
+        warnings.warn(message, ExternalNameWarning, stacklevel=5)
+        return
+    _names[key] = holder
+    raise StorageValidationError(message)

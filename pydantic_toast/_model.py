@@ -1,0 +1,419 @@
+"""`ExternalBaseModel`: a Pydantic model that saves itself to a backend and loads back by id.
+
+The class holds what is the model's own: its checked settings, its record metadata (in
+slots, so that it takes no part in equality, dumps or copies), and the conversion between a
+model and its record. What each operation does is in `_operations`; the sync twins are one
+descriptor, `_SyncTwin`, that runs the async method of the same name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from functools import partial, update_wrapper
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, overload
+from uuid import UUID, uuid4
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import PydanticSerializationError
+
+from pydantic_toast import _operations, _records
+from pydantic_toast._bridge import run_sync
+from pydantic_toast._config import ModelSettings, settings_for
+from pydantic_toast._errors import StorageValidationError
+from pydantic_toast._records import Migration
+from pydantic_toast._references import ExternalReference, ReferenceLike, is_reference
+from pydantic_toast._retry import RetryPolicy
+from pydantic_toast.backends.records import Record
+
+__all__ = ["ExternalBaseModel", "ExternalMetadata"]
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalMetadata:
+    """A stored record's metadata, as of the instance's last save or load."""
+
+    id: UUID
+    class_name: str
+    schema_version: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class _instance_or_class:
+    """A method callable on the class (``User.delete_external(ref)``) and on an instance
+    (``user.delete_external()``): the function gets the class and the instance or ``None``."""
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self.__func__ = function
+        self.__doc__ = function.__doc__
+
+    def __get__(self, instance: object, owner: type) -> Callable[..., Any]:
+        return partial(self.__func__, owner, instance)
+
+
+class _SyncTwin:
+    """``name_sync``: the async method ``name``, run to completion for synchronous code (in
+    a script, a thread or inside a running loop: see `_bridge`)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.async_name = name.removesuffix("_sync")
+
+    def __get__(self, instance: object, owner: type) -> Callable[..., Any]:
+        method = getattr(owner if instance is None else instance, self.async_name)
+
+        def twin(*args: Any, **kwargs: Any) -> Any:
+            return run_sync(method(*args, **kwargs))
+
+        update_wrapper(twin, method)
+        twin.__doc__ = f"`{self.async_name}` for synchronous code."
+        return twin
+
+
+class ExternalBaseModel(BaseModel):
+    """A Pydantic model stored out of line and passed around as an `ExternalReference`.
+
+    Subclasses set ``model_config = ExternalConfigDict(storage=...)``; the URL is checked when
+    the class is defined. Everything Pydantic does (``model_dump``, ``model_validate``, ...)
+    behaves exactly as on `BaseModel`.
+    """
+
+    # The record metadata lives in a slot, not a field or private attribute, so it takes no
+    # part in equality, dumps or copies: a loaded model equals the one that was saved.
+    __slots__ = ("_external_metadata", "_external_pending_id")
+
+    model_config = ConfigDict(ignored_types=(_instance_or_class, _SyncTwin))
+
+    __external_settings__: ClassVar[ModelSettings]
+    __external_storage__: ClassVar[str]
+    __external_class_name__: ClassVar[str]
+    __external_schema_version__: ClassVar[int]
+    __external_ttl__: ClassVar[timedelta | None]
+    __external_compress_above__: ClassVar[int | None]
+    __external_migrations__: ClassVar[dict[int, Migration]]
+    _retry: ClassVar[RetryPolicy]
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        stored_bases = tuple(
+            base
+            for base in cls.__mro__[1:]
+            if isinstance(base, type)
+            and issubclass(base, ExternalBaseModel)
+            and base is not ExternalBaseModel
+        )
+        settings = settings_for(cls, cls.model_config, stored_bases)
+        cls.__external_settings__ = settings
+        cls.__external_storage__ = settings.storage
+        cls.__external_class_name__ = settings.class_name
+        cls.__external_schema_version__ = settings.schema_version
+        cls.__external_ttl__ = settings.ttl
+        cls.__external_compress_above__ = settings.compress_above
+        cls.__external_migrations__ = {}
+        cls._retry = settings.retry
+
+    @property
+    def external_metadata(self) -> ExternalMetadata | None:
+        """Id, class name, schema version and timestamps of the stored record, if any."""
+        try:
+            stored: tuple[UUID, str, int, datetime, datetime] = _METADATA_SLOT.__get__(self)
+        except AttributeError:
+            return None
+        return ExternalMetadata(*stored)
+
+    @classmethod
+    def is_external_reference(cls, data: object) -> bool:
+        """Whether ``data`` is a reference: exactly ``class_name`` and a UUID ``id``.
+
+        Called on a subclass, the reference must also name that subclass.
+        """
+        return is_reference(data, None if cls is ExternalBaseModel else cls.__external_class_name__)
+
+    # --- operations ----------------------------------------------------------------------------
+
+    async def save_external(self) -> ExternalReference:
+        """Store this model and return its reference.
+
+        The first save assigns an id; saving the same instance again updates that record
+        (``created_at`` stays, ``updated_at`` moves). The record is written when this returns.
+        """
+        return await _operations.save(self)
+
+    @classmethod
+    async def load_external(cls, reference: ReferenceLike) -> Self:
+        """Load the model a reference points to.
+
+        Raises `RecordNotFoundError` when there is no such record, and
+        `StorageValidationError` when the reference is malformed, names another class, or the
+        stored data no longer validates. Loads that tasks issue in the same event-loop turn
+        reach the backend as one batch.
+        """
+        return await _operations.load(cls, reference)
+
+    @classmethod
+    async def save_external_many(cls, models: Iterable[Self]) -> list[ExternalReference]:
+        """Store many models in one batch per storage; return their references, in order.
+
+        Each model keeps or gets its id exactly as with `save_external`; an instance listed
+        twice is written once.
+
+        A batch is not atomic everywhere (one PostgreSQL statement is; Redis script calls of up
+        to 1,000 records and concurrent S3 puts are not). When it fails, the models whose
+        records were stored get their `external_metadata` as after a save, and the
+        `StorageConnectionError` names in ``failed_ids`` the ids of the records that may not
+        be stored. Saving the same models again completes the batch: the stored ones keep
+        their ids, so they are updated, not duplicated.
+        """
+        return await _operations.save_many(cls, models)
+
+    @overload
+    @classmethod
+    async def load_external_many(
+        cls, references: Iterable[ReferenceLike], *, missing_ok: Literal[False] = False
+    ) -> list[Self]: ...
+
+    @overload
+    @classmethod
+    async def load_external_many(
+        cls, references: Iterable[ReferenceLike], *, missing_ok: bool
+    ) -> list[Self | None]: ...
+
+    @classmethod
+    async def load_external_many(
+        cls, references: Iterable[ReferenceLike], *, missing_ok: bool = False
+    ) -> list[Self] | list[Self | None]:
+        """Load many models in one batch read, in the order of ``references``.
+
+        Missing records raise one `RecordNotFoundError` naming every missing id, or, with
+        ``missing_ok=True``, come back as ``None``. A reference listed twice gives the same
+        instance twice.
+        """
+        return await _operations.load_many(cls, references, missing_ok=missing_ok)
+
+    @classmethod
+    async def exists_external(cls, reference: ReferenceLike) -> bool:
+        """Whether the record a reference points to exists (and has not expired)."""
+        return await _operations.exists(cls, reference)
+
+    @classmethod
+    async def delete_external_many(
+        cls, references: Iterable[ReferenceLike], *, missing_ok: bool = True
+    ) -> int:
+        """Delete the records of ``references`` in one batch; return how many existed.
+
+        Missing records are no error, unless ``missing_ok=False``: then, if any was missing,
+        `RecordNotFoundError` is raised after the others are deleted.
+        """
+        return await _operations.delete_many(cls, references, missing_ok=missing_ok)
+
+    @_instance_or_class
+    async def delete_external(
+        cls: type[ExternalBaseModel],
+        instance: ExternalBaseModel | None,
+        reference: ReferenceLike | None = None,
+        *,
+        missing_ok: bool = True,
+    ) -> bool:
+        """Delete a record: ``await model.delete_external()`` deletes the model's own record,
+        ``await User.delete_external(reference)`` the one a reference points to.
+
+        Returns whether a record was deleted; a missing one is no error unless
+        ``missing_ok=False`` (then `RecordNotFoundError`). A deleted model forgets its id, so
+        saving it again creates a new record.
+        """
+        return await _operations.delete(cls, instance, reference, missing_ok=missing_ok)
+
+    @classmethod
+    async def purge_external(
+        cls, *, older_than: timedelta | None = None, before: datetime | None = None
+    ) -> int:
+        """Delete this class's records not updated since ``before`` (or for ``older_than``),
+        in batches; without either, those past the class's ttl. Returns how many."""
+        return await _operations.purge(cls, older_than, before)
+
+    # The sync twins: one mechanism at run time, precise signatures for type checkers.
+    if TYPE_CHECKING:
+
+        def save_external_sync(self) -> ExternalReference: ...
+
+        @classmethod
+        def load_external_sync(cls, reference: ReferenceLike) -> Self: ...
+
+        @classmethod
+        def save_external_many_sync(cls, models: Iterable[Self]) -> list[ExternalReference]: ...
+
+        @overload
+        @classmethod
+        def load_external_many_sync(
+            cls, references: Iterable[ReferenceLike], *, missing_ok: Literal[False] = False
+        ) -> list[Self]: ...
+
+        @overload
+        @classmethod
+        def load_external_many_sync(
+            cls, references: Iterable[ReferenceLike], *, missing_ok: bool
+        ) -> list[Self | None]: ...
+
+        @classmethod
+        def load_external_many_sync(
+            cls, references: Iterable[ReferenceLike], *, missing_ok: bool = False
+        ) -> list[Self] | list[Self | None]: ...
+
+        @classmethod
+        def exists_external_sync(cls, reference: ReferenceLike) -> bool: ...
+
+        @classmethod
+        def delete_external_many_sync(
+            cls, references: Iterable[ReferenceLike], *, missing_ok: bool = True
+        ) -> int: ...
+
+        @_instance_or_class
+        def delete_external_sync(
+            cls: type[ExternalBaseModel],
+            instance: ExternalBaseModel | None,
+            reference: ReferenceLike | None = None,
+            *,
+            missing_ok: bool = True,
+        ) -> bool: ...
+
+        @classmethod
+        def purge_external_sync(
+            cls, *, older_than: timedelta | None = None, before: datetime | None = None
+        ) -> int: ...
+
+    else:
+        save_external_sync = _SyncTwin()
+        load_external_sync = _SyncTwin()
+        save_external_many_sync = _SyncTwin()
+        load_external_many_sync = _SyncTwin()
+        exists_external_sync = _SyncTwin()
+        delete_external_many_sync = _SyncTwin()
+        delete_external_sync = _SyncTwin()
+        purge_external_sync = _SyncTwin()
+
+    # --- migrations ----------------------------------------------------------------------------
+
+    @classmethod
+    def migration(cls, from_version: int) -> Callable[[Migration], Migration]:
+        """Register a function that upgrades a stored dict from ``from_version`` to the next.
+
+        A load of an older record applies the steps in order, then validates::
+
+            @User.migration(from_version=1)
+            def split_name(data: dict[str, Any]) -> dict[str, Any]:
+                first, _, last = data.pop("name").partition(" ")
+                return {**data, "first_name": first, "last_name": last}
+        """
+        current = cls.__external_schema_version__
+        if not isinstance(from_version, int) or not 1 <= from_version < current:
+            raise StorageValidationError(
+                f"{cls.__name__}: a migration goes from a version below the current "
+                f"schema_version {current}, not from {from_version!r}"
+            )
+
+        def register(step: Migration) -> Migration:
+            cls.__external_migrations__[from_version] = step
+            return step
+
+        return register
+
+    # --- the model's record --------------------------------------------------------------------
+
+    def _to_record(self, now: datetime, context: Any = None) -> Record:
+        """This model as a record: its id and ``created_at`` if it was saved or loaded before.
+
+        ``context`` reaches `External` fields of this model when it is stored by a dump.
+        """
+        cls = type(self)
+        settings = cls.__external_settings__
+        metadata = self.external_metadata
+        if metadata is None:
+            # The id is the instance's from its first save attempt on, so a retry after a
+            # failed first save, or two saves at once, write one record, not an orphan too.
+            try:
+                id: UUID = _PENDING_ID_SLOT.__get__(self)
+            except AttributeError:
+                id = uuid4()
+                _PENDING_ID_SLOT.__set__(self, id)
+            created_at = now
+        else:
+            id, created_at = metadata.id, metadata.created_at
+        try:
+            data = cls.__pydantic_serializer__.to_json(self, context=context)
+        except PydanticSerializationError as exc:
+            raise StorageValidationError(
+                f"{settings.class_name} cannot be serialized to JSON: {exc}"
+            ) from exc
+        _records.check_storable(self, data, settings.class_name)
+        return _records.new_record(settings, data, id, created_at, now)
+
+    @classmethod
+    def _from_record(cls, record: Record, context: Any = None) -> Self:
+        """Validate a loaded record as this class, migrating it first if it is older."""
+        return cls._from_record_migrated(record, context)[0]
+
+    @classmethod
+    def _from_record_migrated(
+        cls, record: Record, context: Any = None
+    ) -> tuple[Self, Record | None]:
+        """The model, and the upgraded record when a migration ran (else ``None``)."""
+        settings = cls.__external_settings__
+        current = settings.schema_version
+        if record.schema_version == current:
+            data = record.data
+        else:
+            data = _records.migrate(settings, cls.__external_migrations__, record)
+        try:
+            model = cls.model_validate_json(data, context=context)
+        except ValidationError as exc:
+            raise StorageValidationError(
+                f"stored {settings.class_name} record {record.id} no longer validates: {exc}"
+            ) from exc
+        upgraded = None
+        if data is not record.data:
+            # Write back what the migration produced (references stay references), with this
+            # class's own ttl and compression, as a save would.
+            upgraded = replace(
+                record,
+                data=data,
+                schema_version=current,
+                ttl=settings.ttl,
+                compress_above=settings.compress_above,
+            )
+        model._remember(upgraded or record)
+        return model, upgraded
+
+    @classmethod
+    def _live(cls, record: Record | None) -> Record | None:
+        """``record``, or ``None`` when there is none or it outlived the class's ttl."""
+        ttl = cls.__external_ttl__
+        if record is not None and ttl is not None and _records.expired(record.updated_at, ttl):
+            return None
+        return record
+
+    def _remember(self, record: Record) -> None:
+        """Keep the record's metadata (as a plain tuple: cheaper to make on every load than
+        `ExternalMetadata`, which is built only when someone asks for it)."""
+        _METADATA_SLOT.__set__(
+            self,
+            (
+                record.id,
+                record.class_name,
+                record.schema_version,
+                record.created_at,
+                record.updated_at,
+            ),
+        )
+
+    def _forget(self) -> None:
+        """Forget the record (it was deleted): a later save creates a new one."""
+        _METADATA_SLOT.__delete__(self)
+        with contextlib.suppress(AttributeError):
+            _PENDING_ID_SLOT.__delete__(self)
+
+
+_METADATA_SLOT = ExternalBaseModel.__dict__["_external_metadata"]
+_PENDING_ID_SLOT = ExternalBaseModel.__dict__["_external_pending_id"]
