@@ -274,6 +274,12 @@ class StorageBackend(ABC):
             return
         for record in records:
             _check_record(record)
+        if len(records) == 1 and self.capabilities.keeps_created_at:  # the hot path
+            (record,) = records
+            (record.created_at,) = await self.__run_primitive(
+                _doing("save", records), self.__put_checked(records), lambda: [record.id]
+            )
+            return
         if len(records) > 1:
             unique = list({record.id: record for record in records}.values())
             if len(unique) < len(records):  # a store may not upsert one id twice at once
@@ -449,7 +455,7 @@ class StorageBackend(ABC):
 
     async def __run_chunks(
         self,
-        verb: str,
+        verb: object,
         items: Sequence[A],
         primitive: Callable[[Sequence[A]], Awaitable[Sequence[T]]],
         failed: Callable[[Sequence[A]], list[UUID]] | None = None,
@@ -462,9 +468,8 @@ class StorageBackend(ABC):
         if not items:
             return []
         if len(items) <= size:  # the common case: one call, no task
-            return list(
-                await self.__run_primitive(verb, primitive(items), failed and failed(items))
-            )
+            unconfirmed = None if failed is None else partial(failed, items)
+            return list(await self.__run_primitive(verb, primitive(items), unconfirmed))
         chunks = [items[start : start + size] for start in range(0, len(items), size)]
         results: dict[int, Sequence[T]] = {}
         pending = iter(range(len(chunks)))
@@ -494,24 +499,30 @@ class StorageBackend(ABC):
         return [result for index in range(len(chunks)) for result in results[index]]
 
     async def __run_primitive(
-        self, verb: str, operation: Awaitable[T], failed_ids: Sequence[UUID] | None = None
+        self,
+        doing: object,
+        operation: Awaitable[T],
+        failed: Callable[[], Sequence[UUID]] | None = None,
     ) -> T:
-        """Await a primitive, turning any failure into one of the library's errors."""
+        """Await a primitive, turning any failure into one of the library's errors (``doing``
+        and ``failed`` are only looked at then: on the way through they cost nothing)."""
         try:
             return await operation
         except (StorageConnectionError, StorageOperationError) as exc:
-            if failed_ids and not exc.failed_ids:
-                exc.failed_ids = [str(id) for id in failed_ids]
+            if failed is not None and not exc.failed_ids:
+                exc.failed_ids = [str(id) for id in failed()]
             raise
         except ExternalStorageError:
             raise
         except Exception as exc:
-            failure = self.map_error(exc, verb)
-            if failed_ids and isinstance(failure, StorageConnectionError | StorageOperationError):
-                failure.failed_ids = [str(id) for id in failed_ids]
+            failure = self.map_error(exc, doing)
+            if failed is not None and isinstance(
+                failure, StorageConnectionError | StorageOperationError
+            ):
+                failure.failed_ids = [str(id) for id in failed()]
             raise failure from exc
 
-    def map_error(self, exc: Exception, doing: str) -> ExternalStorageError:
+    def map_error(self, exc: Exception, doing: object) -> ExternalStorageError:
         """Our error for a driver's: transient, refused data, or a permanent failure."""
         message = f"{self.where} could not {doing}: {type(exc).__name__}: {exc}"
         if isinstance(exc, ExternalStorageError):
@@ -528,17 +539,28 @@ class StorageBackend(ABC):
         return StorageOperationError(f"{self.where} is not connected", self.url)
 
 
-def _doing(verb: str, items: Sequence[Record] | Sequence[UUID], class_name: str = "") -> str:
-    """What an operation was doing, for its error: class and id of one record, or a count."""
-    first: object = items[0] if items else None
-    if isinstance(first, Record):
-        names = {item.class_name for item in items if isinstance(item, Record)}
-        class_name = names.pop() if len(names) == 1 else ""
-        first = first.id
-    named = f" {class_name}" if class_name else ""
-    if len(items) == 1:
-        return f"{verb}{named} record {first}"
-    return f"{verb} {len(items)}{named} records"
+class _doing:
+    """What an operation was doing, for its error: class and id of one record, or a count.
+    Made into text only when an error needs it."""
+
+    __slots__ = ("class_name", "items", "verb")
+
+    def __init__(
+        self, verb: str, items: Sequence[Record] | Sequence[UUID], class_name: str = ""
+    ) -> None:
+        self.verb, self.items, self.class_name = verb, items, class_name
+
+    def __str__(self) -> str:
+        items, class_name = self.items, self.class_name
+        first: object = items[0] if items else None
+        if isinstance(first, Record):
+            names = {item.class_name for item in items if isinstance(item, Record)}
+            class_name = names.pop() if len(names) == 1 else ""
+            first = first.id
+        named = f" {class_name}" if class_name else ""
+        if len(items) == 1:
+            return f"{self.verb}{named} record {first}"
+        return f"{self.verb} {len(items)}{named} records"
 
 
 async def _one(count: Awaitable[int]) -> list[int]:

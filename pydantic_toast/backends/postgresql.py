@@ -33,7 +33,7 @@ from pydantic import Field, model_validator
 from pydantic_toast._errors import StorageOperationError
 from pydantic_toast.backends.base import Capabilities, StorageBackend
 from pydantic_toast.backends.options import BackendOptions, Count, Identifier, Seconds
-from pydantic_toast.backends.records import Record, StoredInfo, StoredRow
+from pydantic_toast.backends.records import Record, StoredInfo
 
 __all__ = ["PostgreSQLBackend"]
 
@@ -164,20 +164,22 @@ class PostgreSQLBackend(StorageBackend):
             " data = EXCLUDED.data, schema_version = EXCLUDED.schema_version,"
             " updated_at = EXCLUDED.updated_at"
         )
-        self._upsert = (
-            f"INSERT INTO {quoted} ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6){update}"
-            " RETURNING created_at"
-        )
+        self._upsert = f"INSERT INTO {quoted} ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6){update}"
         self._upsert_many = (
             f"INSERT INTO {quoted} ({_COLUMNS}) SELECT * FROM unnest($1::uuid[], $2::text[],"
             f" $3::jsonb[], $4::integer[], $5::timestamptz[], $6::timestamptz[]){update}"
-            " RETURNING id, created_at"
         )
+        self._upsert_returning = self._upsert + " RETURNING created_at"
+        self._upsert_many_returning = self._upsert_many + " RETURNING id, created_at"
         self._select = (
             "SELECT class_name, data, schema_version, created_at, updated_at"
             f" FROM {quoted} WHERE id = $1"
         )
-        self._select_many = f"SELECT {_COLUMNS} FROM {quoted} WHERE id = ANY($1::uuid[])"
+        # The row's first five columns are what `decode_stored` reads; the id comes last.
+        self._select_many = (
+            "SELECT class_name, data, schema_version, created_at, updated_at, id"
+            f" FROM {quoted} WHERE id = ANY($1::uuid[])"
+        )
         self._delete_many = f"DELETE FROM {quoted} WHERE id = ANY($1::uuid[]) AND class_name = $2"
         # Listing: the size is that of the JSON text a read returns. The first page has no
         # lower bound (any UUID, even the nil one, may be an id); later ones start after the
@@ -267,11 +269,13 @@ class PostgreSQLBackend(StorageBackend):
             pool.terminate()
 
     async def put_many(self, records: Sequence[Record]) -> list[datetime]:
+        """One upsert statement; the table keeps a stored ``created_at``. Only a first save
+        (``created_at == updated_at``) can meet a record it does not know of, so only then
+        is the kept ``created_at`` read back (``RETURNING``); a re-save carries its own."""
+        first_save = any(record.created_at == record.updated_at for record in records)
         if len(records) == 1:
             record = records[0]
-            created_at = await self._run(
-                "fetchval",
-                self._upsert,
+            arguments = (
                 record.id,
                 record.class_name,
                 record.data.decode(),
@@ -279,10 +283,11 @@ class PostgreSQLBackend(StorageBackend):
                 record.created_at,
                 record.updated_at,
             )
-            return [created_at]
-        rows = await self._run(
-            "fetch",
-            self._upsert_many,
+            if first_save:
+                return [await self._run("fetchval", self._upsert_returning, *arguments)]
+            await self._run("execute", self._upsert, *arguments)
+            return [record.created_at]
+        columns = (
             [record.id for record in records],
             [record.class_name for record in records],
             [record.data.decode() for record in records],
@@ -290,15 +295,19 @@ class PostgreSQLBackend(StorageBackend):
             [record.created_at for record in records],
             [record.updated_at for record in records],
         )
+        if not first_save:
+            await self._run("execute", self._upsert_many, *columns)
+            return [record.created_at for record in records]
+        rows = await self._run("fetch", self._upsert_many_returning, *columns)
         kept = {row[0]: row[1] for row in rows}
         return [kept[record.id] for record in records]
 
-    async def get_many(self, class_name: str, ids: Sequence[UUID]) -> list[StoredRow | None]:
+    async def get_many(self, class_name: str, ids: Sequence[UUID]) -> list[Any]:
+        """The rows (``StoredRow``'s columns first), as asyncpg returned them."""
         if len(ids) == 1:
-            row = await self._run("fetchrow", self._select, ids[0])
-            return [None if row is None else StoredRow(*row)]
-        found = {row[0]: row for row in await self._run("fetch", self._select_many, ids)}
-        return [None if (row := found.get(id)) is None else StoredRow(*row[1:]) for id in ids]
+            return [await self._run("fetchrow", self._select, ids[0])]
+        found = {row[5]: row for row in await self._run("fetch", self._select_many, ids)}
+        return [found.get(id) for id in ids]
 
     async def delete_many(self, class_name: str, ids: Sequence[UUID]) -> int:
         status = await self._run("execute", self._delete_many, ids, class_name)

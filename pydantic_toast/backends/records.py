@@ -41,8 +41,15 @@ __all__ = [
 _CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,199}")
 
 
+# Names already found safe: every operation checks its class name, and a set lookup costs a
+# tenth of the pattern match. Bounded, since names may come from outside (references).
+_SAFE_NAMES: set[str] = set()
+
+
 def check_class_name(class_name: object) -> str:
     """Return ``class_name`` if it is safe to put in a key or path, else raise."""
+    if type(class_name) is str and class_name in _SAFE_NAMES:
+        return class_name
     if not isinstance(class_name, str) or _CLASS_NAME.fullmatch(class_name) is None:
         shown = repr(class_name)
         if len(shown) > 80:
@@ -51,6 +58,8 @@ def check_class_name(class_name: object) -> str:
             f"invalid class name {shown}: use letters, digits, '_', '.' and '-' "
             "(at most 200 characters, starting with a letter or '_')"
         )
+    if len(_SAFE_NAMES) < 4096:
+        _SAFE_NAMES.add(class_name)
     return class_name
 
 
@@ -104,7 +113,8 @@ class RecordInfo:
 
 
 class StoredRow(NamedTuple):
-    """A record as a table holds it; each column as the driver returned it, unchecked."""
+    """A record as a table holds it; each column as the driver returned it, unchecked. Any
+    sequence with these five columns first (an asyncpg Record, a sqlite3 row) will do."""
 
     class_name: Any
     data: Any
@@ -196,20 +206,47 @@ def decode_stored(stored: object, id: UUID, class_name: str) -> Record:
 def _decode(stored: object, id: UUID) -> Record:
     if isinstance(stored, bytes | bytearray | memoryview):
         return _decode_envelope(bytes(stored), id)
-    if isinstance(stored, StoredRow):
-        return Record(
-            id,
-            _name(stored.class_name),
-            _json_bytes(stored.data),
-            _version(stored.schema_version),
-            _moment(stored.created_at, "created_at"),
-            _moment(stored.updated_at, "updated_at"),
-        )
     if isinstance(stored, Record):
         return replace(stored)  # the caller may change its copy
     if isinstance(stored, dict):
         return _from_dict(stored, id)
-    raise ValueError(f"the backend returned a {type(stored).__name__}")
+    if isinstance(stored, str) or not hasattr(stored, "__getitem__"):
+        raise ValueError(f"the backend returned a {type(stored).__name__}")
+    # A row: a `StoredRow`, or any sequence whose first five columns are the same (an
+    # asyncpg Record, a sqlite3 tuple), so that engines hand rows over without copying.
+    try:
+        name, data, version, created, updated = (
+            stored[0],
+            stored[1],
+            stored[2],
+            stored[3],
+            stored[4],
+        )
+    except (IndexError, KeyError):
+        raise ValueError(
+            "a row needs class_name, data, schema_version, created_at, updated_at"
+        ) from None
+    # The common case, checked by type alone (the spine compares the class name with the one
+    # asked for, which is checked already); anything unusual takes the long way.
+    if (
+        type(name) is str
+        and type(data) is str
+        and type(version) is int
+        and 0 < version < 2**31
+        and type(created) is datetime
+        and created.tzinfo is not None
+        and type(updated) is datetime
+        and updated.tzinfo is not None
+    ):
+        return Record(id, name, data.encode(), version, created, updated)
+    return Record(
+        id,
+        _name(name),
+        _json_bytes(data),
+        _version(version),
+        _moment(created, "created_at"),
+        _moment(updated, "updated_at"),
+    )
 
 
 def _from_dict(stored: dict[str, Any], id: UUID) -> Record:

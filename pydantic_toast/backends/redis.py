@@ -299,8 +299,10 @@ class RedisBackend(StorageBackend):
                     keys = [self._key(r.class_name, r.id) for r in group[start:end]]
                     reply = await self._evalsha(client, keys, (ttl_ms, *values[start:end]))
                     replies = [reply] if end - start == 1 else reply
-                    for record, old in zip(group[start:end], replies, strict=True):
-                        kept[record.id] = _kept_created_at(record, old)
+                    for record, value, old in zip(
+                        group[start:end], values[start:end], replies, strict=True
+                    ):
+                        kept[record.id] = _kept_created_at(record, value, old)
                     start = end
         finally:
             self._gate.release()
@@ -322,7 +324,7 @@ class RedisBackend(StorageBackend):
             old = await self._evalsha(client, (key,), (ttl_ms, value))
         finally:
             self._gate.release()
-        return _kept_created_at(record, old)
+        return _kept_created_at(record, value, old)
 
     async def get_many(self, class_name: str, ids: Sequence[UUID]) -> list[bytes | None]:
         keys = [self._key(class_name, id) for id in ids]
@@ -404,9 +406,10 @@ def _envelope(record: Record) -> bytes:
     return value
 
 
-def _kept_created_at(record: Record, kept: bytes | None) -> datetime:
-    """The ``created_at`` the script kept (``None``: the record's own)."""
-    if kept is None:
+def _kept_created_at(record: Record, value: bytes, kept: bytes | None) -> datetime:
+    """The ``created_at`` the script kept (``None``: nothing was stored, so the record's
+    own); parsed only when it differs from the one just written."""
+    if kept is None or kept == value[CREATED_AT_OFFSET:_QUOTE_AT]:
         return record.created_at
     try:
         return datetime.fromisoformat(kept.decode())

@@ -18,7 +18,7 @@ from uuid import UUID
 from pydantic_toast._errors import StorageOperationError, StorageValidationError
 from pydantic_toast.backends.base import Capabilities, StorageBackend
 from pydantic_toast.backends.options import BackendOptions, Identifier, Seconds
-from pydantic_toast.backends.records import Record, StoredInfo, StoredRow, timestamp_text
+from pydantic_toast.backends.records import Record, StoredInfo, timestamp_text
 
 __all__ = ["SQLiteBackend"]
 
@@ -79,11 +79,13 @@ class SQLiteBackend(StorageBackend):
             " class_name = excluded.class_name, data = excluded.data,"
             " schema_version = excluded.schema_version, updated_at = excluded.updated_at"
         )
-        self._select = (
-            f"SELECT id, class_name, data, schema_version, created_at, updated_at FROM {quoted}"
-            " WHERE id IN ({})"
-        )
+        self._upsert_returning = self._upsert + " RETURNING created_at"
         self._created = f"SELECT id, created_at FROM {quoted} WHERE id IN ({{}})"
+        # The row's first five columns are what `decode_stored` reads; the id comes last.
+        self._select = (
+            "SELECT class_name, data, schema_version, created_at, updated_at, id"
+            f" FROM {quoted} WHERE id IN ({{}})"
+        )
 
     @property
     def where(self) -> str:
@@ -131,31 +133,39 @@ class SQLiteBackend(StorageBackend):
         return self._connection
 
     async def put_many(self, records: Sequence[Record]) -> list[datetime]:
+        """The upsert keeps a stored ``created_at``; only a first save (``created_at ==
+        updated_at``) can meet a record it does not know of, so only then is it read back."""
         connection = self._open()
-        rows = [_row(record) for record in records]
+        rows = _rows(records)
+        first_saves = [row[0] for row in rows if row[4] == row[5]]
         if len(rows) == 1:
-            (stored,) = connection.execute(
-                self._upsert + " RETURNING created_at", rows[0]
-            ).fetchone()
+            if not first_saves:
+                connection.execute(self._upsert, rows[0])
+                return [records[0].created_at]
+            (stored,) = connection.execute(self._upsert_returning, rows[0]).fetchone()
             return [_created_at(stored, records[0])]
+        found: dict[str, object] = {}
         connection.execute("BEGIN IMMEDIATE")
         try:
-            keys = [row[0] for row in rows]
-            found = dict(connection.execute(self._created.format(", ".join("?" * len(keys))), keys))
+            if first_saves:
+                placeholders = ", ".join("?" * len(first_saves))
+                found = dict(connection.execute(self._created.format(placeholders), first_saves))
             connection.executemany(self._upsert, rows)
         except BaseException:
             connection.execute("ROLLBACK")
             raise
         connection.execute("COMMIT")
         return [
-            record.created_at if key not in found else _created_at(found[key], record)
-            for key, record in zip(keys, records, strict=True)
+            record.created_at if row[0] not in found else _created_at(found[row[0]], record)
+            for row, record in zip(rows, records, strict=True)
         ]
 
-    async def get_many(self, class_name: str, ids: Sequence[UUID]) -> list[StoredRow | None]:
+    async def get_many(
+        self, class_name: str, ids: Sequence[UUID]
+    ) -> list[tuple[object, ...] | None]:
         keys = [str(id) for id in ids]
         statement = self._select.format(", ".join("?" * len(keys)))
-        found = {row[0]: StoredRow(*row[1:]) for row in self._open().execute(statement, keys)}
+        found = {row[5]: row for row in self._open().execute(statement, keys)}
         return [found.get(key) for key in keys]
 
     async def delete_many(self, class_name: str, ids: Sequence[UUID]) -> int:
@@ -212,20 +222,34 @@ class SQLiteBackend(StorageBackend):
         return super().is_transient(exc)
 
 
-def _row(record: Record) -> tuple[str, str, str, int, str, str]:
-    return (
-        str(record.id),
-        record.class_name,
-        record.data.decode(),
-        record.schema_version,
-        timestamp_text(record.created_at.astimezone(UTC)),
-        timestamp_text(record.updated_at.astimezone(UTC)),
-    )
+def _rows(records: Sequence[Record]) -> list[tuple[str, str, str, int, str, str]]:
+    """The records as rows, timestamps as fixed-width UTC text (so that text order is time
+    order); a batch shares one ``updated_at``, which is formatted once."""
+    texts: dict[datetime, str] = {}
+
+    def text(moment: datetime) -> str:
+        formatted = texts.get(moment)
+        if formatted is None:
+            utc = moment if moment.tzinfo is UTC else moment.astimezone(UTC)
+            formatted = texts[moment] = timestamp_text(utc)
+        return formatted
+
+    return [
+        (
+            str(record.id),
+            record.class_name,
+            record.data.decode(),
+            record.schema_version,
+            text(record.created_at),
+            text(record.updated_at),
+        )
+        for record in records
+    ]
 
 
 def _created_at(stored: object, record: Record) -> datetime:
-    """The stored ``created_at`` the upsert kept; the record's own if it is unreadable (the
-    record then reads back as corrupt, which says more than a made-up time)."""
+    """The stored ``created_at`` the upsert kept; the record's own if it is missing or
+    unreadable (the record then reads back as corrupt, which says more than a made-up time)."""
     try:
         moment = datetime.fromisoformat(stored) if isinstance(stored, str) else None
     except ValueError:
