@@ -56,6 +56,11 @@ class ExternalConfigDict(ConfigDict, total=False):
     """Compress a record's JSON with zstd when it is longer than this many bytes, on the
     backends that store bytes (Redis, S3, files); needs ``pydantic-toast[zstd]``."""
 
+    content_addressed: bool
+    """Store each saved state under an id derived from its content (default false: a model
+    keeps its random id and is saved in place). Equal models then share one record, a changed
+    model gets a new reference, and every load verifies the content against its id."""
+
 
 class ExternalNameWarning(UserWarning):
     """Two classes defined inside functions store under one name in one storage."""
@@ -72,6 +77,7 @@ class ModelSettings:
     compress_above: int | None
     retry: RetryPolicy
     save_migrated: bool
+    content_addressed: bool
 
 
 _CONFIG_KEYS = ExternalConfigDict.__optional_keys__ | ExternalConfigDict.__required_keys__
@@ -139,6 +145,7 @@ def settings_for(cls: type, config: Mapping[str, Any], bases: tuple[type, ...]) 
         compress_above=compress_above,
         retry=RetryPolicy(retries, float(backoff)),
         save_migrated=bool(config.get("save_migrated")),
+        content_addressed=bool(config.get("content_addressed")),
     )
 
 

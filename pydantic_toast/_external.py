@@ -37,6 +37,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError, PydanticSerializationUnexpectedValue, core_schema
 
 from pydantic_toast._bridge import run_sync
+from pydantic_toast._content import content_id, verify_content
 from pydantic_toast._errors import StorageValidationError
 from pydantic_toast._model import ExternalBaseModel
 from pydantic_toast._references import parse_id
@@ -90,11 +91,16 @@ class ExternalField:
     ExternalField(threshold=4096)]`` is ``External[Line]`` that keeps values whose JSON is
     shorter than ``threshold`` bytes inline, the way PostgreSQL's TOAST keeps short values in
     the row. ``compress_above`` compresses stored values longer than that many bytes with
-    zstd (on Redis, S3 and file storage). Frozen, so hashable: ``External[X] | None`` works.
+    zstd (on Redis, S3 and file storage). ``content_addressed`` (the default) stores a value
+    under an id derived from its content, so an unchanged value is stored once however often
+    it is dumped; ``False`` gives every dump a new random id (for values that must not be
+    shared). `ExternalBaseModel` values follow their own class's ``content_addressed``.
+    Frozen, so hashable: ``External[X] | None`` works.
     """
 
     threshold: int = 0
     compress_above: int | None = None
+    content_addressed: bool = True
 
     def __get_pydantic_core_schema__(
         self, source: Any, handler: Callable[[Any], core_schema.CoreSchema]
@@ -145,6 +151,7 @@ class _Target:
         self.source = source
         self.threshold = options.threshold
         self.compress_above = options.compress_above
+        self.content_addressed = options.content_addressed
         is_class = isinstance(source, type)
         self.model = source if is_class and issubclass(source, ExternalBaseModel) else None
         if self.model is not None:
@@ -252,6 +259,7 @@ class _Target:
         try:
             if self.model is not None:
                 return self.model._from_record(record, context)
+            verify_content(self.class_name, id, record.data)
             return self.from_json(record.data, context)
         except (ValidationError, StorageValidationError) as exc:
             raise PydanticCustomError(
@@ -344,12 +352,21 @@ class _Session:
             raise StorageValidationError(
                 f"{target.class_name} cannot be serialized to JSON: {exc}"
             ) from exc
+        if target.content_addressed:
+            # The same value, the same id, in every process: a record that exists already is
+            # rewritten with its created_at kept and updated_at refreshed (so a collection
+            # running meanwhile sees it as recent), never stored twice.
+            id, created_at = content_id(target.class_name, data), now
+        elif earlier is None:
+            id, created_at = uuid4(), now
+        else:
+            id, created_at = earlier.id, earlier.created_at
         return Record(
-            id=uuid4() if earlier is None else earlier.id,
+            id=id,
             class_name=target.class_name,
             data=data,
             schema_version=1,
-            created_at=now if earlier is None else earlier.created_at,
+            created_at=created_at,
             updated_at=now,
             compress_above=target.compress_above,
         )

@@ -22,6 +22,7 @@ from pydantic_core import PydanticSerializationError
 from pydantic_toast import _operations, _records
 from pydantic_toast._bridge import run_sync
 from pydantic_toast._config import ModelSettings, settings_for
+from pydantic_toast._content import CONTENT_VERSION, content_id, verify_content
 from pydantic_toast._errors import StorageValidationError
 from pydantic_toast._records import Migration
 from pydantic_toast._references import ExternalReference, ReferenceLike, is_reference
@@ -330,6 +331,17 @@ class ExternalBaseModel(BaseModel):
         cls = type(self)
         settings = cls.__external_settings__
         metadata = self.external_metadata
+        try:
+            data = cls.__pydantic_serializer__.to_json(self, context=context)
+        except PydanticSerializationError as exc:
+            raise StorageValidationError(
+                f"{settings.class_name} cannot be serialized to JSON: {exc}"
+            ) from exc
+        _records.check_storable(self, data, settings.class_name)
+        if settings.content_addressed:  # the id names the content: a changed model moves
+            named = content_id(settings.class_name, data)
+            kept = metadata.created_at if metadata is not None and metadata.id == named else now
+            return _records.new_record(settings, data, named, kept, now)
         if metadata is None:
             # The id is the instance's from its first save attempt on, so a retry after a
             # failed first save, or two saves at once, write one record, not an orphan too.
@@ -341,13 +353,6 @@ class ExternalBaseModel(BaseModel):
             created_at = now
         else:
             id, created_at = metadata.id, metadata.created_at
-        try:
-            data = cls.__pydantic_serializer__.to_json(self, context=context)
-        except PydanticSerializationError as exc:
-            raise StorageValidationError(
-                f"{settings.class_name} cannot be serialized to JSON: {exc}"
-            ) from exc
-        _records.check_storable(self, data, settings.class_name)
         return _records.new_record(settings, data, id, created_at, now)
 
     @classmethod
@@ -361,6 +366,9 @@ class ExternalBaseModel(BaseModel):
     ) -> tuple[Self, Record | None]:
         """The model, and the upgraded record when a migration ran (else ``None``)."""
         settings = cls.__external_settings__
+        # A content-addressed record proves its content before anything reads it (checked on
+        # the stored form, so an older record still migrates under the id it has).
+        verify_content(settings.class_name, record.id, record.data)
         current = settings.schema_version
         if record.schema_version == current:
             data = record.data
@@ -373,9 +381,10 @@ class ExternalBaseModel(BaseModel):
                 f"stored {settings.class_name} record {record.id} no longer validates: {exc}"
             ) from exc
         upgraded = None
-        if data is not record.data:
+        if data is not record.data and record.id.version != CONTENT_VERSION:
             # Write back what the migration produced (references stay references), with this
-            # class's own ttl and compression, as a save would.
+            # class's own ttl and compression, as a save would; never a content-addressed
+            # record, whose id names the content it has.
             upgraded = replace(
                 record,
                 data=data,

@@ -1,0 +1,94 @@
+"""Content addressing: ids derived from what a record holds.
+
+A content-addressed record's id is a UUID version 8 (RFC 9562) made of the first 122 bits of
+SHA-256 over the stored class name and the canonical JSON of the value, so the same value gets
+the same id in every process, and a reader can prove that what it loaded is what the id
+names. The version makes the id self-describing: a loader verifies every version-8 id, and
+only those.
+
+The canonical form is the value's JSON parsed and written again with sorted keys, no
+whitespace, and numbers in their shortest exact decimal form, because stores rewrite JSON
+(PostgreSQL's JSONB reorders keys, drops whitespace and writes ``1e2`` as ``100``): the
+digest must not depend on how a store spells the same value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+from pydantic_toast._errors import StorageValidationError
+
+__all__ = ["CONTENT_VERSION", "canonical_json", "content_id", "verify_content"]
+
+#: The UUID version of content-addressed ids.
+CONTENT_VERSION = 8
+
+
+def canonical_json(data: bytes) -> bytes:
+    """``data`` (JSON text) in the canonical form the digest is taken over."""
+    value = json.loads(data, parse_float=Decimal, parse_int=Decimal)
+    parts: list[str] = []
+    _write(value, parts)
+    return "".join(parts).encode()
+
+
+def _write(value: Any, parts: list[str]) -> None:
+    """Append ``value``'s canonical JSON to ``parts`` (recursively: stored JSON is bounded by
+    the size limits, and a record nested deeper than Python's recursion limit is refused as
+    corrupt by the caller)."""
+    if isinstance(value, dict):
+        parts.append("{")
+        for index, key in enumerate(sorted(value)):
+            if index:
+                parts.append(",")
+            parts.append(json.dumps(key, ensure_ascii=False))
+            parts.append(":")
+            _write(value[key], parts)
+        parts.append("}")
+    elif isinstance(value, list):
+        parts.append("[")
+        for index, item in enumerate(value):
+            if index:
+                parts.append(",")
+            _write(item, parts)
+        parts.append("]")
+    elif isinstance(value, Decimal):
+        parts.append(_number(value))
+    else:  # str, bool, None
+        parts.append(json.dumps(value, ensure_ascii=False))
+
+
+def _number(value: Decimal) -> str:
+    """A number's one spelling: ``100``, ``1e2`` and ``100.0`` are all ``1E+2``."""
+    normalized = value.normalize()
+    if normalized.is_zero():
+        return "0"  # -0, 0.0 and 0E+3 are one number to JSON readers
+    return format(normalized, "E")
+
+
+def content_id(class_name: str, data: bytes) -> UUID:
+    """The version-8 UUID of a value of ``class_name`` whose JSON is ``data``."""
+    digest = hashlib.sha256(class_name.encode() + b"\0" + canonical_json(data)).digest()
+    raw = bytearray(digest[:16])
+    raw[6] = (raw[6] & 0x0F) | (CONTENT_VERSION << 4)
+    raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC 9562 variant
+    return UUID(bytes=bytes(raw))
+
+
+def verify_content(class_name: str, id: UUID, data: bytes) -> None:
+    """Refuse a content-addressed record whose content is not what its id names."""
+    if id.version != CONTENT_VERSION:
+        return
+    try:
+        matches = content_id(class_name, data) == id
+    except (ValueError, RecursionError):
+        matches = False
+    if not matches:
+        raise StorageValidationError(
+            f"stored {class_name} record {id} does not hold the content its id names: "
+            "it was corrupted or tampered with"
+        )
