@@ -70,15 +70,24 @@ def mask_url(url: str) -> str:
 
 
 def scrub_password(text: str, url: str) -> str:
-    """Remove ``url``'s password from ``text`` (a driver's message may quote the DSN)."""
+    """Remove ``url``'s password from ``text`` (a driver's message may quote the DSN).
+
+    The URL itself, and its ``:password@`` wherever it appears, are masked whatever the
+    password's length; the bare password is replaced elsewhere only when it is at least four
+    characters long (a shorter one would mangle ordinary words).
+    """
+    if url in text:
+        text = text.replace(url, mask_url(url))
     try:
         password = urlsplit(url).password
     except ValueError:
         return text
-    if not password or len(password) < 4:
+    if not password:
         return text
     for form in {password, unquote(password)}:
-        text = text.replace(form, _MASK)
+        text = text.replace(f":{form}@", f":{_MASK}@")
+        if len(form) >= 4:
+            text = text.replace(form, _MASK)
     return text
 
 

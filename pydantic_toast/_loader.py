@@ -13,13 +13,25 @@ import asyncio
 import contextlib
 import copy
 import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
 from uuid import UUID
 
+from pydantic_toast._errors import StorageValidationError
 from pydantic_toast.backends.base import Record, StorageBackend
 
 __all__ = ["load_record"]
 
 _Key = tuple[str, UUID]
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """One record of a batch that could not be read: its waiters get ``error``."""
+
+    error: StorageValidationError
+
+
 _Waiters = dict[_Key, list["asyncio.Future[Record | None]"]]
 
 
@@ -50,12 +62,15 @@ class _Loader:
             return await self.backend().read_record(class_name, id)
         gathering.setdefault(key, [])
         try:
-            return (await self._serve(gathering))[key]
+            result = (await self._serve(gathering))[key]
         except asyncio.CancelledError:
             self._hand_off(gathering)
             raise
+        if isinstance(result, _Failed):
+            raise _own_copy(result.error)
+        return result
 
-    async def _serve(self, waiters: _Waiters) -> dict[_Key, Record | None]:
+    async def _serve(self, waiters: _Waiters) -> dict[_Key, Record | _Failed | None]:
         """Read every waiter's record, one batch per class, and give each its result."""
         by_class: dict[str, list[UUID]] = {}
         for class_name, id in waiters:
@@ -70,13 +85,17 @@ class _Loader:
                     if not future.done():
                         future.set_exception(_own_copy(exc))
             raise
-        results: dict[_Key, Record | None] = {}
+        results: dict[_Key, Record | _Failed | None] = {}
         for (class_name, ids), records in zip(by_class.items(), batches, strict=True):
             for id, record in zip(ids, records, strict=True):
-                results[class_name, id] = record
                 for future in waiters[class_name, id]:
-                    if not future.done():
+                    if future.done():
+                        continue
+                    if isinstance(record, _Failed):
+                        future.set_exception(_own_copy(record.error))
+                    else:
                         future.set_result(record)
+                results[class_name, id] = record
         return results
 
     def backend(self) -> StorageBackend:
@@ -84,8 +103,21 @@ class _Loader:
         assert backend is not None, "a loader outlived its backend"  # callers hold it
         return backend
 
-    async def _read(self, class_name: str, ids: list[UUID]) -> list[Record | None]:
-        return await self.backend().read_records(class_name, ids)
+    async def _read(self, class_name: str, ids: list[UUID]) -> Sequence[Record | _Failed | None]:
+        try:
+            return await self.backend().read_records(class_name, ids)
+        except StorageValidationError:
+            if len(ids) == 1:
+                raise
+        # One record the batch could not decode must not fail the others' loads: read each
+        # alone, so every caller gets its own record or its own error (a rare, slow path).
+        return list(await asyncio.gather(*(self._read_alone(class_name, id) for id in ids)))
+
+    async def _read_alone(self, class_name: str, id: UUID) -> Record | _Failed | None:
+        try:
+            return await self.backend().read_record(class_name, id)
+        except StorageValidationError as exc:
+            return _Failed(exc)
 
     def _hand_off(self, waiters: _Waiters) -> None:
         """The leader was cancelled: serve the loads that joined it in a task of their own."""
@@ -100,7 +132,6 @@ class _Loader:
             await self._serve(waiters)
 
 
-# A backend's loader lives as long as the backend: the loader holds it only weakly.
 def _own_copy(exc: Exception) -> Exception:
     """A copy of ``exc`` for one waiter: each caller raises its own exception object (shared,
     their tracebacks would pile up on one). Falls back to the original if it cannot copy."""
@@ -112,6 +143,7 @@ def _own_copy(exc: Exception) -> Exception:
     return clone
 
 
+# A backend's loader lives as long as the backend: the loader holds it only weakly.
 _loaders: weakref.WeakKeyDictionary[StorageBackend, _Loader] = weakref.WeakKeyDictionary()
 
 

@@ -9,10 +9,11 @@ descriptor, `_SyncTwin`, that runs the async method of the same name.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from functools import partial, update_wrapper
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, overload
 from uuid import UUID, uuid4
 
@@ -52,7 +53,9 @@ class _instance_or_class:
         self.__doc__ = function.__doc__
 
     def __get__(self, instance: object, owner: type) -> Callable[..., Any]:
-        return partial(self.__func__, owner, instance)
+        bound = partial(self.__func__, owner, instance)
+        bound.__doc__ = self.__doc__
+        return bound
 
 
 class _SyncTwin:
@@ -68,8 +71,12 @@ class _SyncTwin:
         def twin(*args: Any, **kwargs: Any) -> Any:
             return run_sync(method(*args, **kwargs))
 
-        update_wrapper(twin, method)
-        twin.__doc__ = f"`{self.async_name}` for synchronous code."
+        # Named and documented as itself (not as the coroutine function: tools that unwrap
+        # would take it for one), with the async method's parameters.
+        twin.__name__ = f"{self.async_name}_sync"
+        twin.__qualname__ = f"{owner.__qualname__}.{twin.__name__}"
+        twin.__doc__ = f"`{self.async_name}` for synchronous code.\n\n{method.__doc__ or ''}"
+        twin.__signature__ = inspect.signature(method)  # type: ignore[attr-defined]
         return twin
 
 
@@ -229,7 +236,7 @@ class ExternalBaseModel(BaseModel):
 
     @classmethod
     async def purge_external(
-        cls, *, older_than: timedelta | None = None, before: datetime | None = None
+        cls, *, older_than: timedelta | float | None = None, before: datetime | None = None
     ) -> int:
         """Delete this class's records not updated since ``before`` (or for ``older_than``),
         in batches; without either, those past the class's ttl. Returns how many."""
@@ -282,7 +289,7 @@ class ExternalBaseModel(BaseModel):
 
         @classmethod
         def purge_external_sync(
-            cls, *, older_than: timedelta | None = None, before: datetime | None = None
+            cls, *, older_than: timedelta | float | None = None, before: datetime | None = None
         ) -> int: ...
 
     else:
@@ -418,10 +425,11 @@ class ExternalBaseModel(BaseModel):
         )
 
     def _forget(self) -> None:
-        """Forget the record (it was deleted): a later save creates a new one."""
-        _METADATA_SLOT.__delete__(self)
-        with contextlib.suppress(AttributeError):
-            _PENDING_ID_SLOT.__delete__(self)
+        """Forget the record (it was deleted): a later save creates a new one. Twice is
+        fine (two deletes of one instance at once)."""
+        for slot in (_METADATA_SLOT, _PENDING_ID_SLOT):
+            with contextlib.suppress(AttributeError):
+                slot.__delete__(self)
 
 
 _METADATA_SLOT = ExternalBaseModel.__dict__["_external_metadata"]

@@ -17,6 +17,7 @@ from pydantic_toast._errors import (
     ExternalStorageError,
     RecordNotFoundError,
     StorageConnectionError,
+    StorageOperationError,
     StorageValidationError,
 )
 from pydantic_toast._loader import load_record
@@ -75,7 +76,7 @@ async def save_many(cls: type[M], models: Iterable[M]) -> list[ExternalReference
         writer = _BatchWriter(batch)
         try:
             await with_backend(storage, writer, cls.__external_settings__.retry)
-        except StorageConnectionError as exc:
+        except (StorageConnectionError, StorageOperationError) as exc:
             # Unconfirmed: what this storage's writer has left, and every record of the
             # storages not tried yet. The others are stored: give their models metadata.
             unwritten = writer.unwritten_ids()
@@ -105,7 +106,7 @@ class _BatchWriter:
     async def __call__(self, backend: StorageBackend) -> None:
         try:
             await backend.write_records(self.pending)
-        except StorageConnectionError as exc:
+        except (StorageConnectionError, StorageOperationError) as exc:
             named = set(exc.failed_ids)
             if named:
                 self.pending = [record for record in self.pending if str(record.id) in named]
@@ -181,6 +182,11 @@ async def delete(
 ) -> bool:
     settings = cls.__external_settings__
     name = settings.class_name
+    if instance is not None and reference is not None:
+        raise StorageValidationError(
+            f"{cls.__name__}: model.delete_external() deletes the model's own record; "
+            f"delete another by reference with {cls.__name__}.delete_external(reference)"
+        )
     if instance is not None:
         metadata = instance.external_metadata
         if metadata is None:
@@ -201,15 +207,22 @@ async def delete(
     return deleted > 0
 
 
-async def purge(cls: type[M], older_than: timedelta | None, before: datetime | None) -> int:
+async def purge(cls: type[M], older_than: timedelta | float | None, before: datetime | None) -> int:
     settings = cls.__external_settings__
     if before is None:
         age = older_than if older_than is not None else settings.ttl
-        if age is None:
+        if isinstance(age, int | float) and not isinstance(age, bool):
+            age = timedelta(seconds=age)  # seconds, as ttl takes them
+        if not isinstance(age, timedelta) or age <= timedelta(0):
             raise StorageValidationError(
-                f"{cls.__name__}.purge_external needs older_than or before"
+                f"{cls.__name__}.purge_external needs before, or older_than as a positive "
+                f"duration (a timedelta or seconds), not {age!r}"
             )
         before = datetime.now(UTC) - age
+    elif older_than is not None:
+        raise StorageValidationError(
+            f"{cls.__name__}.purge_external takes older_than or before, not both"
+        )
     name, cutoff = settings.class_name, before
     return await with_backend(settings.storage, lambda b: b.purge(name, cutoff), settings.retry)
 

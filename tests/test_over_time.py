@@ -316,7 +316,7 @@ async def test_purge_deletes_records_not_updated_since(storage: str) -> None:
         Event(n=5),
     ]
     assert await Other.exists_external(other)  # other classes are untouched
-    with pytest.raises(StorageValidationError, match="needs older_than or before"):
+    with pytest.raises(StorageValidationError, match="needs before, or older_than as a positive"):
         await Event.purge_external()
 
 

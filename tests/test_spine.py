@@ -4,6 +4,7 @@ backend, the four-method custom one included: a rule that holds on one backend h
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import datetime as dt
 import errno
@@ -393,3 +394,169 @@ def test_the_public_names_are_pinned() -> None:
     ]
     for name in pydantic_toast.__all__:
         assert getattr(pydantic_toast, name) is not None
+
+
+# --- found by review: each of these failed before its fix ---------------------------------
+
+
+async def test_a_failed_mixed_batch_names_every_unconfirmed_record(
+    file_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydantic_toast.backends.file import FileBackend
+
+    Item = define_item(file_url, retries=0)
+    old = Item(name="old")
+    reference = await old.save_external()
+    old.name = "changed"  # type: ignore[attr-defined]
+    new = Item(name="new")
+
+    async def refused(self: FileBackend, records: Any) -> list[bool]:
+        raise ConnectionResetError(errno.ECONNRESET, "reset")
+
+    monkeypatch.setattr(FileBackend, "put_new", refused)
+    with pytest.raises(StorageConnectionError) as caught:
+        await Item.save_external_many([old, new])
+    assert set(caught.value.failed_ids) == {reference["id"], str(new._external_pending_id)}  # type: ignore[attr-defined]
+    assert (await Item.load_external(reference)).name == "old"  # type: ignore[attr-defined]
+    monkeypatch.undo()
+    await Item.save_external_many([old, new])  # saving again completes the batch
+    assert await Item.load_external(reference) == old
+
+
+async def test_one_corrupt_record_fails_only_its_own_coalesced_load(
+    redis_url: str, namespace: str
+) -> None:
+    import redis.asyncio as aioredis
+
+    Item = define_item(redis_url)
+    references = await Item.save_external_many([Item(name=f"n{i}") for i in range(20)])
+    bad = uuid4()
+    raw = aioredis.Redis.from_url(redis_url.partition("?")[0])
+    try:
+        await raw.set(f"{namespace}:Item:{bad}", b"garbage")
+    finally:
+        await raw.aclose()
+    results = await asyncio.gather(
+        *(Item.load_external(r) for r in [*references, {"class_name": "Item", "id": str(bad)}]),
+        return_exceptions=True,
+    )
+    assert results[:20] == [Item(name=f"n{i}") for i in range(20)]
+    assert isinstance(results[20], CorruptRecordError) and str(bad) in str(results[20])
+
+
+async def test_purge_refuses_an_age_that_is_not_positive(memory_url: str) -> None:
+    Item = define_item(memory_url)
+    await Item(name="fresh").save_external()
+    for age in (dt.timedelta(days=-1), dt.timedelta(0), -5, "30d"):
+        with pytest.raises(StorageValidationError, match="positive duration"):
+            await Item.purge_external(older_than=age)  # type: ignore[arg-type]
+    assert await Item.purge_external(older_than=3600) == 0  # seconds, as ttl takes them
+
+
+def test_postgresql_dsn_parameters_are_checked_at_definition() -> None:
+    for query in ("sslmode=bogus", "target_session_attrs=nonsense"):
+        with pytest.raises(StorageValidationError, match="must be one of"):
+            define_item(f"postgresql://h/db?{query}")
+
+
+def test_a_custom_options_model_refuses_unknown_options() -> None:
+    from pydantic_toast.backends import BackendOptions, Seconds
+
+    class KVOptions(BackendOptions):
+        label = "kv"
+        timeout: Seconds = 5.0
+
+    class KV(Flaky):
+        options_model = KVOptions
+
+    assert KV("kv://x?timeout=2").options.timeout == 2  # type: ignore[attr-defined]
+    with pytest.raises(StorageValidationError, match="unknown kv option 'Timeout'"):
+        KV("kv://x?Timeout=3")
+    with pytest.raises(StorageValidationError, match="unknown kv option 'pollsize'"):
+        KV("kv://x", pollsize=3)
+
+
+async def test_delete_external_takes_an_instance_or_a_reference(storage: str) -> None:
+    Item = define_item(storage)
+    a, b = Item(name="a"), Item(name="b")
+    reference_a, reference_b = await a.save_external(), await b.save_external()
+    with pytest.raises(StorageValidationError, match="deletes the model's own record"):
+        await a.delete_external(reference_b)
+    if storage.startswith("dictstore://"):
+        return  # a four-method backend cannot delete
+    results = await asyncio.gather(a.delete_external(), a.delete_external())
+    assert sorted(results) == [False, True] or results == [True, True]
+    assert await Item.exists_external(reference_a) is False
+    assert await Item.exists_external(reference_b) is True
+
+
+async def test_a_short_password_in_a_custom_backends_message_is_masked() -> None:
+    import traceback
+
+    class Quoting(Flaky):
+        async def save(self, id: UUID, class_name: str, data: dict[str, Any]) -> None:
+            raise RuntimeError(f"could not reach {self.url}")
+
+    register_backend("quoting", Quoting)
+    Item = define_item("quoting://user:pw9@db.internal:99/x", retries=0)
+    with pytest.raises(StorageOperationError) as caught:
+        await Item(name="x").save_external()
+    shown = "".join(traceback.format_exception(caught.value))
+    assert "pw9" not in shown and "pw9" not in repr(caught.value)
+    assert "user:***@db.internal" in str(caught.value)
+
+
+async def test_a_library_error_is_never_its_own_cause(sqlite_url: str) -> None:
+    from pydantic_toast.backends.sqlite import SQLiteBackend
+
+    backend = SQLiteBackend(sqlite_url)  # never connected
+    with pytest.raises(StorageOperationError, match="not connected") as caught:
+        [info async for info in backend.scan_records("Item")]
+    assert caught.value.__cause__ is not caught.value
+
+
+async def test_a_wrapper_that_overrides_only_the_batch_operations(memory_url: str) -> None:
+    inner = await get_backend(memory_url)
+
+    class Wrapper(StorageBackend):
+        async def connect(self) -> None: ...
+
+        async def disconnect(self) -> None: ...
+
+        async def write_records(self, records: Any) -> None:
+            await inner.write_records(records)
+
+        async def read_records(self, class_name: str, ids: Any) -> list[Record | None]:
+            return await inner.read_records(class_name, ids)
+
+    wrapper = Wrapper("wrapper://x")
+    id = uuid4()
+    await wrapper.write_record(Record(id, "Item", b'{"name":"w"}', 1, T0, T0))
+    stored = await wrapper.read_record("Item", id)
+    assert stored is not None and stored.data == b'{"name":"w"}'
+
+
+def test_the_sync_twins_are_named_and_documented_as_themselves() -> None:
+    import inspect
+
+    Item = define_item("memory://twins")
+    twin = Item.load_external_sync
+    assert twin.__name__ == "load_external_sync"
+    assert twin.__doc__ is not None and twin.__doc__.startswith("`load_external` for synchronous")
+    assert "RecordNotFoundError" in twin.__doc__  # the async method's documentation follows
+    assert list(inspect.signature(twin).parameters) == ["reference"]
+    assert not inspect.iscoroutinefunction(twin) and not hasattr(twin, "__wrapped__")
+    assert Item.delete_external.__doc__ is not None
+    assert Item.delete_external.__doc__.startswith("Delete a record")
+
+
+async def test_a_keyword_replaces_a_redis_driver_option_of_the_url(redis_url: str) -> None:
+    from pydantic_toast.backends.redis import RedisBackend
+
+    backend = RedisBackend(f"{redis_url}&client_name=fromurl", client_name="fromkw")
+    await backend.open()
+    try:
+        assert backend._client is not None
+        assert await backend._client.client_getname() in ("fromkw", b"fromkw")
+    finally:
+        await backend.disconnect()

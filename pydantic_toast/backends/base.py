@@ -47,6 +47,7 @@ from pydantic_toast._errors import (
     StorageValidationError,
     UnsupportedOperationError,
     mask_url,
+    scrub_password,
 )
 from pydantic_toast.backends.options import (
     BackendOptions,
@@ -195,14 +196,29 @@ class StorageBackend(ABC):
     # --- primitives (engines override; the defaults use the four methods) -----------------
 
     async def get_many(self, class_name: str, ids: Sequence[UUID]) -> Sequence[object | None]:
-        """What is stored for each id, in order; ``None`` where nothing is."""
-        return [await self.load(id, class_name) for id in ids]
+        """What is stored for each id, in order; ``None`` where nothing is. The default
+        reads through whichever read method the subclass implements (``load``, or a
+        wrapper's ``read_records`` / ``read_record``)."""
+        cls = type(self)
+        if cls.load is not StorageBackend.load:
+            return [await self.load(id, class_name) for id in ids]
+        if cls.read_records is not StorageBackend.read_records:
+            return await self.read_records(class_name, ids)
+        return [await self.read_record(class_name, id) for id in ids]
 
     async def put_many(self, records: Sequence[Record]) -> Sequence[datetime] | None:
         """Upsert ``records``. With ``keeps_created_at``, return each one's stored
-        ``created_at``; otherwise ``None`` (the spine has already set it)."""
-        for record in records:
-            await self.save(record.id, record.class_name, record.to_dict())
+        ``created_at``; otherwise ``None`` (the spine has already set it). The default
+        writes through whichever write method the subclass implements."""
+        cls = type(self)
+        if cls.save is not StorageBackend.save:
+            for record in records:
+                await self.save(record.id, record.class_name, record.to_dict())
+        elif cls.write_records is not StorageBackend.write_records:
+            await self.write_records(records)
+        else:
+            for record in records:
+                await self.write_record(record)
         return None
 
     async def put_new(self, records: Sequence[Record]) -> Sequence[bool]:
@@ -293,18 +309,26 @@ class StorageBackend(ABC):
         # already there (a retried save, a concurrent one, a content-addressed value): the
         # stored created_at wins. Later saves carry the created_at they loaded.
         fresh = [record for record in records if record.created_at == record.updated_at]
+        later = [str(r.id) for r in records if r.created_at != r.updated_at]  # not yet sent
         written: set[UUID] = set()
-        if fresh and self.capabilities.put_if_absent:
-            created = await self.__run_chunks(
-                _doing("save", fresh),
-                fresh,
-                self.put_new,
-                failed=lambda chunk: [r.id for r in chunk],
-            )
-            written = {record.id for record, done in zip(fresh, created, strict=True) if done}
-            fresh = [record for record in fresh if record.id not in written]
-        if fresh:
-            await self.__adopt_created_at(fresh)
+        try:
+            if fresh and self.capabilities.put_if_absent:
+                created = await self.__run_chunks(
+                    _doing("save", fresh), fresh, self.put_new, failed=_ids
+                )
+                written = {r.id for r, done in zip(fresh, created, strict=True) if done}
+                fresh = [record for record in fresh if record.id not in written]
+        except (StorageConnectionError, StorageOperationError) as exc:
+            # Unconfirmed: the first saves whose conditional create did not complete, and
+            # every later save of the batch, not sent yet.
+            exc.failed_ids = list(dict.fromkeys([*exc.failed_ids, *later]))
+            raise
+        try:
+            if fresh:
+                await self.__adopt_created_at(fresh)
+        except (StorageConnectionError, StorageOperationError) as exc:
+            exc.failed_ids = [str(r.id) for r in records if r.id not in written]
+            raise
         rest = [record for record in records if record.id not in written]
         if rest:
             await self.__write_chunks(rest)
@@ -320,7 +344,6 @@ class StorageBackend(ABC):
                 _doing("save", group),
                 [record.id for record in group],
                 partial(self.get_many, class_name),
-                failed=list,
             )
             for record, found in zip(group, stored, strict=True):
                 if found is None:
@@ -333,7 +356,7 @@ class StorageBackend(ABC):
             _doing("save", records),
             records,
             self.__put_checked,
-            failed=lambda chunk: [r.id for r in chunk],
+            failed=_ids,
         )
         if self.capabilities.keeps_created_at:
             for record, created_at in zip(records, kept, strict=True):
@@ -406,6 +429,8 @@ class StorageBackend(ABC):
                 stored = await entries.__anext__()
             except StopAsyncIteration:
                 return
+            except ExternalStorageError:
+                raise
             except Exception as exc:
                 raise self.map_error(exc, f"list {class_name or 'all'} records") from exc
             try:
@@ -523,7 +548,10 @@ class StorageBackend(ABC):
             raise failure from exc
 
     def map_error(self, exc: Exception, doing: object) -> ExternalStorageError:
-        """Our error for a driver's: transient, refused data, or a permanent failure."""
+        """Our error for a driver's: transient, refused data, or a permanent failure. The
+        driver's exception stays the ``__cause__``, with the password taken out of its
+        message (a custom backend may quote its URL), so no traceback shows it."""
+        _scrub_cause(exc, self.url)
         message = f"{self.where} could not {doing}: {type(exc).__name__}: {exc}"
         if isinstance(exc, ExternalStorageError):
             return exc
@@ -537,6 +565,14 @@ class StorageBackend(ABC):
         """The error for an operation on a backend that is not connected (not retried: a
         backend the caller closed stays closed; the registry reconnects its own)."""
         return StorageOperationError(f"{self.where} is not connected", self.url)
+
+
+def _scrub_cause(exc: BaseException, url: str) -> None:
+    """Take the URL's password out of a driver exception's message, in place."""
+    if len(exc.args) == 1 and isinstance(exc.args[0], str):
+        scrubbed = scrub_password(exc.args[0], url)
+        if scrubbed != exc.args[0]:
+            exc.args = (scrubbed,)
 
 
 class _doing:
@@ -565,6 +601,10 @@ class _doing:
 
 async def _one(count: Awaitable[int]) -> list[int]:
     return [await count]
+
+
+def _ids(records: Sequence[Record]) -> list[UUID]:
+    return [record.id for record in records]
 
 
 def _check_record(record: Record) -> None:

@@ -29,10 +29,6 @@ class FileOptions(BackendOptions):
     #: Flush every write to disk; false trades durability across a power loss for speed.
     fsync: bool = True
 
-    @classmethod
-    def driver_option_names(cls) -> frozenset[str]:
-        return frozenset()
-
 
 class FileBackend(StorageBackend):
     """Options (URL query or keyword): ``fsync`` (default ``true``; ``false`` trades

@@ -27,10 +27,6 @@ class MemoryOptions(BackendOptions):
 
     label = "memory"
 
-    @classmethod
-    def driver_option_names(cls) -> frozenset[str]:
-        return frozenset()
-
 
 class MemoryBackend(StorageBackend):
     """Keeps `Record` objects in a dict, copying the small object (never the bytes) on the

@@ -77,8 +77,10 @@ class BackendOptions(BaseModel):
     @classmethod
     def driver_option_names(cls) -> frozenset[str] | None:
         """Query options passed on to the driver untouched; ``None`` passes any, an empty
-        set none (every unknown option is then an error)."""
-        return None
+        set none (every unknown option is then an error). A backend that declares options
+        of its own refuses every other one unless it names them here; a backend that
+        declares none (a first-round custom backend reading its own URL) passes them all."""
+        return None if cls is BackendOptions else frozenset()
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from uuid import UUID
 import asyncpg  # type: ignore[import-untyped]
 from pydantic import Field, model_validator
 
-from pydantic_toast._errors import StorageOperationError
+from pydantic_toast._errors import StorageOperationError, StorageValidationError
 from pydantic_toast.backends.base import Capabilities, StorageBackend
 from pydantic_toast.backends.options import BackendOptions, Count, Identifier, Seconds
 from pydantic_toast.backends.records import Record, StoredInfo
@@ -81,9 +81,12 @@ _TRANSIENT = (
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
     asyncpg.ReadOnlySQLTransactionError,
-    asyncpg.InterfaceError,
+    asyncpg.ConnectionDoesNotExistError,
     asyncpg.InternalClientError,
 )
+# asyncpg's complaints about its own configuration (an unknown sslmode, a bad
+# target_session_attrs, a feature the server lacks): retrying cannot help.
+_MISCONFIGURED = (asyncpg.ClientConfigurationError, asyncpg.UnsupportedClientFeatureError)
 
 
 class PostgreSQLOptions(BackendOptions):
@@ -108,6 +111,21 @@ class PostgreSQLOptions(BackendOptions):
     @classmethod
     def driver_option_names(cls) -> frozenset[str]:
         return _ASYNCPG_PARAMETERS
+
+
+# Values asyncpg accepts for the DSN parameters that take a fixed set: checked when the model
+# is defined, not at the first connection.
+_DSN_CHOICES = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "target_session_attrs": (
+        "any",
+        "primary",
+        "standby",
+        "prefer-standby",
+        "read-write",
+        "read-only",
+    ),
+}
 
 
 async def _keep_session(connection: Any) -> None:
@@ -142,6 +160,13 @@ class PostgreSQLBackend(StorageBackend):
         # The password travels to asyncpg as an argument, not inside the DSN, so that no
         # driver message that quotes the DSN can ever show it.
         self._password = location.password
+        for name, choices in _DSN_CHOICES.items():
+            value = self.driver_options.get(name)
+            if value is not None and value not in choices:
+                raise StorageValidationError(
+                    f"PostgreSQL option {name} must be one of {', '.join(choices)}, "
+                    f"not {str(value)[:40]!r}"
+                )
         user = f"{location.username}@" if location.username else ""
         query = "&".join(f"{name}={value}" for name, value in _quoted(self.driver_options))
         # Rebuilt by hand: urlunsplit would turn "postgresql:///db" into "postgresql:/db".
@@ -374,12 +399,17 @@ class PostgreSQLBackend(StorageBackend):
         return self._pool
 
     def is_transient(self, exc: BaseException) -> bool:
+        if isinstance(exc, _MISCONFIGURED):
+            return False
+        if isinstance(exc, asyncpg.InterfaceError):  # the client's view of a lost connection
+            return "connection" in str(exc) or "closed" in str(exc)
         return isinstance(exc, _TRANSIENT) or super().is_transient(exc)
 
     def invalid(self, exc: BaseException) -> bool:
         # Class 22: the server refused the data itself (a NUL in JSON text, a value out of
-        # range), so the data is at fault and no retry can help.
-        return isinstance(exc, asyncpg.DataError)
+        # range), so the data is at fault and no retry can help; or asyncpg refused its own
+        # configuration.
+        return isinstance(exc, (asyncpg.DataError, *_MISCONFIGURED))
 
 
 def _quoted(options: dict[str, Any]) -> list[tuple[str, str]]:

@@ -165,7 +165,12 @@ class RedisBackend(StorageBackend):
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
         location = self.location
-        query = [(k, v) for k, v in location.query if k not in RedisOptions.model_fields]
+        # The driver's options from the URL, less ours and less those a keyword replaces.
+        query = [
+            (k, v)
+            for k, v in location.query
+            if k not in RedisOptions.model_fields and k not in options
+        ]
         driver_query = urlencode(query)
         netloc = location.netloc
         if location.username is not None or location.password is not None:
@@ -195,7 +200,7 @@ class RedisBackend(StorageBackend):
         self.max_connections = self.options.max_connections
         # The TTL travels to the script as milliseconds: PX keeps sub-second TTLs exact.
         self._ttl_ms = b"0" if self.ttl is None else str(math.ceil(self.ttl * 1000)).encode()
-        keywords = {k: v for k, v in self.driver_options.items() if k not in dict(query)}
+        keywords = {k: v for k, v in self.driver_options.items() if k in options}
         self._client_options: dict[str, Any] = {
             "socket_timeout": self.timeout,
             "socket_connect_timeout": self.timeout,
@@ -387,6 +392,10 @@ class RedisBackend(StorageBackend):
         return (name, id) if str(id) == id_text else None
 
     def is_transient(self, exc: BaseException) -> bool:
+        if self._client is None:
+            # Closed while the command was in flight (`aclose()`): redis-py then fails in
+            # odd ways, and a retry gets a fresh backend from the registry.
+            return True
         if isinstance(exc, _PERMANENT):
             return False
         return isinstance(exc, _TRANSIENT) or super().is_transient(exc)

@@ -124,10 +124,6 @@ class S3Options(BackendOptions):
     timeout: Seconds | None = None
     max_size: Count | None = None
 
-    @classmethod
-    def driver_option_names(cls) -> frozenset[str]:
-        return frozenset()
-
 
 class S3Backend(StorageBackend):
     """Options (URL query or keyword arguments):

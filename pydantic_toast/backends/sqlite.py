@@ -35,10 +35,6 @@ class SQLiteOptions(BackendOptions):
     #: Seconds to wait for another writer.
     timeout: Seconds = 5.0
 
-    @classmethod
-    def driver_option_names(cls) -> frozenset[str]:
-        return frozenset()
-
 
 class SQLiteBackend(StorageBackend):
     """Options (URL query or keywords): ``table`` (default ``external_models``), ``timeout``
