@@ -20,7 +20,7 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict pydantic_toast
-	$(BIN)/mypy --strict examples/typed_usage.py
+	$(BIN)/mypy --strict examples/typed_usage.py examples/kv_backend.py
 
 bench: $(VENV)/.dev
 	bash scripts/start-services

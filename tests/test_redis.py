@@ -33,6 +33,7 @@ from redis.asyncio.connection import Connection
 from redis.exceptions import RedisError
 
 from pydantic_toast import (
+    CorruptRecordError,
     ExternalBaseModel,
     ExternalConfigDict,
     RecordNotFoundError,
@@ -583,8 +584,11 @@ async def test_a_command_error_is_a_permanent_error(
     # The server answered and refused: retrying cannot help, so it is not a connection error.
     id = uuid4()
     await raw.hset(f"{backend.prefix}:Hashed:{id}", "field", "value")
-    with pytest.raises(StorageOperationError, match=f"load Hashed record {id}.*WRONGTYPE"):
+    with pytest.raises(CorruptRecordError, match=f"stored Hashed record {id} is corrupt"):
         await backend.read_record("Hashed", id)
+    corrupt: list[CorruptRecordError] = []
+    listed = [info async for info in backend.scan_records("Hashed", on_corrupt=corrupt.append)]
+    assert listed == [] and [error.id for error in corrupt] == [str(id)]
     with pytest.raises(StorageOperationError, match="WRONGTYPE") as caught:
         await backend.write_record(Record(id, "Hashed", b"{}", 1, T0, T0))
     assert not isinstance(caught.value, StorageConnectionError)

@@ -8,9 +8,17 @@ implements its primitives (or the four methods ``connect``, ``disconnect``, ``sa
 
 from pydantic_toast.backends.base import Capabilities, StorageBackend
 from pydantic_toast.backends.options import BackendOptions, Count, Seconds, StorageURL
-from pydantic_toast.backends.records import Record, RecordInfo, StoredInfo, StoredRow
+from pydantic_toast.backends.records import (
+    HEAD_BYTES,
+    Record,
+    RecordInfo,
+    StoredInfo,
+    StoredRow,
+    encode_envelope,
+)
 
 __all__ = [
+    "HEAD_BYTES",
     "BackendOptions",
     "Capabilities",
     "Count",
@@ -21,4 +29,5 @@ __all__ = [
     "StorageURL",
     "StoredInfo",
     "StoredRow",
+    "encode_envelope",
 ]

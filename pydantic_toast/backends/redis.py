@@ -73,6 +73,9 @@ _TRANSIENT = (
     redis_errors.MasterDownError,
 )
 _PERMANENT = (redis_errors.AuthenticationError, redis_errors.AuthorizationError)
+# What a record key holding another type (a hash, a list) reads as: not an envelope, so the
+# spine reports it as a corrupt record naming class and id.
+_NOT_A_STRING = b"(a key of another type)"
 
 # A stored envelope starts with these bytes, then `created_at` in a fixed width (32 characters
 # for UTC) and its closing quote. The script keeps the stored `created_at` only from a value
@@ -336,7 +339,13 @@ class RedisBackend(StorageBackend):
         client = await self._acquire()
         try:
             if len(keys) == 1:
-                return [await client.execute_command("GET", keys[0])]  # type: ignore[no-untyped-call]
+                try:
+                    return [await client.execute_command("GET", keys[0])]  # type: ignore[no-untyped-call]
+                except redis_errors.ResponseError as exc:
+                    if "WRONGTYPE" not in str(exc):
+                        raise
+                    return [_NOT_A_STRING]  # something else lives at the key: corrupt
+            # (MGET answers nil for a key of another type: such a record reads as missing.)
             return cast(list[bytes | None], await client.execute_command("MGET", *keys))  # type: ignore[no-untyped-call]
         finally:
             self._gate.release()
@@ -368,12 +377,16 @@ class RedisBackend(StorageBackend):
                 for name, id in found:
                     pipe.getrange(self._key(name, id), 0, HEAD_BYTES - 1)
                     pipe.strlen(self._key(name, id))
-                replies = await pipe.execute() if found else []
+                replies = await pipe.execute(raise_on_error=False) if found else []
             finally:
                 self._gate.release()
             for index, (name, id) in enumerate(found):
                 head, size = replies[2 * index], replies[2 * index + 1]
-                if size:  # 0: deleted since the scan
+                if isinstance(head, redis_errors.ResponseError):  # a key of another type
+                    yield StoredInfo(id, name, 1, None, _NOT_A_STRING)
+                elif isinstance(head, Exception) or isinstance(size, Exception):
+                    raise head if isinstance(head, Exception) else size
+                elif size:  # 0: deleted since the scan
                     yield StoredInfo(id, name, size, None, head)
             if cursor == 0:
                 return
