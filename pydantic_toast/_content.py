@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
@@ -31,35 +32,26 @@ CONTENT_VERSION = 8
 def canonical_json(data: bytes) -> bytes:
     """``data`` (JSON text) in the canonical form the digest is taken over."""
     value = json.loads(data, parse_float=Decimal, parse_int=Decimal)
-    parts: list[str] = []
-    _write(value, parts)
-    return "".join(parts).encode()
+    return _text(value).encode()
 
 
-def _write(value: Any, parts: list[str]) -> None:
-    """Append ``value``'s canonical JSON to ``parts`` (recursively: stored JSON is bounded by
-    the size limits, and a record nested deeper than Python's recursion limit is refused as
-    corrupt by the caller)."""
-    if isinstance(value, dict):
-        parts.append("{")
-        for index, key in enumerate(sorted(value)):
-            if index:
-                parts.append(",")
-            parts.append(json.dumps(key, ensure_ascii=False))
-            parts.append(":")
-            _write(value[key], parts)
-        parts.append("}")
-    elif isinstance(value, list):
-        parts.append("[")
-        for index, item in enumerate(value):
-            if index:
-                parts.append(",")
-            _write(item, parts)
-        parts.append("]")
-    elif isinstance(value, Decimal):
-        parts.append(_number(value))
-    else:  # str, bool, None
-        parts.append(json.dumps(value, ensure_ascii=False))
+def _text(value: Any) -> str:
+    """``value``'s canonical JSON (recursively: stored JSON is bounded by the size limits,
+    and a record nested deeper than Python's recursion limit is refused as corrupt)."""
+    kind = type(value)
+    if kind is str:
+        return _string(value)
+    if kind is Decimal:
+        return _number(value)
+    if kind is dict:
+        return "{" + ",".join(_string(key) + ":" + _text(value[key]) for key in sorted(value)) + "}"
+    if kind is list:
+        return "[" + ",".join(_text(item) for item in value) + "]"
+    return "true" if value is True else "false" if value is False else "null"
+
+
+# The standard library's C string encoder (what json.dumps uses, without its call overhead).
+_string: Callable[[str], str] = json.encoder.encode_basestring
 
 
 def _number(value: Decimal) -> str:
