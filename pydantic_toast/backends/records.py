@@ -27,7 +27,6 @@ __all__ = [
     "StoredRow",
     "check_class_name",
     "decode_envelope",
-    "decode_envelope_info",
     "decode_info",
     "decode_stored",
     "encode_envelope",
@@ -384,11 +383,6 @@ def _expect(stored: dict[str, Any], key: str, kind: type) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ValueError(f"{key!r} must be {kind.__name__}")
     return value
-
-
-def decode_envelope_info(head: bytes, id: UUID, size: int) -> RecordInfo:
-    """The listing view of an envelope of ``size`` bytes, from its first `HEAD_BYTES`."""
-    return decode_info(StoredInfo(id, None, size, None, head), None)
 
 
 def _envelope_info(head: bytes, id: UUID, size: int) -> RecordInfo:
