@@ -138,6 +138,8 @@ class _LoopBackends:
 
     async def close(self) -> None:
         backends, self.backends = self.backends, {}
+        for backend in backends.values():
+            backend.retired = True  # what is still in flight retries on a fresh backend
         errors = await asyncio.gather(
             *(backend.disconnect() for backend in backends.values()), return_exceptions=True
         )

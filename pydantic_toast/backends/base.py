@@ -144,6 +144,10 @@ class StorageBackend(ABC):
             type(self).options_model, self.location, options
         )
         self.create_missing = True
+        #: Set by the registry when it closes this backend (``aclose()``, a loop shutting
+        #: down, exit): an operation still in flight then failed because of that, and a retry
+        #: gets a fresh backend, so its failure is transient.
+        self.retired = False
         cls = type(self)
         if cls.delete is not StorageBackend.delete and not self.capabilities.delete:
             # A first-round backend that deletes one id at a time (`delete(id, class_name)`).
@@ -557,14 +561,16 @@ class StorageBackend(ABC):
             return exc
         if self.invalid(exc):
             return StorageValidationError(message)
-        if self.is_transient(exc):
+        if self.retired or self.is_transient(exc):
             return StorageConnectionError(message, self.url)
         return StorageOperationError(message, self.url)
 
-    def closed(self) -> StorageOperationError:
-        """The error for an operation on a backend that is not connected (not retried: a
-        backend the caller closed stays closed; the registry reconnects its own)."""
-        return StorageOperationError(f"{self.where} is not connected", self.url)
+    def closed(self) -> StorageOperationError | StorageConnectionError:
+        """The error for an operation on a backend that is not connected: permanent when the
+        caller closed it (it stays closed), transient when the registry did (a retry gets a
+        fresh backend)."""
+        kind = StorageConnectionError if self.retired else StorageOperationError
+        return kind(f"{self.where} is not connected", self.url)
 
 
 def _scrub_cause(exc: BaseException, url: str) -> None:

@@ -405,10 +405,6 @@ class RedisBackend(StorageBackend):
         return (name, id) if str(id) == id_text else None
 
     def is_transient(self, exc: BaseException) -> bool:
-        if self._client is None:
-            # Closed while the command was in flight (`aclose()`): redis-py then fails in
-            # odd ways, and a retry gets a fresh backend from the registry.
-            return True
         if isinstance(exc, _PERMANENT):
             return False
         return isinstance(exc, _TRANSIENT) or super().is_transient(exc)
