@@ -64,6 +64,9 @@ class _SyncTwin:
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.async_name = name.removesuffix("_sync")
+        # Name, documentation and signature, worked out once per class and way of access
+        # (on the class, on an instance): a sync call must not pay for `inspect` each time.
+        self._looks: dict[tuple[type, bool], tuple[str, str, str, inspect.Signature]] = {}
 
     def __get__(self, instance: object, owner: type) -> Callable[..., Any]:
         method = getattr(owner if instance is None else instance, self.async_name)
@@ -73,10 +76,14 @@ class _SyncTwin:
 
         # Named and documented as itself (not as the coroutine function: tools that unwrap
         # would take it for one), with the async method's parameters.
-        twin.__name__ = f"{self.async_name}_sync"
-        twin.__qualname__ = f"{owner.__qualname__}.{twin.__name__}"
-        twin.__doc__ = f"`{self.async_name}` for synchronous code.\n\n{method.__doc__ or ''}"
-        twin.__signature__ = inspect.signature(method)  # type: ignore[attr-defined]
+        looks = self._looks.get((owner, instance is None))
+        if looks is None:
+            name = f"{self.async_name}_sync"
+            doc = f"`{self.async_name}` for synchronous code.\n\n{method.__doc__ or ''}"
+            looks = (name, f"{owner.__qualname__}.{name}", doc, inspect.signature(method))
+            self._looks[owner, instance is None] = looks
+        twin.__name__, twin.__qualname__, twin.__doc__ = looks[:3]
+        twin.__signature__ = looks[3]  # type: ignore[attr-defined]
         return twin
 
 
