@@ -313,8 +313,8 @@ class Flaky(StorageBackend):
 async def test_only_transient_failures_are_retried(
     failure: BaseException, kind: type[ExternalStorageError], attempts: int
 ) -> None:
-    register_backend("flaky", Flaky)
-    Item = define_item("flaky://x", retry_backoff=0.001)
+    register_backend("flakyspine", Flaky)
+    Item = define_item("flakyspine://x", retry_backoff=0.001)
     Flaky.failure, Flaky.attempts = failure, 0
     with pytest.raises(kind) as caught:
         await Item(name="x").save_external()
@@ -335,7 +335,7 @@ async def test_a_closed_backend_is_a_permanent_error(storage: str) -> None:
 
 
 async def test_a_four_method_backend_says_what_it_cannot_do() -> None:
-    backend = Flaky("flaky://x")
+    backend = Flaky("flakyspine://x")
     with pytest.raises(UnsupportedOperationError, match="does not support deleting"):
         await backend.delete_records("Item", [uuid4()])
     with pytest.raises(NotImplementedError):
@@ -497,8 +497,8 @@ async def test_a_short_password_in_a_custom_backends_message_is_masked() -> None
         async def save(self, id: UUID, class_name: str, data: dict[str, Any]) -> None:
             raise RuntimeError(f"could not reach {self.url}")
 
-    register_backend("quoting", Quoting)
-    Item = define_item("quoting://user:pw9@db.internal:99/x", retries=0)
+    register_backend("leakyquote", Quoting)
+    Item = define_item("leakyquote://user:pw9@db.internal:99/x", retries=0)
     with pytest.raises(StorageOperationError) as caught:
         await Item(name="x").save_external()
     shown = "".join(traceback.format_exception(caught.value))
