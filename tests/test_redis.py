@@ -586,6 +586,9 @@ async def test_a_command_error_is_a_permanent_error(
     await raw.hset(f"{backend.prefix}:Hashed:{id}", "field", "value")
     with pytest.raises(CorruptRecordError, match=f"stored Hashed record {id} is corrupt"):
         await backend.read_record("Hashed", id)
+    # MGET answers nil for such a key; the batch read must not take it for a missing record.
+    with pytest.raises(CorruptRecordError, match=f"stored Hashed record {id} is corrupt"):
+        await backend.read_records("Hashed", [uuid4(), id])
     corrupt: list[CorruptRecordError] = []
     listed = [info async for info in backend.scan_records("Hashed", on_corrupt=corrupt.append)]
     assert listed == [] and [error.id for error in corrupt] == [str(id)]

@@ -14,6 +14,7 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -343,8 +344,11 @@ async def test_batch_failure_is_a_permanent_error(s3_endpoint: str, s3_bucket: s
 async def test_delete_counts_existing_and_chunks(
     s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert s3.DELETE_CHUNK == 1000  # S3's limit per DeleteObjects; smaller here to keep it quick
-    monkeypatch.setattr(s3, "DELETE_CHUNK", 4)
+    # S3's limit per DeleteObjects; smaller here to keep it quick.
+    assert S3Backend.capabilities.delete_batch_size == s3.DELETE_CHUNK == 1000
+    monkeypatch.setattr(
+        S3Backend, "capabilities", replace(S3Backend.capabilities, delete_batch_size=4)
+    )
     backend = S3Backend(f"s3://{s3_bucket}?endpoint_url={s3_endpoint}")
     await backend.connect()
     try:

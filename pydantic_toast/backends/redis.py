@@ -345,8 +345,18 @@ class RedisBackend(StorageBackend):
                     if "WRONGTYPE" not in str(exc):
                         raise
                     return [_NOT_A_STRING]  # something else lives at the key: corrupt
-            # (MGET answers nil for a key of another type: such a record reads as missing.)
-            return cast(list[bytes | None], await client.execute_command("MGET", *keys))  # type: ignore[no-untyped-call]
+            values = cast(list[bytes | None], await client.execute_command("MGET", *keys))  # type: ignore[no-untyped-call]
+            missing = [i for i, value in enumerate(values) if value is None]
+            if missing:
+                # MGET answers nil for a key of another type too; ask which "missing" keys
+                # exist, so that such a key reads as corrupt, as a single GET says.
+                pipe = client.pipeline(transaction=False)
+                for i in missing:
+                    pipe.exists(keys[i])
+                for i, exists in zip(missing, await pipe.execute(), strict=True):
+                    if exists:
+                        values[i] = _NOT_A_STRING
+            return values
         finally:
             self._gate.release()
 

@@ -183,9 +183,7 @@ class S3Backend(StorageBackend):
         self.max_concurrency = self.options.max_concurrency
         self.timeout = self.options.timeout
         self.max_size = self.options.max_size
-        self.capabilities = replace(
-            self.capabilities, concurrency=self.max_concurrency, delete_batch_size=DELETE_CHUNK
-        )
+        self.capabilities = replace(self.capabilities, concurrency=self.max_concurrency)
 
         self._stack: contextlib.AsyncExitStack | None = None
         self._s3: Any = None  # the aiobotocore client: untyped, so confined to this module
