@@ -486,10 +486,10 @@ async def toast(target: Target, settings: Settings) -> list[Row]:
 async def _stored_size(target: Target, model: type[Doc], id: str) -> int:
     """Bytes the backend holds for a record: its envelope, as the backend stored it."""
     backend = await pydantic_toast._registry.get_backend(target.url)
-    record = await backend.read_record(model.__external_class_name__, UUID(id))
+    record = await backend.read_record(model.__external_settings__.class_name, UUID(id))
     assert record is not None
     raw = pydantic_toast.backends.records.encode_envelope(
-        dataclasses.replace(record, compress_above=model.__external_compress_above__)
+        dataclasses.replace(record, compress_above=model.__external_settings__.compress_above)
     )
     return len(raw)
 

@@ -155,7 +155,7 @@ class _Target:
         is_class = isinstance(source, type)
         self.model = source if is_class and issubclass(source, ExternalBaseModel) else None
         if self.model is not None:
-            self.class_name = self.model.__external_class_name__
+            self.class_name = self.model.__external_settings__.class_name
         elif is_class:
             self.class_name = source.__name__
         else:
@@ -176,11 +176,13 @@ class _Target:
     @property
     def retry(self) -> RetryPolicy:
         """The model's own retry settings for an `ExternalBaseModel`, else the defaults."""
-        return DEFAULT_RETRY_POLICY if self.model is None else self.model._retry
+        return (
+            DEFAULT_RETRY_POLICY if self.model is None else self.model.__external_settings__.retry
+        )
 
     @property
     def own_storage(self) -> str | None:
-        return None if self.model is None else self.model.__external_storage__
+        return None if self.model is None else self.model.__external_settings__.storage
 
     @cached_property
     def adapter(self) -> TypeAdapter[Any]:

@@ -27,7 +27,6 @@ from pydantic_toast._content import CONTENT_VERSION, content_id, verify_content
 from pydantic_toast._errors import StorageValidationError
 from pydantic_toast._records import Migration
 from pydantic_toast._references import ExternalReference, ReferenceLike, is_reference
-from pydantic_toast._retry import RetryPolicy
 from pydantic_toast.backends.records import Record
 
 __all__ = ["ExternalBaseModel", "ExternalMetadata"]
@@ -102,13 +101,7 @@ class ExternalBaseModel(BaseModel):
     model_config = ConfigDict(ignored_types=(_instance_or_class, _SyncTwin))
 
     __external_settings__: ClassVar[ModelSettings]
-    __external_storage__: ClassVar[str]
-    __external_class_name__: ClassVar[str]
-    __external_schema_version__: ClassVar[int]
-    __external_ttl__: ClassVar[timedelta | None]
-    __external_compress_above__: ClassVar[int | None]
     __external_migrations__: ClassVar[dict[int, Migration]]
-    _retry: ClassVar[RetryPolicy]
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -122,13 +115,7 @@ class ExternalBaseModel(BaseModel):
         )
         settings = settings_for(cls, cls.model_config, stored_bases)
         cls.__external_settings__ = settings
-        cls.__external_storage__ = settings.storage
-        cls.__external_class_name__ = settings.class_name
-        cls.__external_schema_version__ = settings.schema_version
-        cls.__external_ttl__ = settings.ttl
-        cls.__external_compress_above__ = settings.compress_above
         cls.__external_migrations__ = {}
-        cls._retry = settings.retry
 
     @property
     def external_metadata(self) -> ExternalMetadata | None:
@@ -145,7 +132,9 @@ class ExternalBaseModel(BaseModel):
 
         Called on a subclass, the reference must also name that subclass.
         """
-        return is_reference(data, None if cls is ExternalBaseModel else cls.__external_class_name__)
+        return is_reference(
+            data, None if cls is ExternalBaseModel else cls.__external_settings__.class_name
+        )
 
     # --- operations ----------------------------------------------------------------------------
 
@@ -322,7 +311,7 @@ class ExternalBaseModel(BaseModel):
                 first, _, last = data.pop("name").partition(" ")
                 return {**data, "first_name": first, "last_name": last}
         """
-        current = cls.__external_schema_version__
+        current = cls.__external_settings__.schema_version
         if not isinstance(from_version, int) or not 1 <= from_version < current:
             raise StorageValidationError(
                 f"{cls.__name__}: a migration goes from a version below the current "
@@ -412,7 +401,7 @@ class ExternalBaseModel(BaseModel):
     @classmethod
     def _live(cls, record: Record | None) -> Record | None:
         """``record``, or ``None`` when there is none or it outlived the class's ttl."""
-        ttl = cls.__external_ttl__
+        ttl = cls.__external_settings__.ttl
         if record is not None and ttl is not None and _records.expired(record.updated_at, ttl):
             return None
         return record

@@ -406,8 +406,8 @@ def test_a_subclass_stores_under_its_own_name(memory_url: str) -> None:
     class Admin(User):
         level: int = 1
 
-    assert User.__external_class_name__ == "billing.User"
-    assert Admin.__external_class_name__ == "Admin"
+    assert User.__external_settings__.class_name == "billing.User"
+    assert Admin.__external_settings__.class_name == "Admin"
     reference = Admin(name="root").save_external_sync()
     assert Admin.load_external_sync(reference) == Admin(name="root")
 
