@@ -141,11 +141,16 @@ class ExternalBaseModel(BaseModel):
 
     @classmethod
     def is_external_reference(cls, data: object) -> bool:
-        """Whether ``data`` is a reference: exactly ``class_name`` and a UUID ``id``.
+        """Whether ``data`` is a reference: exactly ``class_name`` and a UUID ``id`` (and,
+        for a class with ``signed_references``, a ``sig`` and an optional ``exp``).
 
-        Called on a subclass, the reference must also name that subclass.
+        Called on a subclass, the reference must also name that subclass. This checks the
+        shape only: loading checks the signature and the expiry.
         """
-        return is_reference(data, None if cls is ExternalBaseModel else cls.__external_class_name__)
+        if cls is ExternalBaseModel:
+            return is_reference(data, None, signed=True)
+        settings = cls.__external_settings__
+        return is_reference(data, settings.class_name, signed=settings.signed_references)
 
     # --- operations ----------------------------------------------------------------------------
 
@@ -353,7 +358,8 @@ class ExternalBaseModel(BaseModel):
             ) from exc
         _records.check_storable(self, data, settings.class_name)
         if settings.content_addressed:  # the id names the content: a changed model moves
-            named = content_id(settings.class_name, data)
+            key = _records.keyring_of(settings).content_key() if settings.encrypt else None
+            named = content_id(settings.class_name, data, key)
             kept = metadata.created_at if metadata is not None and metadata.id == named else now
             return _records.new_record(settings, data, named, kept, now)
         if metadata is None:
@@ -380,9 +386,14 @@ class ExternalBaseModel(BaseModel):
     ) -> tuple[Self, Record | None]:
         """The model, and the upgraded record when a migration ran (else ``None``)."""
         settings = cls.__external_settings__
-        # A content-addressed record proves its content before anything reads it (checked on
-        # the stored form, so an older record still migrates under the id it has).
-        verify_content(settings.class_name, record.id, record.data)
+        if settings.encrypt:
+            # Authenticated decryption proves the content is what was sealed for this class,
+            # id and schema version (a content-addressed id is keyed, so it is not rechecked).
+            record = replace(record, data=_records.plain_data(settings, record))
+        else:
+            # A content-addressed record proves its content before anything reads it (checked
+            # on the stored form, so an older record still migrates under the id it has).
+            verify_content(settings.class_name, record.id, record.data)
         current = settings.schema_version
         if record.schema_version == current:
             data = record.data
@@ -406,7 +417,9 @@ class ExternalBaseModel(BaseModel):
                 ttl=settings.ttl,
                 compress_above=settings.compress_above,
             )
-        model._remember(upgraded or record)
+            model._remember(upgraded)
+            return model, _records.sealed(settings, upgraded)
+        model._remember(record)
         return model, upgraded
 
     @classmethod
