@@ -242,7 +242,7 @@ def seal_data(record: Record, keyring: Keyring) -> Record:
         plaintext = require_zstd().ZstdCompressor(level=3).compress(plaintext)
     nonce = os.urandom(_NONCE_SIZE)
     sealed = keyring._aead(key_id).encrypt(nonce, plaintext, _associated(record, key_id, size))
-    text = base64.b64encode(nonce + sealed)
+    text = binascii.b2a_base64(nonce + sealed, newline=False)
     middle = b"" if size is None else b',"zstd":' + str(size).encode()
     data = b"".join(
         (_SEALED_START, _ALGORITHM.encode(), b'","kid":"', key_id.encode(), b'"', middle)
@@ -260,10 +260,23 @@ def sealed_key_id(record: Record) -> str | None:
         return None
 
 
-def _header(record: Record) -> tuple[str, int | None, str]:
+# The header as `seal_data` writes it, read by position (a JSON store such as JSONB rewrites
+# it: that takes the general path).
+_FIXED = re.compile(
+    rb'\{"\$toast":"A256GCM","kid":"([A-Za-z0-9_.\-]{1,64})"(?:,"zstd":(\d{1,10}))?,"ct":"'
+)
+
+
+def _header(record: Record) -> tuple[str, int | None, bytes | str]:
     """A sealed record's key id, compressed size and ciphertext, checked."""
+    data = record.data
+    fixed = _FIXED.match(data)
+    if fixed is not None and data.endswith(b'"}'):
+        size = None if fixed[2] is None else int(fixed[2])
+        if size is None or size <= MAX_DECOMPRESSED_SIZE:
+            return fixed[1].decode(), size, data[fixed.end() : -2]
     try:
-        sealed = json.loads(record.data)
+        sealed = json.loads(data)
     except (ValueError, RecursionError):
         sealed = None
     if (
@@ -306,7 +319,8 @@ def open_data(record: Record, keyring: Keyring) -> bytes:
     try:
         if len(text) > limit:
             raise ValueError("too long")
-        raw = base64.b64decode(text, validate=True)
+        # Not validated as base64 (a slow path): whatever is not base64 fails the tag.
+        raw = binascii.a2b_base64(text)
         if len(raw) < _NONCE_SIZE + _TAG_SIZE:
             raise ValueError("too short")
         plaintext: bytes = keyring._aead(key_id).decrypt(
