@@ -40,6 +40,7 @@ from pydantic_toast.backends.records import MAX_DECOMPRESSED_SIZE, Record, requi
 __all__ = [
     "KEYS_VARIABLE",
     "Keyring",
+    "content_secret",
     "current_keyring",
     "keyring_from_text",
     "open_data",
@@ -133,6 +134,12 @@ class Keyring:
     def __reduce__(self) -> Any:
         raise TypeError("a Keyring is not pickled: its keys would travel with it")
 
+    def __copy__(self) -> Keyring:
+        return self  # immutable: a copy of a configuration shares it
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Keyring:
+        return self
+
     def _keys(self, key_id: str) -> _Derived | None:
         return self.__derived.get(key_id)
 
@@ -146,9 +153,15 @@ class Keyring:
     def _signing_keys(self) -> list[bytes]:
         return [derived.signing for derived in self.__derived.values()]
 
-    def content_key(self) -> bytes:
+    def _content_key(self) -> bytes:
         """The primary key's secret for content-addressed ids."""
         return self.__derived[self.primary].content
+
+
+def content_secret(keyring: Keyring) -> bytes:
+    """The secret content-addressed ids of encrypted values are keyed with (the primary
+    key's)."""
+    return keyring._content_key()
 
 
 def _shown_id(value: object) -> str:

@@ -40,6 +40,7 @@ from pydantic_toast._bridge import run_sync
 from pydantic_toast._content import content_id, verify_content
 from pydantic_toast._crypto import (
     Keyring,
+    content_secret,
     current_keyring,
     open_data,
     seal_data,
@@ -427,7 +428,7 @@ class _Session:
             # The same value, the same id, in every process: a record that exists already is
             # rewritten with its created_at kept and updated_at refreshed (so a collection
             # running meanwhile sees it as recent), never stored twice.
-            key = target.keyring().content_key() if target.encrypt else None
+            key = content_secret(target.keyring()) if target.encrypt else None
             id, created_at = content_id(target.class_name, data, key), now
         elif earlier is None:
             id, created_at = uuid4(), now

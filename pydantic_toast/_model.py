@@ -24,6 +24,7 @@ from pydantic_toast import _operations, _records
 from pydantic_toast._bridge import run_sync
 from pydantic_toast._config import ModelSettings, settings_for
 from pydantic_toast._content import CONTENT_VERSION, content_id, verify_content
+from pydantic_toast._crypto import content_secret
 from pydantic_toast._errors import StorageValidationError
 from pydantic_toast._records import Migration
 from pydantic_toast._references import ExternalReference, ReferenceLike, is_reference
@@ -358,7 +359,7 @@ class ExternalBaseModel(BaseModel):
             ) from exc
         _records.check_storable(self, data, settings.class_name)
         if settings.content_addressed:  # the id names the content: a changed model moves
-            key = _records.keyring_of(settings).content_key() if settings.encrypt else None
+            key = content_secret(_records.keyring_of(settings)) if settings.encrypt else None
             named = content_id(settings.class_name, data, key)
             kept = metadata.created_at if metadata is not None and metadata.id == named else now
             return _records.new_record(settings, data, named, kept, now)

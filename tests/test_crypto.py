@@ -8,6 +8,7 @@ look, not through the library.
 from __future__ import annotations
 
 import base64
+import copy
 import datetime as dt
 import json
 import os
@@ -163,6 +164,7 @@ def test_a_keyring_shows_its_key_ids_and_never_its_keys() -> None:
     assert not any(text in repr(ring) + str(vars_of(ring)) for text in key_texts(K1, K2))
     with pytest.raises(TypeError, match="not pickled"):
         pickle.dumps(ring)
+    assert copy.deepcopy(ring) is ring and copy.copy(ring) is ring
 
 
 def vars_of(ring: Keyring) -> list[str]:
