@@ -395,7 +395,10 @@ def _target(words: list[str]) -> tuple[str, UUID]:
             reference = json.loads(words[0])
         except ValueError:
             raise ValueError("give CLASS ID, or a reference as JSON") from None
-        if not isinstance(reference, dict) or set(reference) != {"class_name", "id"}:
+        # A signed reference's "sig" and "exp" are not checked: whoever runs this tool
+        # reads the store directly, with or without one.
+        keys = set(reference) - {"sig", "exp"} if isinstance(reference, dict) else None
+        if keys != {"class_name", "id"}:
             raise ValueError('a reference is {"class_name": ..., "id": ...}')
         return _class_name(reference["class_name"]), _id(reference["id"])
     if len(words) == 2:

@@ -479,8 +479,9 @@ class _Session:
             for ((key, class_name), (_, ids)), records in zip(groups.items(), results, strict=True):
                 for id, record in zip(ids, records, strict=True):
                     self.fetched[(key, class_name, id)] = record
-                    if record is not None and b'"class_name"' in record.data:
-                        found.extend(_references_in(_parse_json(record.data)))
+                    data = b"" if record is None else _readable(class_name, record)
+                    if b'"class_name"' in data:
+                        found.extend(_references_in(_parse_json(data)))
             pending = self._unfetched(found, default_storage)
 
     def _unfetched(
@@ -522,6 +523,16 @@ def _session_for(context: Any) -> _Session:
 
 
 _Found = tuple[str, UUID, dict[str, Any]]
+
+
+def _readable(class_name: str, record: Record) -> bytes:
+    """A fetched record's JSON, to look for references in: opened when its class is
+    encrypted (as it is when it does not open: validation then reports why)."""
+    target = next((t for t in _targets.get(class_name, ()) if t.encrypt), None)
+    if target is not None:
+        with contextlib.suppress(StorageValidationError):
+            return open_data(record, target.keyring())
+    return record.data
 
 
 def _signature_holds(target: _Target, reference: dict[str, Any], id: UUID) -> bool:

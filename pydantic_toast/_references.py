@@ -61,7 +61,7 @@ def is_reference(data: object, class_name: str | None = None, *, signed: bool = 
             return False
         exp = data.get("exp")
         if not isinstance(data.get("sig"), str) or (
-            exp is not None and (not isinstance(exp, int) or isinstance(exp, bool))
+            "exp" in data and (not isinstance(exp, int) or isinstance(exp, bool))
         ):
             return False
     name, id = data.get("class_name"), data.get("id")

@@ -37,6 +37,7 @@ from pydantic_toast import (
     use_keyring,
     validate,
 )
+from pydantic_toast._cli import main
 from pydantic_toast._content import content_id
 from pydantic_toast._crypto import require_cryptography, sign_reference
 from pydantic_toast._registry import get_backend
@@ -672,3 +673,65 @@ async def test_a_signed_and_encrypted_class_on_one_keyring(postgresql_url: str) 
     assert "sig" in reference and "exp" in reference
     assert SECRET.encode() not in await raw_store(postgresql_url)
     assert await User.load_external(reference) == User(email=SECRET)
+
+
+def test_the_get_command_takes_a_signed_reference_and_shows_only_ciphertext(
+    sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    User = define_user(sqlite_url, signed_references=True, reference_ttl=60)
+    reference = User(email=SECRET).save_external_sync()
+    assert main(["--storage", sqlite_url, "get", json.dumps(reference)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["class_name"], shown["id"]) == ("User", reference["id"])
+    assert set(shown["data"]) == {"$toast", "kid", "ct"} and shown["data"]["kid"] == "k1"
+    assert SECRET not in json.dumps(shown)
+
+
+async def test_rekey_keeps_what_is_left_of_a_redis_records_ttl(redis_url: str) -> None:
+    import redis.asyncio as aioredis
+
+    User = define_user(redis_url, ttl=3600)
+    reference = await User(email=SECRET).save_external()
+    backend = await get_backend(redis_url)
+    stored = await backend.read_record("User", UUID(reference["id"]))
+    assert stored is not None
+    stored.updated_at -= dt.timedelta(minutes=30)  # as if saved half an hour ago
+    stored.ttl = dt.timedelta(minutes=30)
+    await backend.write_record(stored)
+    use_keyring(Keyring({"k1": K1, "k2": K2}, "k2"))
+    assert (await rekey(User)).rekeyed == 1
+    prefix = redis_url.rsplit("prefix=", 1)[1]
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        left = await client.ttl(f"{prefix}:User:{reference['id']}")
+    finally:
+        await client.aclose()
+    assert 1790 <= left <= 1800  # the half hour left, not a fresh hour
+    assert await User.load_external(reference) == User(email=SECRET)
+
+
+async def test_references_inside_encrypted_values_resolve_in_one_prefetch(
+    namespace: str,
+) -> None:
+    from pydantic_toast._external import _Session
+
+    storage = f"memory://{namespace}"
+
+    class Line(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=storage, encrypt=True)
+        sku: str
+
+    class Order(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=storage, encrypt=True)
+        lines: list[External[Line]]  # type: ignore[valid-type]
+
+    class Basket(BaseModel):
+        order: External[Order]  # type: ignore[valid-type]
+
+    basket = Basket(order=Order(lines=[Line(sku="A-1"), Line(sku="B-2")]))
+    dumped = await dump(basket, storage=storage)
+    assert b"A-1" not in await raw_store(storage)
+    session = _Session(None, batched=True)
+    await session.prefetch(dumped, storage)
+    assert sorted(name for _, name, _ in session.fetched) == ["Line", "Line", "Order"]
+    assert await validate(Basket, dumped, storage=storage) == basket
