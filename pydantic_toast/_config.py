@@ -5,6 +5,7 @@ at import time, naming the class, and never at the first save in production."""
 from __future__ import annotations
 
 import difflib
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,7 +14,12 @@ from typing import Any
 
 from pydantic import ConfigDict
 
-from pydantic_toast._crypto import Keyring, require_cryptography
+from pydantic_toast._crypto import (
+    KEYS_VARIABLE,
+    Keyring,
+    keyring_from_text,
+    require_cryptography,
+)
 from pydantic_toast._errors import StorageValidationError, mask_url
 from pydantic_toast._references import short
 from pydantic_toast._registry import check_storage_url, registered_schemes
@@ -191,6 +197,11 @@ def _security(
             require_cryptography()
         except StorageValidationError as exc:
             raise StorageValidationError(f"{owner}: {exc}") from exc
+    if (encrypt or signed) and keyring is None and os.environ.get(KEYS_VARIABLE, "").strip():
+        try:  # keys from the environment are checked now too, not at the first save
+            keyring_from_text(os.environ[KEYS_VARIABLE])
+        except StorageValidationError as exc:
+            raise StorageValidationError(f"{owner}: {exc}") from None
     ttl = config.get("reference_ttl")
     if isinstance(ttl, int | float) and not isinstance(ttl, bool):
         ttl = timedelta(seconds=ttl)

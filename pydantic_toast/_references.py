@@ -80,9 +80,9 @@ def reference_id(reference: object, expected: str, signer: Keyring | None = None
         )
     allowed = _SIGNED_KEYS if signer is not None else _PLAIN_KEYS
     if len(reference) > 2 and (extra := set(reference) - allowed):
+        keys = "'class_name', 'id', 'sig' and 'exp'" if signer else "'class_name' and 'id'"
         raise StorageValidationError(
-            f"{expected}: a reference has only {', '.join(map(repr, sorted(allowed)))}, "
-            f"not {short(sorted(map(str, extra)))}"
+            f"{expected}: a reference has only {keys}, not {short(sorted(map(str, extra)))}"
         )
     class_name = reference.get("class_name")
     if class_name != expected:

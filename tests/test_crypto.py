@@ -206,6 +206,11 @@ async def test_a_bad_environment_keyring_is_refused_without_showing_a_key(
     with pytest.raises(StorageValidationError, match=match) as caught:
         await User(email=SECRET).save_external()
     assert not any(key in str(caught.value) for key in key_texts(K1, K2, K1[:20]))
+    # A class defined while the variable is set checks it at once.
+    match = f"User: PYDANTIC_TOAST_KEYS: {re.escape(message)}"
+    with pytest.raises(StorageValidationError, match=match) as caught:
+        define_user(memory_url)
+    assert not any(key in str(caught.value) for key in key_texts(K1, K2, K1[:20]))
 
 
 def test_encryption_without_the_cryptography_package_names_the_extra(
@@ -606,7 +611,8 @@ async def test_unsigned_forged_truncated_and_expired_references_are_refused_befo
     reference = dict(await Invoice(total=7).save_external())
     await Invoice.load_external(reference)
     DictBackend.calls.clear()
-    for hostile, message in hostile_references(reference, keyring):
+    extra = ({**reference, "extra": 1}, "has only 'class_name', 'id', 'sig' and 'exp', not")
+    for hostile, message in [*hostile_references(reference, keyring), extra]:
         for operation in (
             Invoice.load_external,
             lambda r: Invoice.load_external_many([r]),
