@@ -36,7 +36,7 @@ from benchmarks.timing import (
 )
 
 Row = dict[str, Any]
-SECTIONS = ("single", "batch", "concurrency", "sync", "external", "memory", "toast")
+SECTIONS = ("single", "batch", "concurrency", "sync", "external", "memory", "toast", "crypto")
 # Which backends each section runs on (the issue asks sync and External[T] on these).
 SECTION_BACKENDS = {
     "single": ("memory", "sqlite", "postgresql", "redis", "s3"),
@@ -47,6 +47,7 @@ SECTION_BACKENDS = {
     "memory": ("memory", "sqlite", "postgresql", "redis", "s3"),
     # compression applies to the backends that store bytes; the threshold to any
     "toast": ("memory", "redis", "s3"),
+    "crypto": ("memory", "sqlite", "postgresql", "redis", "s3"),
 }
 
 
@@ -494,6 +495,51 @@ async def _stored_size(target: Target, model: type[Doc], id: str) -> int:
     return len(raw)
 
 
+# --- encryption at rest ----------------------------------------------------------------------
+
+
+async def crypto(target: Target, settings: Settings) -> list[Row]:
+    """Encrypted saves and loads (AES-256-GCM) against the same records in the clear: the
+    cost per record of sealing and opening, with the store's round trip on both sides."""
+    # A fixed key: what it is does not change the cost.
+    pydantic_toast.use_keyring(pydantic_toast.Keyring({"bench": bytes(range(32))}, "bench"))
+    sealed_model = doc_class(target.url, encrypt=True, class_name="BenchSealed")
+    rows: list[Row] = []
+    try:
+        for size in settings.crypto_sizes:
+            blocks, block_size = settings.single_counts(target.name, size)
+            plain = make_doc(target.model, size, seed=6)
+            sealed = make_doc(sealed_model, size, seed=6)
+            plain_ref = await plain.save_external()
+            sealed_ref = await sealed.save_external()
+            samples = await interleaved(
+                {
+                    "plain_save": plain.save_external,
+                    "sealed_save": sealed.save_external,
+                    "plain_load": partial(target.model.load_external, plain_ref),
+                    "sealed_load": partial(sealed_model.load_external, sealed_ref),
+                },
+                blocks=blocks,
+                block_size=block_size,
+            )
+            times = {key: median(value) for key, value in samples.items()}
+            rows.append(
+                {
+                    "backend": target.name,
+                    "size": size,
+                    "json_bytes": json_size(plain),
+                    **{f"{key}_ms": _ms(value) for key, value in times.items()},
+                    "save_ratio": _ratio(times["sealed_save"], times["plain_save"]),
+                    "load_ratio": _ratio(times["sealed_load"], times["plain_load"]),
+                    "save_extra_ms": _ms(max(times["sealed_save"] - times["plain_save"], 1e-7)),
+                    "load_extra_ms": _ms(max(times["sealed_load"] - times["plain_load"], 1e-7)),
+                }
+            )
+    finally:
+        pydantic_toast.use_keyring(None)
+    return rows
+
+
 PREAMBLES: dict[str, Callable[[Settings], Awaitable[list[Row]]]] = {"sync": bridge_floor}
 
 RUNNERS: dict[str, Callable[[Target, Settings], Awaitable[list[Row]]]] = {
@@ -504,4 +550,5 @@ RUNNERS: dict[str, Callable[[Target, Settings], Awaitable[list[Row]]]] = {
     "external": external,
     "memory": memory,
     "toast": toast,
+    "crypto": crypto,
 }

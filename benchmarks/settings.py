@@ -34,6 +34,8 @@ class Settings:
     toast_blocks: int
     toast_block_size: int
     toast_lines: int
+    # Encryption at rest: payload sizes (blocks and calls per block as for single operations).
+    crypto_sizes: tuple[str, ...]
 
     def single_counts(self, backend: str, size: str) -> tuple[int, int]:
         blocks, block_size = self.single[size]
@@ -62,6 +64,7 @@ FULL = Settings(
     toast_blocks=6,
     toast_block_size=5,
     toast_lines=1000,
+    crypto_sizes=("200B", "10KB", "1MB"),
 )
 
 QUICK = Settings(
@@ -84,4 +87,5 @@ QUICK = Settings(
     toast_blocks=2,
     toast_block_size=2,
     toast_lines=20,
+    crypto_sizes=("200B", "10KB"),
 )

@@ -2,6 +2,7 @@
 
 from pydantic_toast._bridge import aclose, close
 from pydantic_toast._config import ExternalConfigDict, ExternalNameWarning
+from pydantic_toast._crypto import Keyring, use_keyring
 from pydantic_toast._errors import (
     CorruptRecordError,
     ExternalStorageError,
@@ -24,6 +25,7 @@ from pydantic_toast._external import (
 from pydantic_toast._model import ExternalBaseModel, ExternalMetadata
 from pydantic_toast._references import ExternalReference
 from pydantic_toast._registry import register_backend
+from pydantic_toast._rekey import RekeyReport, rekey, rekey_sync
 from pydantic_toast.backends.base import StorageBackend
 
 __all__ = [
@@ -36,7 +38,9 @@ __all__ = [
     "ExternalNameWarning",
     "ExternalReference",
     "ExternalStorageError",
+    "Keyring",
     "RecordNotFoundError",
+    "RekeyReport",
     "StorageBackend",
     "StorageConnectionError",
     "StorageOperationError",
@@ -49,6 +53,9 @@ __all__ = [
     "dump_json_sync",
     "dump_sync",
     "register_backend",
+    "rekey",
+    "rekey_sync",
+    "use_keyring",
     "validate",
     "validate_sync",
 ]

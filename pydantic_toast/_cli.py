@@ -6,6 +6,7 @@
     python -m pydantic_toast --storage URL get User 550e8400-...   (or a reference as JSON)
     python -m pydantic_toast --storage URL rm User ID [ID ...]
     python -m pydantic_toast --storage URL purge User --older-than 30d [--dry-run]
+    python -m pydantic_toast --storage URL rekey myapp.models:User [--dry-run]
 
 The storage URL may also come from ``PYDANTIC_TOAST_STORAGE`` (kept out of the process list).
 ``--storage`` and ``--json`` go anywhere on the line, before or after the command. Output is a
@@ -17,13 +18,17 @@ corrupt record; 2 for a usage error.
 ``1.5h``). There is no ``m``: it could mean minutes or months, so it is refused.
 
 The tool works on records, not models, so it needs no model classes: it talks to the backend
-directly.
+directly. The exception is ``rekey``, which re-encrypts a class's records under its primary key:
+the keys belong to the model (its ``keyring``, the one `use_keyring` installs when the module is
+imported, or ``PYDANTIC_TOAST_KEYS``), so it takes the class as ``module:Class``, imported from
+the current directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import re
@@ -39,8 +44,10 @@ from pydantic_toast._errors import (
     StorageValidationError,
     mask_url,
 )
+from pydantic_toast._model import ExternalBaseModel
 from pydantic_toast._references import parse_id
 from pydantic_toast._registry import backend_class_for
+from pydantic_toast._rekey import RekeyReport, rekey
 from pydantic_toast.backends.base import StorageBackend
 from pydantic_toast.backends.records import check_class_name
 
@@ -151,6 +158,10 @@ def _parser(words: Sequence[str]) -> _Parser:
         help="not updated for this long: 30d, 12h, 90min, 45s, 2w",
     )
     purge.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    rekey = command("rekey", "re-encrypt a class's records under its primary key")
+    rekey.add_argument("model", metavar="MODULE:CLASS", help="the model, e.g. app.models:User")
+    rekey.add_argument("--dry-run", action="store_true", help="count, write nothing")
+    rekey.add_argument("--batch-size", type=int, default=200, help="records per read and write")
     return parser
 
 
@@ -184,6 +195,8 @@ def _check(arguments: argparse.Namespace) -> None:
         arguments.ids = [_id(text) for text in arguments.ids]
     if "target" in arguments:
         arguments.class_name, arguments.id = _target(arguments.target)
+    if "model" in arguments:
+        arguments.model = _model_class(arguments.model)
 
 
 async def _run(arguments: argparse.Namespace, on_corrupt: _CorruptRecords) -> int:
@@ -317,6 +330,52 @@ async def _purge(
     return 0
 
 
+async def _rekey(
+    backend: StorageBackend, arguments: argparse.Namespace, on_corrupt: _CorruptRecords
+) -> int:
+    shown = sys.stderr.isatty()
+
+    def progress(report: RekeyReport) -> None:
+        if shown:
+            print(
+                f"\rscanned {report.scanned:,}, rekeyed {report.rekeyed:,}...",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    report = await rekey(
+        arguments.model,
+        storage=backend,
+        dry_run=arguments.dry_run,
+        batch_size=arguments.batch_size,
+        on_progress=progress,
+    )
+    if shown:
+        print(file=sys.stderr)
+    for _, reason in report.failures:
+        print(f"warning: {reason}", file=sys.stderr)
+    verb = "would rekey" if arguments.dry_run else "rekeyed"
+    if arguments.json:
+        _print_json(
+            {
+                "class_name": report.class_name,
+                "primary": report.primary,
+                "scanned": report.scanned,
+                verb: report.rekeyed,
+                "already_under_primary": report.skipped,
+                "failed": report.failed,
+            }
+        )
+    else:
+        print(
+            f"{verb} {report.rekeyed} of {report.scanned} {report.class_name} records under key "
+            f"{report.primary!r}; {report.skipped} already under it or expired"
+            + (f"; {report.failed} could not be opened" if report.failed else "")
+        )
+    return 1 if report.failed else 0
+
+
 _Command = Callable[[StorageBackend, argparse.Namespace, "_CorruptRecords"], Awaitable[int]]
 _COMMANDS: dict[str, _Command] = {
     "ping": _ping,
@@ -325,6 +384,7 @@ _COMMANDS: dict[str, _Command] = {
     "get": _get,
     "rm": _rm,
     "purge": _purge,
+    "rekey": _rekey,
 }
 _READ_ONLY = frozenset({"ping", "stats", "ls", "get"})
 
@@ -335,12 +395,34 @@ def _target(words: list[str]) -> tuple[str, UUID]:
             reference = json.loads(words[0])
         except ValueError:
             raise ValueError("give CLASS ID, or a reference as JSON") from None
-        if not isinstance(reference, dict) or set(reference) != {"class_name", "id"}:
+        # A signed reference's "sig" and "exp" are not checked: whoever runs this tool
+        # reads the store directly, with or without one.
+        keys = set(reference) - {"sig", "exp"} if isinstance(reference, dict) else None
+        if keys != {"class_name", "id"}:
             raise ValueError('a reference is {"class_name": ..., "id": ...}')
         return _class_name(reference["class_name"]), _id(reference["id"])
     if len(words) == 2:
         return _class_name(words[0]), _id(words[1])
     raise ValueError("give CLASS ID, or a reference as JSON")
+
+
+def _model_class(path: str) -> Any:
+    """The `ExternalBaseModel` subclass ``module:Class`` names (the current directory is on
+    the import path, as with ``python -m``)."""
+    module_name, colon, qualname = path.partition(":")
+    if not colon or not module_name or not qualname:
+        raise ValueError(f"give the model as module:Class, not {path[:80]!r}")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        found: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot import {path[:80]!r}: {exc}") from None
+    if not isinstance(found, type) or not issubclass(found, ExternalBaseModel):
+        raise ValueError(f"{path[:80]!r} is not an ExternalBaseModel subclass")
+    return found
 
 
 def _class_name(name: object) -> str:

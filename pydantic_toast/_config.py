@@ -5,6 +5,7 @@ at import time, naming the class, and never at the first save in production."""
 from __future__ import annotations
 
 import difflib
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,6 +14,12 @@ from typing import Any
 
 from pydantic import ConfigDict
 
+from pydantic_toast._crypto import (
+    KEYS_VARIABLE,
+    Keyring,
+    keyring_from_text,
+    require_cryptography,
+)
 from pydantic_toast._errors import StorageValidationError, mask_url
 from pydantic_toast._references import short
 from pydantic_toast._registry import check_storage_url, registered_schemes
@@ -61,6 +68,21 @@ class ExternalConfigDict(ConfigDict, total=False):
     keeps its random id and is saved in place). Equal models then share one record, a changed
     model gets a new reference, and every load verifies the content against its id."""
 
+    encrypt: bool
+    """Store the records encrypted with AES-256-GCM under the class's keyring (needs
+    ``pydantic-toast[crypto]``): the stored form shows no field values, only the metadata."""
+
+    keyring: Keyring
+    """This class's own keys (default: the one `use_keyring` installed, else the keys in
+    ``PYDANTIC_TOAST_KEYS``)."""
+
+    signed_references: bool
+    """Sign this class's references with HMAC-SHA256 under a key derived from the keyring,
+    and refuse unsigned, forged or expired ones before any storage access."""
+
+    reference_ttl: float | timedelta
+    """How long a signed reference stays valid (seconds or a timedelta): its ``"exp"``."""
+
 
 class ExternalNameWarning(UserWarning):
     """Two classes defined inside functions store under one name in one storage."""
@@ -78,6 +100,10 @@ class ModelSettings:
     retry: RetryPolicy
     save_migrated: bool
     content_addressed: bool
+    encrypt: bool = False
+    keyring: Keyring | None = None
+    signed_references: bool = False
+    reference_ttl: timedelta | None = None
 
 
 _CONFIG_KEYS = ExternalConfigDict.__optional_keys__ | ExternalConfigDict.__required_keys__
@@ -136,6 +162,7 @@ def settings_for(cls: type, config: Mapping[str, Any], bases: tuple[type, ...]) 
             f"{owner}: retries must be a count and retry_backoff seconds, "
             f"not {retries!r} and {backoff!r}"
         )
+    encrypt, signed, keyring, reference_ttl = _security(config, owner)
     _claim_name(storage, class_name, owner)
     return ModelSettings(
         storage=storage,
@@ -146,7 +173,48 @@ def settings_for(cls: type, config: Mapping[str, Any], bases: tuple[type, ...]) 
         retry=RetryPolicy(retries, float(backoff)),
         save_migrated=bool(config.get("save_migrated")),
         content_addressed=bool(config.get("content_addressed")),
+        encrypt=encrypt,
+        keyring=keyring,
+        signed_references=signed,
+        reference_ttl=reference_ttl,
     )
+
+
+def _security(
+    config: Mapping[str, Any], owner: str
+) -> tuple[bool, bool, Keyring | None, timedelta | None]:
+    """The checked ``encrypt``, ``signed_references``, ``keyring`` and ``reference_ttl``."""
+    encrypt, signed = config.get("encrypt", False), config.get("signed_references", False)
+    if not isinstance(encrypt, bool) or not isinstance(signed, bool):
+        raise StorageValidationError(f"{owner}: encrypt and signed_references are booleans")
+    keyring = config.get("keyring")
+    if keyring is not None and not isinstance(keyring, Keyring):
+        raise StorageValidationError(
+            f"{owner}: keyring must be a pydantic_toast.Keyring, not {type(keyring).__name__}"
+        )
+    if encrypt:
+        try:
+            require_cryptography()
+        except StorageValidationError as exc:
+            raise StorageValidationError(f"{owner}: {exc}") from exc
+    if (encrypt or signed) and keyring is None and os.environ.get(KEYS_VARIABLE, "").strip():
+        try:  # keys from the environment are checked now too, not at the first save
+            keyring_from_text(os.environ[KEYS_VARIABLE])
+        except StorageValidationError as exc:
+            raise StorageValidationError(f"{owner}: {exc}") from None
+    ttl = config.get("reference_ttl")
+    if isinstance(ttl, int | float) and not isinstance(ttl, bool):
+        ttl = timedelta(seconds=ttl)
+    if ttl is not None and (not isinstance(ttl, timedelta) or ttl <= timedelta(0)):
+        raise StorageValidationError(
+            f"{owner}: reference_ttl must be a positive duration, not {ttl!r}"
+        )
+    if ttl is not None and not signed:
+        raise StorageValidationError(
+            f"{owner}: reference_ttl needs signed_references=True (an unsigned expiry could "
+            "be edited by whoever holds the reference)"
+        )
+    return encrypt, signed, keyring, ttl
 
 
 # Which class stores under which name in which storage: (storage, class name) -> owner.

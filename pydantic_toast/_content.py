@@ -15,6 +15,7 @@ digest must not depend on how a store spells the same value.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from collections.abc import Callable
 from decimal import Decimal
@@ -62,9 +63,15 @@ def _number(value: Decimal) -> str:
     return format(normalized, "E")
 
 
-def content_id(class_name: str, data: bytes) -> UUID:
-    """The version-8 UUID of a value of ``class_name`` whose JSON is ``data``."""
-    digest = hashlib.sha256(class_name.encode() + b"\0" + canonical_json(data)).digest()
+def content_id(class_name: str, data: bytes, key: bytes | None = None) -> UUID:
+    """The version-8 UUID of a value of ``class_name`` whose JSON is ``data``; with ``key``
+    (an encrypted record's), HMAC-SHA256 under it, so the id reveals nothing of a value to
+    whoever could guess it and compute its digest."""
+    message = class_name.encode() + b"\0" + canonical_json(data)
+    if key is None:
+        digest = hashlib.sha256(message).digest()
+    else:
+        digest = hmac.new(key, message, hashlib.sha256).digest()
     raw = bytearray(digest[:16])
     raw[6] = (raw[6] & 0x0F) | (CONTENT_VERSION << 4)
     raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC 9562 variant

@@ -38,6 +38,15 @@ from pydantic_core import PydanticCustomError, PydanticSerializationUnexpectedVa
 
 from pydantic_toast._bridge import run_sync
 from pydantic_toast._content import content_id, verify_content
+from pydantic_toast._crypto import (
+    Keyring,
+    content_secret,
+    current_keyring,
+    open_data,
+    seal_data,
+    sign_reference,
+    verify_reference,
+)
 from pydantic_toast._errors import StorageValidationError
 from pydantic_toast._model import ExternalBaseModel
 from pydantic_toast._references import parse_id
@@ -94,26 +103,34 @@ class ExternalField:
     zstd (on Redis, S3 and file storage). ``content_addressed`` (the default) stores a value
     under an id derived from its content, so an unchanged value is stored once however often
     it is dumped; ``False`` gives every dump a new random id (for values that must not be
-    shared). `ExternalBaseModel` values follow their own class's ``content_addressed``.
+    shared). ``encrypt`` stores values encrypted under the installed keyring (see
+    `use_keyring`), their content-addressed ids keyed by it. `ExternalBaseModel` values
+    follow their own class's ``content_addressed``, ``encrypt`` and ``signed_references``.
     Frozen, so hashable: ``External[X] | None`` works.
     """
 
     threshold: int = 0
     compress_above: int | None = None
     content_addressed: bool = True
+    encrypt: bool = False
 
     def __get_pydantic_core_schema__(
         self, source: Any, handler: Callable[[Any], core_schema.CoreSchema]
     ) -> core_schema.CoreSchema:
         value_schema = handler(source)
         target = _Target(source, self)
+        fields = {
+            "class_name": core_schema.typed_dict_field(
+                core_schema.literal_schema([target.class_name])
+            ),
+            "id": core_schema.typed_dict_field(core_schema.uuid_schema()),
+        }
+        if target.signed:
+            # Taken as they come: `resolve` checks them, with the same errors as a load.
+            fields["sig"] = core_schema.typed_dict_field(core_schema.any_schema(), required=False)
+            fields["exp"] = core_schema.typed_dict_field(core_schema.any_schema(), required=False)
         reference_schema = core_schema.typed_dict_schema(
-            {
-                "class_name": core_schema.typed_dict_field(
-                    core_schema.literal_schema([target.class_name])
-                ),
-                "id": core_schema.typed_dict_field(core_schema.uuid_schema()),
-            },
+            fields,
             extra_behavior="forbid",
             metadata={"pydantic_js_functions": [target.reference_json_schema]},
         )
@@ -124,7 +141,7 @@ class ExternalField:
                 ),
                 "value": value_schema,
             },
-            discriminator=_reference_or_value,
+            discriminator=(_signed_reference_or_value if target.signed else _reference_or_value),
             serialization=core_schema.wrap_serializer_function_ser_schema(
                 target.serialize, info_arg=True, schema=value_schema
             ),
@@ -135,8 +152,27 @@ def _reference_or_value(data: Any) -> str:
     return "reference" if _looks_like_reference(data) else "value"
 
 
+def _signed_reference_or_value(data: Any) -> str:
+    return "reference" if _looks_like_signed_reference(data) else "value"
+
+
 def _looks_like_reference(data: Any) -> bool:
     return isinstance(data, dict) and len(data) == 2 and "class_name" in data and "id" in data
+
+
+_SIGNED_KEYS = frozenset({"class_name", "id", "sig", "exp"})
+
+
+def _looks_like_signed_reference(data: Any) -> bool:
+    """A reference, signed or not: an unsigned one to a signed class must reach `resolve`,
+    which refuses it, rather than pass for an inline value."""
+    return (
+        isinstance(data, dict)
+        and 2 <= len(data) <= 4
+        and "class_name" in data
+        and "id" in data
+        and set(data) <= _SIGNED_KEYS
+    )
 
 
 # Every External target by class name, so that the batched path knows which storage an
@@ -154,8 +190,17 @@ class _Target:
         self.content_addressed = options.content_addressed
         is_class = isinstance(source, type)
         self.model = source if is_class and issubclass(source, ExternalBaseModel) else None
+        self.encrypt = options.encrypt
+        self.signed = False
         if self.model is not None:
-            self.class_name = self.model.__external_settings__.class_name
+            settings = self.model.__external_settings__
+            if options.encrypt and not settings.encrypt:
+                raise StorageValidationError(
+                    f"ExternalField(encrypt=True) on {self.model.__name__}, which is stored "
+                    f"in the clear: set ExternalConfigDict(encrypt=True) on the class instead"
+                )
+            self.encrypt, self.signed = settings.encrypt, settings.signed_references
+            self.class_name = settings.class_name
         elif is_class:
             self.class_name = source.__name__
         else:
@@ -179,6 +224,25 @@ class _Target:
         return (
             DEFAULT_RETRY_POLICY if self.model is None else self.model.__external_settings__.retry
         )
+
+    def keyring(self) -> Keyring:
+        """The keyring that seals values of an encrypted non-model type, or signs and checks
+        references of a model class."""
+        if self.model is not None:
+            return current_keyring(self.model.__external_settings__.keyring, self.class_name)
+        return current_keyring(None, self.class_name)
+
+    def check_signature(self, reference: Mapping[str, Any], id: UUID) -> None:
+        """Refuse an unsigned, forged or expired reference to a signed class (no I/O)."""
+        if self.signed:
+            verify_reference(self.keyring(), self.class_name, id, reference)
+
+    def reference_to(self, record: Record) -> dict[str, Any]:
+        if self.signed:
+            assert self.model is not None  # only model classes sign
+            ttl = self.model.__external_settings__.reference_ttl
+            return sign_reference(self.keyring(), record.class_name, record.id, ttl)
+        return {"class_name": record.class_name, "id": str(record.id)}
 
     @property
     def own_storage(self) -> str | None:
@@ -234,6 +298,12 @@ class _Target:
                 "validate with context={'storage': URL} or pydantic_toast.validate(...)",
                 {"class_name": self.class_name, "id": str(id)},
             )
+        try:
+            self.check_signature(reference, id)
+        except StorageValidationError as exc:
+            raise PydanticCustomError(
+                "external_reference_refused", "{reason}", {"reason": str(exc)}
+            ) from None
         session = _session_for(context)
         key = (_storage_key(storage), self.class_name, id)
         if key in session.resolving:
@@ -261,6 +331,8 @@ class _Target:
         try:
             if self.model is not None:
                 return self.model._from_record(record, context)
+            if self.encrypt:  # authenticated decryption proves the content
+                return self.from_json(open_data(record, self.keyring()), context)
             verify_content(self.class_name, id, record.data)
             return self.from_json(record.data, context)
         except (ValidationError, StorageValidationError) as exc:
@@ -341,7 +413,7 @@ class _Session:
             run_sync(_write(storage, record, target.retry))
             if isinstance(value, ExternalBaseModel):
                 value._remember(record)
-        return {"class_name": record.class_name, "id": str(record.id)}
+        return target.reference_to(record)
 
     @staticmethod
     def _record(target: _Target, value: Any, context: Any, earlier: Record | None) -> Record:
@@ -358,12 +430,13 @@ class _Session:
             # The same value, the same id, in every process: a record that exists already is
             # rewritten with its created_at kept and updated_at refreshed (so a collection
             # running meanwhile sees it as recent), never stored twice.
-            id, created_at = content_id(target.class_name, data), now
+            key = content_secret(target.keyring()) if target.encrypt else None
+            id, created_at = content_id(target.class_name, data, key), now
         elif earlier is None:
             id, created_at = uuid4(), now
         else:
             id, created_at = earlier.id, earlier.created_at
-        return Record(
+        record = Record(
             id=id,
             class_name=target.class_name,
             data=data,
@@ -372,6 +445,7 @@ class _Session:
             updated_at=now,
             compress_above=target.compress_above,
         )
+        return seal_data(record, target.keyring()) if target.encrypt else record
 
     def fetch(
         self, storage: Storage, class_name: str, id: UUID, policy: RetryPolicy
@@ -403,22 +477,26 @@ class _Session:
             results = await asyncio.gather(
                 *(_read_many(storage, name, ids) for (_, name), (storage, ids) in groups.items())
             )
-            found: list[Any] = []
+            found: list[_Found] = []
             for ((key, class_name), (_, ids)), records in zip(groups.items(), results, strict=True):
                 for id, record in zip(ids, records, strict=True):
                     self.fetched[(key, class_name, id)] = record
-                    if record is not None and b'"class_name"' in record.data:
-                        found.extend(_references_in(_parse_json(record.data)))
+                    data = b"" if record is None else _readable(class_name, record)
+                    if b'"class_name"' in data:
+                        found.extend(_references_in(_parse_json(data)))
             pending = self._unfetched(found, default_storage)
 
     def _unfetched(
-        self, references: list[tuple[str, UUID]], default_storage: Storage | None
+        self, references: list[_Found], default_storage: Storage | None
     ) -> dict[tuple[str | int, str, UUID], Storage]:
         pending: dict[tuple[str | int, str, UUID], Storage] = {}
-        for class_name, id in references:
+        for class_name, id, reference in references:
+            targets = _targets.get(class_name, ())
+            if any(not _signature_holds(t, reference, id) for t in targets):
+                continue  # refused by `resolve`, before any read
             # Resolve as `resolve` will: a model's own storage, else the default one. Two
             # models may share a name in different storages: read from each.
-            owners = {t.own_storage for t in _targets.get(class_name, ())} or {None}
+            owners = {t.own_storage for t in targets} or {None}
             for storage in {own or default_storage for own in owners}:
                 if storage is None:
                     continue  # validation reports it, naming the field
@@ -446,17 +524,39 @@ def _session_for(context: Any) -> _Session:
     return session
 
 
-def _references_in(data: Any) -> list[tuple[str, UUID]]:
-    """Every reference-shaped dict in parsed input (iteratively: input depth is unbounded)."""
-    found: list[tuple[str, UUID]] = []
+_Found = tuple[str, UUID, dict[str, Any]]
+
+
+def _readable(class_name: str, record: Record) -> bytes:
+    """A fetched record's JSON, to look for references in: opened when its class is
+    encrypted (as it is when it does not open: validation then reports why)."""
+    target = next((t for t in _targets.get(class_name, ()) if t.encrypt), None)
+    if target is not None:
+        with contextlib.suppress(StorageValidationError):
+            return open_data(record, target.keyring())
+    return record.data
+
+
+def _signature_holds(target: _Target, reference: dict[str, Any], id: UUID) -> bool:
+    try:
+        target.check_signature(reference, id)
+    except StorageValidationError:
+        return False
+    return True
+
+
+def _references_in(data: Any) -> list[_Found]:
+    """Every reference-shaped dict in parsed input, signed or not (iteratively: input depth
+    is unbounded)."""
+    found: list[_Found] = []
     stack = [data]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
-            if _looks_like_reference(item):
+            if _looks_like_signed_reference(item):
                 class_name, id = item["class_name"], parse_id(item["id"])
                 if isinstance(class_name, str) and id is not None:
-                    found.append((class_name, id))
+                    found.append((class_name, id, item))
                 continue
             stack.extend(item.values())
         elif isinstance(item, list | tuple):

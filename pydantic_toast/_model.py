@@ -24,6 +24,7 @@ from pydantic_toast import _operations, _records
 from pydantic_toast._bridge import run_sync
 from pydantic_toast._config import ModelSettings, settings_for
 from pydantic_toast._content import CONTENT_VERSION, content_id, verify_content
+from pydantic_toast._crypto import content_secret
 from pydantic_toast._errors import StorageValidationError
 from pydantic_toast._records import Migration
 from pydantic_toast._references import ExternalReference, ReferenceLike, is_reference
@@ -128,13 +129,16 @@ class ExternalBaseModel(BaseModel):
 
     @classmethod
     def is_external_reference(cls, data: object) -> bool:
-        """Whether ``data`` is a reference: exactly ``class_name`` and a UUID ``id``.
+        """Whether ``data`` is a reference: exactly ``class_name`` and a UUID ``id`` (and,
+        for a class with ``signed_references``, a ``sig`` and an optional ``exp``).
 
-        Called on a subclass, the reference must also name that subclass.
+        Called on a subclass, the reference must also name that subclass. This checks the
+        shape only: loading checks the signature and the expiry.
         """
-        return is_reference(
-            data, None if cls is ExternalBaseModel else cls.__external_settings__.class_name
-        )
+        if cls is ExternalBaseModel:
+            return is_reference(data, None, signed=True)
+        settings = cls.__external_settings__
+        return is_reference(data, settings.class_name, signed=settings.signed_references)
 
     # --- operations ----------------------------------------------------------------------------
 
@@ -342,7 +346,8 @@ class ExternalBaseModel(BaseModel):
             ) from exc
         _records.check_storable(self, data, settings.class_name)
         if settings.content_addressed:  # the id names the content: a changed model moves
-            named = content_id(settings.class_name, data)
+            key = content_secret(_records.keyring_of(settings)) if settings.encrypt else None
+            named = content_id(settings.class_name, data, key)
             kept = metadata.created_at if metadata is not None and metadata.id == named else now
             return _records.new_record(settings, data, named, kept, now)
         if metadata is None:
@@ -369,9 +374,14 @@ class ExternalBaseModel(BaseModel):
     ) -> tuple[Self, Record | None]:
         """The model, and the upgraded record when a migration ran (else ``None``)."""
         settings = cls.__external_settings__
-        # A content-addressed record proves its content before anything reads it (checked on
-        # the stored form, so an older record still migrates under the id it has).
-        verify_content(settings.class_name, record.id, record.data)
+        if settings.encrypt:
+            # Authenticated decryption proves the content is what was sealed for this class,
+            # id and schema version (a content-addressed id is keyed, so it is not rechecked).
+            record = replace(record, data=_records.plain_data(settings, record))
+        else:
+            # A content-addressed record proves its content before anything reads it (checked
+            # on the stored form, so an older record still migrates under the id it has).
+            verify_content(settings.class_name, record.id, record.data)
         current = settings.schema_version
         if record.schema_version == current:
             data = record.data
@@ -395,7 +405,9 @@ class ExternalBaseModel(BaseModel):
                 ttl=settings.ttl,
                 compress_above=settings.compress_above,
             )
-        model._remember(upgraded or record)
+            model._remember(upgraded)
+            return model, _records.sealed(settings, upgraded)
+        model._remember(record)
         return model, upgraded
 
     @classmethod

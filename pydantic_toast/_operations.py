@@ -13,6 +13,8 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, TypeVar
 from uuid import UUID
 
+from pydantic_toast._config import ModelSettings
+from pydantic_toast._crypto import Keyring, sign_reference
 from pydantic_toast._errors import (
     ExternalStorageError,
     RecordNotFoundError,
@@ -21,6 +23,7 @@ from pydantic_toast._errors import (
     StorageValidationError,
 )
 from pydantic_toast._loader import load_record
+from pydantic_toast._records import keyring_of
 from pydantic_toast._references import ExternalReference, ReferenceLike, reference_id
 from pydantic_toast._retry import with_backend
 from pydantic_toast.backends.base import StorageBackend
@@ -46,8 +49,17 @@ M = TypeVar("M", bound="ExternalBaseModel")
 _log = logging.getLogger("pydantic_toast")
 
 
-def _reference(record: Record) -> ExternalReference:
+def _reference(settings: ModelSettings, record: Record) -> ExternalReference:
+    if settings.signed_references:
+        keyring = keyring_of(settings)
+        signed = sign_reference(keyring, record.class_name, record.id, settings.reference_ttl)
+        return signed  # type: ignore[return-value]
     return {"class_name": record.class_name, "id": str(record.id)}
+
+
+def _signer(settings: ModelSettings) -> Keyring | None:
+    """The keyring references to the class are checked under, if they are signed."""
+    return keyring_of(settings) if settings.signed_references else None
 
 
 async def save(model: ExternalBaseModel) -> ExternalReference:
@@ -55,7 +67,7 @@ async def save(model: ExternalBaseModel) -> ExternalReference:
     settings = type(model).__external_settings__
     await with_backend(settings.storage, lambda b: b.write_record(record), settings.retry)
     model._remember(record)
-    return _reference(record)
+    return _reference(settings, record)
 
 
 async def save_many(cls: type[M], models: Iterable[M]) -> list[ExternalReference]:
@@ -89,7 +101,8 @@ async def save_many(cls: type[M], models: Iterable[M]) -> list[ExternalReference
             raise
     for model in models:
         model._remember(records[id(model)])
-    return [_reference(records[id(model)]) for model in models]
+    settings = cls.__external_settings__
+    return [_reference(settings, records[id(model)]) for model in models]
 
 
 class _BatchWriter:
@@ -118,7 +131,7 @@ class _BatchWriter:
 
 async def load(cls: type[M], reference: ReferenceLike) -> M:
     settings = cls.__external_settings__
-    id = reference_id(reference, settings.class_name)
+    id = reference_id(reference, settings.class_name, _signer(settings))
     name = settings.class_name
     stored = await with_backend(
         settings.storage, lambda b: load_record(b, name, id), settings.retry
@@ -134,7 +147,8 @@ async def load_many(
 ) -> list[M | None]:
     settings = cls.__external_settings__
     name = settings.class_name
-    ids = [reference_id(reference, name) for reference in references]
+    signer = _signer(settings)
+    ids = [reference_id(reference, name, signer) for reference in references]
     unique = list(dict.fromkeys(ids))
     stored = await with_backend(
         settings.storage, lambda b: b.read_records(name, unique), settings.retry
@@ -150,7 +164,7 @@ async def load_many(
 async def exists(cls: type[M], reference: ReferenceLike) -> bool:
     settings = cls.__external_settings__
     name = settings.class_name
-    id = reference_id(reference, name)
+    id = reference_id(reference, name, _signer(settings))
     stored = await with_backend(
         settings.storage, lambda b: load_record(b, name, id), settings.retry
     )
@@ -162,7 +176,8 @@ async def delete_many(
 ) -> int:
     settings = cls.__external_settings__
     name = settings.class_name
-    ids = list(dict.fromkeys(reference_id(reference, name) for reference in references))
+    signer = _signer(settings)
+    ids = list(dict.fromkeys(reference_id(reference, name, signer) for reference in references))
     missing: list[str] = []
     if not missing_ok:  # one read first, to name the missing ids
         found = await with_backend(
@@ -193,10 +208,12 @@ async def delete(
             if missing_ok:
                 return False
             raise RecordNotFoundError(name, ["(never saved)"])
-        reference = {"class_name": metadata.class_name, "id": str(metadata.id)}
-    if reference is None:
+        # The model's own record: its id is the instance's, not a reference from outside.
+        id = reference_id({"class_name": metadata.class_name, "id": str(metadata.id)}, name)
+    elif reference is None:
         raise StorageValidationError(f"{cls.__name__}.delete_external() needs a reference")
-    id = reference_id(reference, name)
+    else:
+        id = reference_id(reference, name, _signer(settings))
     deleted = await with_backend(
         settings.storage, lambda b: b.delete_records(name, [id]), settings.retry
     )

@@ -19,10 +19,20 @@ from uuid import UUID
 from pydantic import BaseModel
 
 from pydantic_toast._config import ModelSettings
+from pydantic_toast._crypto import Keyring, current_keyring, open_data, seal_data
 from pydantic_toast._errors import StorageValidationError
 from pydantic_toast.backends.records import Record
 
-__all__ = ["Migration", "check_storable", "expired", "migrate", "new_record"]
+__all__ = [
+    "Migration",
+    "check_storable",
+    "expired",
+    "keyring_of",
+    "migrate",
+    "new_record",
+    "plain_data",
+    "sealed",
+]
 
 #: A step that upgrades a stored dict from one schema version to the next.
 Migration = Callable[[dict[str, Any]], dict[str, Any]]
@@ -31,16 +41,39 @@ Migration = Callable[[dict[str, Any]], dict[str, Any]]
 def new_record(
     settings: ModelSettings, data: bytes, id: UUID, created_at: datetime, now: datetime
 ) -> Record:
-    return Record(
-        id=id,
-        class_name=settings.class_name,
-        data=data,
-        schema_version=settings.schema_version,
-        created_at=created_at,
-        updated_at=now,
-        compress_above=settings.compress_above,
-        ttl=settings.ttl,
+    return sealed(
+        settings,
+        Record(
+            id=id,
+            class_name=settings.class_name,
+            data=data,
+            schema_version=settings.schema_version,
+            created_at=created_at,
+            updated_at=now,
+            compress_above=settings.compress_above,
+            ttl=settings.ttl,
+        ),
     )
+
+
+def keyring_of(settings: ModelSettings) -> Keyring:
+    """The keyring a class encrypts and signs with."""
+    return current_keyring(settings.keyring, settings.class_name)
+
+
+def sealed(settings: ModelSettings, record: Record) -> Record:
+    """The codec step of the model layer: a record of an encrypted class leaves sealed (its
+    JSON compressed, then encrypted); any other record leaves as it is, byte for byte."""
+    if settings.encrypt:
+        return seal_data(record, keyring_of(settings))
+    return record
+
+
+def plain_data(settings: ModelSettings, record: Record) -> bytes:
+    """A loaded record's JSON: opened (decrypted and checked) for an encrypted class."""
+    if settings.encrypt:
+        return open_data(record, keyring_of(settings))
+    return record.data
 
 
 def check_storable(model: BaseModel, data: bytes, class_name: str) -> None:

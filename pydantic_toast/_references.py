@@ -8,9 +8,10 @@ any I/O, so hostile input is refused the same way everywhere.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 from uuid import UUID
 
+from pydantic_toast._crypto import Keyring, verify_reference
 from pydantic_toast._errors import StorageValidationError
 
 __all__ = ["ExternalReference", "ReferenceLike", "parse_id", "reference_id", "short"]
@@ -20,10 +21,14 @@ _MAX_ID_LENGTH = 64
 
 
 class ExternalReference(TypedDict):
-    """What travels in place of a stored model."""
+    """What travels in place of a stored model; a class with ``signed_references`` adds
+    ``sig`` (its HMAC-SHA256, base64url) and, with a ``reference_ttl``, ``exp`` (Unix
+    seconds)."""
 
     class_name: str
     id: str
+    sig: NotRequired[str]
+    exp: NotRequired[int]
 
 
 #: What the load methods accept: a reference, or any mapping shaped like one (checked).
@@ -42,27 +47,42 @@ def parse_id(value: object) -> UUID | None:
         return None
 
 
-def is_reference(data: object, class_name: str | None = None) -> bool:
-    """Whether ``data`` is a reference (of ``class_name``, when given)."""
-    if not isinstance(data, Mapping) or len(data) != 2:
+_PLAIN_KEYS = frozenset({"class_name", "id"})
+_SIGNED_KEYS = frozenset({"class_name", "id", "sig", "exp"})
+
+
+def is_reference(data: object, class_name: str | None = None, *, signed: bool = False) -> bool:
+    """Whether ``data`` is a reference (of ``class_name``, when given); ``signed`` accepts
+    the signed shape too (a ``sig`` string, an ``exp`` integer)."""
+    if not isinstance(data, Mapping):
         return False
+    if len(data) != 2:
+        if not signed or len(data) > 4 or not set(data) <= _SIGNED_KEYS:
+            return False
+        exp = data.get("exp")
+        if not isinstance(data.get("sig"), str) or (
+            "exp" in data and (not isinstance(exp, int) or isinstance(exp, bool))
+        ):
+            return False
     name, id = data.get("class_name"), data.get("id")
     if not isinstance(name, str) or parse_id(id) is None:
         return False
     return class_name is None or name == class_name
 
 
-def reference_id(reference: object, expected: str) -> UUID:
-    """Check a reference to a record of class ``expected`` and return its id."""
+def reference_id(reference: object, expected: str, signer: Keyring | None = None) -> UUID:
+    """Check a reference to a record of class ``expected`` and return its id; with a
+    ``signer`` (the keyring of a class with signed references), its signature and expiry."""
     if not isinstance(reference, Mapping):
         raise StorageValidationError(
             f"{expected}: a reference must be a mapping with 'class_name' and 'id', "
             f"not {type(reference).__name__}"
         )
-    if len(reference) > 2 and (extra := set(reference) - {"class_name", "id"}):
+    allowed = _SIGNED_KEYS if signer is not None else _PLAIN_KEYS
+    if len(reference) > 2 and (extra := set(reference) - allowed):
+        keys = "'class_name', 'id', 'sig' and 'exp'" if signer else "'class_name' and 'id'"
         raise StorageValidationError(
-            f"{expected}: a reference has only 'class_name' and 'id', "
-            f"not {short(sorted(map(str, extra)))}"
+            f"{expected}: a reference has only {keys}, not {short(sorted(map(str, extra)))}"
         )
     class_name = reference.get("class_name")
     if class_name != expected:
@@ -71,6 +91,8 @@ def reference_id(reference: object, expected: str) -> UUID:
     id = parse_id(raw_id)
     if id is None:
         raise StorageValidationError(f"{expected}: invalid id {short(raw_id)}: not a UUID")
+    if signer is not None:
+        verify_reference(signer, expected, id, reference)
     return id
 
 

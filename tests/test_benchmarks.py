@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import service_missing
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("single", "batch", "concurrency", "sync", "external", "memory", "toast")
+SECTIONS = ("single", "batch", "concurrency", "sync", "external", "memory", "toast", "crypto")
 BACKENDS = {"memory", "sqlite", "postgresql", "redis", "s3"}
 
 

@@ -310,8 +310,21 @@ anything = st.recursive(
 
 def expected_is_reference(data: Any, class_name: str | None = None) -> bool:
     """What `is_external_reference` must answer, written out independently: a mapping of
-    exactly ``class_name`` (a string, ``class_name`` when given) and a UUID string ``id``."""
-    if not isinstance(data, dict) or set(data) != {"class_name", "id"}:
+    exactly ``class_name`` (a string, ``class_name`` when given) and a UUID string ``id``;
+    asked of `ExternalBaseModel` itself (no ``class_name``), the signed shape too: a string
+    ``sig`` and an optional integer ``exp``."""
+    if not isinstance(data, dict):
+        return False
+    extra = set(data) - {"class_name", "id"}
+    if class_name is None and extra and extra <= {"sig", "exp"}:
+        exp = data.get("exp")
+        if not isinstance(data.get("sig"), str):
+            return False
+        if "exp" in data and (not isinstance(exp, int) or isinstance(exp, bool)):
+            return False
+    elif extra:
+        return False
+    if "class_name" not in data or "id" not in data:
         return False
     if not isinstance(data["class_name"], str) or not isinstance(data["id"], str):
         return False
@@ -338,6 +351,8 @@ FUZZED_ID = "7b0f5a52-3a57-4c43-9a0e-4a3cb0f1c2d4"
 @example(data={"class_name": "Fuzzed", "id": FUZZED_ID})  # a reference to Fuzzed
 @example(data={"class_name": "Other", "id": FUZZED_ID})  # a reference, not to Fuzzed
 @example(data={"class_name": "Fuzzed", "id": FUZZED_ID, "x": 1})  # one key too many
+@example(data={"class_name": "Fuzzed", "id": FUZZED_ID, "sig": "x" * 43})  # signed shape
+@example(data={"class_name": "Fuzzed", "id": FUZZED_ID, "sig": "x", "exp": True})
 @example(data={"class_name": "Fuzzed", "id": "not-a-uuid"})
 @example(data=["class_name", "id"])
 def test_fuzzed_references_raise_only_the_librarys_errors(data: Any) -> None:

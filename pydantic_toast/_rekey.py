@@ -1,0 +1,171 @@
+"""Key rotation: re-encrypt every record of a class under its keyring's primary key.
+
+`rekey` lists the class's records, then reads them in batches, opens each one that is sealed
+under another key (or not sealed at all: written before the class turned encryption on) and
+writes it back sealed under the primary key, with its id, timestamps and schema version as
+they were. A record already under the primary key is skipped, so a run that was interrupted
+simply continues where it stopped when started again; once a run reports nothing left to
+do, the old keys may leave the keyring.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from functools import partial
+from typing import TYPE_CHECKING, TypeVar
+from uuid import UUID
+
+from pydantic_toast._bridge import run_sync
+from pydantic_toast._crypto import open_data, seal_data, sealed_key_id
+from pydantic_toast._errors import StorageValidationError
+from pydantic_toast._records import expired, keyring_of
+from pydantic_toast._retry import with_backend
+from pydantic_toast.backends.base import StorageBackend
+from pydantic_toast.backends.records import Record
+
+if TYPE_CHECKING:
+    from pydantic_toast._model import ExternalBaseModel
+
+__all__ = ["RekeyReport", "rekey", "rekey_sync"]
+
+T = TypeVar("T")
+
+#: How many failed ids a report keeps (the count is always complete).
+_MAX_FAILED_IDS = 100
+
+
+@dataclass(slots=True)
+class RekeyReport:
+    """What a `rekey` run did (or, with ``dry_run``, would do)."""
+
+    class_name: str
+    primary: str
+    dry_run: bool
+    #: Records listed.
+    scanned: int = 0
+    #: Records re-encrypted under the primary key (with ``dry_run``: that need it).
+    rekeyed: int = 0
+    #: Records already under the primary key.
+    skipped: int = 0
+    #: Records that could not be opened (unknown key id, tampered): left as they are.
+    failed: int = 0
+    #: The first ids of the failed records, with the reason of each.
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+async def rekey(
+    cls: type[ExternalBaseModel],
+    *,
+    storage: str | StorageBackend | None = None,
+    dry_run: bool = False,
+    batch_size: int = 200,
+    on_progress: Callable[[RekeyReport], None] | None = None,
+) -> RekeyReport:
+    """Re-encrypt every record of ``cls`` under its keyring's primary key, ``batch_size``
+    records per read and write, calling ``on_progress`` after each batch. ``storage`` (a URL
+    or a connected backend) defaults to the class's own."""
+    settings = cls.__external_settings__
+    if not settings.encrypt:
+        raise StorageValidationError(
+            f"{cls.__name__} is not encrypted: set ExternalConfigDict(encrypt=True) to rekey it"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise StorageValidationError(f"batch_size must be a positive integer, not {batch_size!r}")
+    keyring = keyring_of(settings)
+    name = settings.class_name
+    target = settings.storage if storage is None else storage
+
+    async def on(operation: Callable[[StorageBackend], Awaitable[T]]) -> T:
+        if isinstance(target, StorageBackend):
+            return await operation(target)
+        return await with_backend(target, operation, settings.retry)
+
+    async def list_ids(backend: StorageBackend) -> list[UUID]:
+        # Listed whole first: some stores must not be written to while a listing of theirs
+        # is open (an SQLite cursor, a directory being walked). Ids are small.
+        return [info.id async for info in backend.scan_records(name)]
+
+    ids = await on(list_ids)
+    report = RekeyReport(name, keyring.primary, dry_run)
+    for start in range(0, len(ids), batch_size):
+        batch = ids[start : start + batch_size]
+        stored = await on(partial(_read, name, batch))
+        writes: list[Record] = []
+        now = datetime.now(UTC)
+        for record in stored:
+            if record is None:
+                continue  # deleted since it was listed
+            report.scanned += 1
+            key_id = sealed_key_id(record)
+            if key_id == keyring.primary:
+                report.skipped += 1
+                continue
+            ttl = settings.ttl
+            if ttl is not None and expired(record.updated_at, ttl):
+                report.skipped += 1  # purge deletes it; rewriting would revive it on Redis
+                continue
+            try:
+                plain = record.data if key_id is None else open_data(record, keyring)
+                if key_id is None:
+                    _check_plain(record)
+            except StorageValidationError as exc:
+                report.failed += 1
+                if len(report.failures) < _MAX_FAILED_IDS:
+                    report.failures.append((str(record.id), str(exc)))
+                continue
+            report.rekeyed += 1
+            if not dry_run:
+                remaining = None if ttl is None else ttl - (now - record.updated_at)
+                fresh = replace(
+                    record, data=plain, compress_above=settings.compress_above, ttl=remaining
+                )
+                writes.append(seal_data(fresh, keyring))
+        if writes:
+            await on(partial(_write, writes))
+        if on_progress is not None:
+            on_progress(report)
+    return report
+
+
+async def _read(name: str, ids: list[UUID], backend: StorageBackend) -> list[Record | None]:
+    return await backend.read_records(name, ids)
+
+
+async def _write(records: list[Record], backend: StorageBackend) -> None:
+    await backend.write_records(records)
+
+
+def _check_plain(record: Record) -> None:
+    """A record that is not sealed must be the class's plain JSON object, not a sealed one
+    gone wrong (which would be sealed again as if it were the model's data)."""
+    try:
+        data = json.loads(record.data)
+    except (ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict) or "$toast" in data:
+        raise StorageValidationError(
+            f"stored {record.class_name} record {record.id} is neither sealed nor plain JSON"
+        )
+
+
+def rekey_sync(
+    cls: type[ExternalBaseModel],
+    *,
+    storage: str | StorageBackend | None = None,
+    dry_run: bool = False,
+    batch_size: int = 200,
+    on_progress: Callable[[RekeyReport], None] | None = None,
+) -> RekeyReport:
+    """`rekey` for synchronous code."""
+    return run_sync(
+        rekey(
+            cls,
+            storage=storage,
+            dry_run=dry_run,
+            batch_size=batch_size,
+            on_progress=on_progress,
+        )
+    )
