@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -80,7 +81,7 @@ class Serializer:
             registry.unregister(name)
 
 
-@pytest.fixture(params=["redis", "sqlite"])
+@pytest.fixture(params=["redis", "postgresql", "sqlite"])
 def serializer(request: pytest.FixtureRequest, namespace: str) -> Iterator[Serializer]:
     url: str = request.getfixturevalue(f"{request.param}_url")
     codec = Serializer(url, namespace)
@@ -122,6 +123,16 @@ def test_json_values_and_models_round_trip(serializer: Serializer) -> None:
     assert b"x" * 1000 not in body, "the External value travels as a reference"
     assert receive(name, body) == value
     assert isinstance(receive(name, body)["models"][0], Envelope)
+
+
+def test_threads_send_and_receive_at_once(serializer: Serializer) -> None:
+    name = serializer.register(threshold=1000)
+    values = [[big_text(5000 + n), Blob(text=str(n))] for n in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        bodies = list(pool.map(lambda value: send(name, value), values))
+        received = list(pool.map(lambda body: receive(name, body), bodies))
+    assert all(len(body) < 200 for body in bodies)
+    assert received == values
 
 
 def test_threshold_boundary(serializer: Serializer) -> None:
@@ -357,6 +368,7 @@ def tasks(rabbitmq_url: str, redis_server: str) -> Iterator[ModuleType]:
         yield module
     finally:
         module.app.close()
+        registry.unregister("toast")
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
