@@ -56,6 +56,7 @@ from pydantic_toast.backends.records import Record, check_class_name
 
 __all__ = [
     "DEFAULT_MAX_DEPTH",
+    "DumpBatch",
     "External",
     "ExternalField",
     "dump",
@@ -593,6 +594,24 @@ def _context(
     merged[_SESSION_KEY] = session
     session.context = merged
     return merged
+
+
+class DumpBatch:
+    """One batch of writes shared by several dumps, for callers that dump many values into one
+    document of their own (a message body holding several models): dump each value with
+    ``context``, then `flush` writes every staged value, one batch per backend."""
+
+    def __init__(self, storage: Storage | None) -> None:
+        self._session = _Session(None, batched=True)
+        self.context = _context(storage, None, self._session)
+
+    @property
+    def pending(self) -> bool:
+        """Whether the dumps staged any value that `flush` must write."""
+        return bool(self._session.staged)
+
+    async def flush(self) -> None:
+        await self._session.flush()
 
 
 async def dump(

@@ -112,6 +112,26 @@ def redis_url(redis_server: str, namespace: str) -> Iterator[str]:
         client.close()
 
 
+# --- RabbitMQ -----------------------------------------------------------------------------
+
+AMQP_URL = os.environ.get("TOAST_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> str:
+    """The local RabbitMQ, as a Celery and kombu broker URL."""
+    try:
+        from kombu import Connection
+    except ImportError as exc:
+        service_missing("kombu", str(exc))
+    try:
+        with Connection(AMQP_URL, connect_timeout=5) as connection:
+            connection.ensure_connection(max_retries=1)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available"
+        service_missing(f"RabbitMQ at {AMQP_URL}", f"{type(exc).__name__}: {exc}")
+    return AMQP_URL
+
+
 # --- S3 on moto's standalone server ---------------------------------------------------------
 
 

@@ -18,6 +18,11 @@ def service_env(name: str, request: pytest.FixtureRequest) -> dict[str, str]:
     """What an example needs to find its server: the test suite's own services."""
     if name == "postgresql.py":
         return {"TOAST_POSTGRES_URL": request.getfixturevalue("postgres_server")}
+    if name == "celery_claim_check.py":
+        return {
+            "TOAST_AMQP_URL": request.getfixturevalue("rabbitmq_url"),
+            "TOAST_REDIS_URL": request.getfixturevalue("redis_url"),
+        }
     if name.startswith("redis"):
         return {"TOAST_REDIS_URL": request.getfixturevalue("redis_url")}
     if name == "s3.py":
