@@ -7,12 +7,17 @@ records it moved, or with the exception that ended it. `start` returns ``None`` 
 OpenTelemetry is installed *and* a real tracer or meter provider is configured, and the
 callers then do nothing else: no span object, no context switch, no clock read.
 
-Finding out whether a provider is configured is the part that must be cheap. The API's
-``get_tracer_provider()`` reads ``os.environ`` on every call while none is set (about a
-microsecond, 1 % of a single SQLite load), so it is asked at most once a second
-(`_LOOK_EVERY`) until a real provider shows up; from then on the answer is kept, since the API
-sets a global provider once per process. An SDK configured after the first operation is
-therefore picked up within a second; without OpenTelemetry installed the import is tried once.
+Finding out whether a provider is configured is the part that must be cheap: single loads
+take 20 to 100 microseconds. The API's ``get_tracer_provider()`` reads ``os.environ`` on every
+call while none is set (a microsecond or more), and on some machines even a clock read costs
+0.2 microseconds. So the public getters are asked only at a first look (which also loads a
+provider named by ``OTEL_PYTHON_TRACER_PROVIDER``), and then, as long as nothing records,
+`start` compares the API's two module globals that hold the configured providers with what
+they held at that look: two attribute reads. When either changes (an SDK configured later, at
+any time), the next operation looks again and finds it; once a real provider is found the
+answer is kept, since the API lets a process set its global provider only once. Without
+OpenTelemetry the import is tried once. Should a future API keep its providers elsewhere,
+operations go through the API's own no-op objects instead: correct, not free.
 
 Nothing here imports OpenTelemetry at module level: the core install has no such dependency
 (extra ``[otel]``, which is ``opentelemetry-api`` alone; the application brings the SDK).
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -37,9 +42,6 @@ if TYPE_CHECKING:
     from pydantic_toast.backends.records import Record
 
 __all__ = ["Operation", "start"]
-
-#: Seconds between two looks for a configured provider while there is none.
-_LOOK_EVERY = 1.0
 
 # The operations, as span names say them: ``pydantic_toast.<operation>``.
 SAVE = "save"
@@ -81,7 +83,10 @@ _SIZE_BUCKETS = tuple(float(4**n * 64) for n in range(12))  # 64 B to 268 MB
 
 _recorder: _Recorder | None = None
 _unavailable = False  # OpenTelemetry cannot be imported: never look again
-_next_look = 0.0
+# After a look that found nothing recording: the API modules holding the global providers
+# (``opentelemetry.trace`` and the metrics internals) and the values they held then.
+_api: tuple[ModuleType, ModuleType] | None = None
+_seen: tuple[object, object] = (None, None)
 
 
 def start(
@@ -91,7 +96,14 @@ def start(
     backend), or ``None`` when nothing would record it."""
     recorder = _recorder
     if recorder is None:
-        if _unavailable or time.monotonic() < _next_look:
+        if _unavailable:
+            return None
+        api = _api
+        if (
+            api is not None
+            and api[0]._TRACER_PROVIDER is _seen[0]
+            and api[1]._METER_PROVIDER is _seen[1]
+        ):
             return None
         recorder = _look()
         if recorder is None:
@@ -100,18 +112,29 @@ def start(
 
 
 def _look() -> _Recorder | None:
-    global _recorder, _unavailable, _next_look
+    global _recorder, _unavailable, _api, _seen
     try:
         from opentelemetry import metrics, trace
+        from opentelemetry.metrics import _internal as metrics_globals
     except ImportError:
         _unavailable = True
         return None
-    _next_look = time.monotonic() + _LOOK_EVERY
+    # The globals first: a provider set while the getters run shows up as a change next time.
+    seen = (
+        getattr(trace, "_TRACER_PROVIDER", _MISSING),
+        getattr(metrics_globals, "_METER_PROVIDER", _MISSING),
+    )
     providers = (trace.get_tracer_provider(), metrics.get_meter_provider())
-    if all(type(provider).__name__ in _SILENT_PROVIDERS for provider in providers):
+    if _MISSING not in seen and all(
+        type(provider).__name__ in _SILENT_PROVIDERS for provider in providers
+    ):
+        _api, _seen = (trace, metrics_globals), seen
         return None
     _recorder = _Recorder()
     return _recorder
+
+
+_MISSING = object()
 
 
 class _Recorder:

@@ -5,7 +5,6 @@ the API alone (in subprocesses, whose global providers are their own)."""
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 import textwrap
@@ -80,14 +79,13 @@ def installed() -> Iterator[Telemetry]:
     metrics.set_meter_provider(telemetry.meter_provider)
     if trace.get_tracer_provider() is not telemetry.tracer_provider:
         pytest.fail("another test set a global tracer provider before this module")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_telemetry, "_next_look", 0.0)  # look now, not within the second
-        yield telemetry
+    yield telemetry
     telemetry.tracer_provider.shutdown()
     telemetry.meter_provider.shutdown()
-    # The rest of the session runs as it did before this module: with nobody listening.
+    # The global providers stay set (the API allows no undo); the rest of the session runs as
+    # without OpenTelemetry instead, rather than into shut-down providers.
     _telemetry._recorder = None
-    _telemetry._next_look = math.inf
+    _telemetry._unavailable = True
 
 
 @pytest.fixture
@@ -390,19 +388,17 @@ def test_api_without_sdk_records_nothing_until_an_sdk_is_configured() -> None:
     reported = run_python(
         ROUND_TRIP,
         """
-        import time
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import SimpleSpanProcessor
         from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
         before = asyncio.run(round_trip())
-        silent = _telemetry._recorder is None
+        silent = _telemetry._recorder is None and _telemetry._api is not None
         exporter = InMemorySpanExporter()
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(exporter))
         trace.set_tracer_provider(provider)
-        time.sleep(_telemetry._LOOK_EVERY)  # an SDK configured late is picked up within this
         after = asyncio.run(round_trip())
         spans = [span.name for span in exporter.get_finished_spans()]
         print(json.dumps({"names": [before, after], "silent": silent, "spans": spans}))
