@@ -1,4 +1,5 @@
-"""``python -m benchmarks.otel [--rounds N] [--baseline GIT_REF]``: what OpenTelemetry costs.
+"""``python -m benchmarks.otel [--rounds N] [--baseline GIT_REF] [--backend sqlite,redis]``:
+what OpenTelemetry costs.
 
 Single saves and loads of a ~200 B model on SQLite and Redis, each mode in processes of its
 own (a process's global providers, and whether ``opentelemetry`` imports, cannot be undone):
@@ -67,7 +68,9 @@ def _configure_sdk() -> Any:
     return exporter
 
 
-async def _measure(blocks: int, block_size: int, exporter: Any) -> dict[str, float]:
+async def _measure(
+    backends: list[str], blocks: int, block_size: int, exporter: Any
+) -> dict[str, float]:
     """Median seconds per single save and load, on SQLite and on Redis."""
     from pydantic_toast import ExternalBaseModel, ExternalConfigDict, aclose
 
@@ -80,7 +83,8 @@ async def _measure(blocks: int, block_size: int, exporter: Any) -> dict[str, flo
     medians: dict[str, float] = {}
     clock = asyncio.get_running_loop().time
     try:
-        for backend, storage in storages.items():
+        for backend in backends:
+            storage = storages[backend]
 
             class Doc(ExternalBaseModel):
                 model_config = ExternalConfigDict(storage=storage, class_name="Doc")
@@ -135,19 +139,21 @@ def _start_cost() -> dict[str, float]:
     return costs
 
 
-def child(mode: str, blocks: int, block_size: int) -> None:
+def child(mode: str, backends: list[str], blocks: int, block_size: int) -> None:
     exporter = _configure_sdk() if mode == "sdk" else None
-    medians = asyncio.run(_measure(blocks, block_size, exporter))
+    medians = asyncio.run(_measure(backends, blocks, block_size, exporter))
     from pydantic_toast import _telemetry
 
     medians["on"] = float(_telemetry._recorder is not None)
     print(json.dumps(medians))
 
 
-def _run_child(mode: str, path: Path, blocks: int, block_size: int) -> dict[str, float]:
+def _run_child(
+    mode: str, path: Path, backends: list[str], blocks: int, block_size: int
+) -> dict[str, float]:
+    arguments = ("blocked" if mode == "baseline" else mode, backends, blocks, block_size)
     code = (_BLOCK if mode in ("blocked", "baseline") else "") + (
-        "from benchmarks.otel import child\n"
-        f"child({'blocked' if mode == 'baseline' else mode!r}, {blocks}, {block_size})\n"
+        f"from benchmarks.otel import child\nchild(*{arguments!r})\n"
     )
     env = {**os.environ, "PYTHONPATH": f"{path}{os.pathsep}{ROOT}"}
     result = subprocess.run(
@@ -165,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--block-size", type=int, default=200)
     parser.add_argument("--baseline", metavar="GIT_REF", help="also time this commit's code")
+    parser.add_argument("--backend", default="sqlite,redis", help="sqlite, redis or both")
     args = parser.parse_args(argv)
 
     costs = _start_cost()
@@ -188,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         for round_ in range(args.rounds):
             modes = list(paths)
             for mode in modes[round_ % len(modes) :] + modes[: round_ % len(modes)]:
-                measured = _run_child(mode, paths[mode], args.blocks, args.block_size)
+                measured = _run_child(
+                    mode, paths[mode], args.backend.split(","), args.blocks, args.block_size
+                )
                 if measured.pop("on") != (mode == "sdk"):
                     raise SystemExit(
                         f"{mode}: telemetry unexpectedly {'off' if mode == 'sdk' else 'on'}"
@@ -208,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for mode in results:
             value = statistics.median(run[case] for run in results[mode])
-            cells.append(f"{value * 1e6:9.1f} x{value / ref:6.3f}")
+            cells.append(f"{value * 1e6:.1f} x{value / ref:.3f}")
         print(f"{case:12}" + "".join(f"{cell:>18}" for cell in cells))
     return 0
 

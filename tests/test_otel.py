@@ -409,3 +409,30 @@ def test_api_without_sdk_records_nothing_until_an_sdk_is_configured() -> None:
         "silent": True,
         "spans": ["pydantic_toast.save", "pydantic_toast.load"],
     }
+
+
+TINY_RUN = ("--rounds", "1", "--blocks", "1", "--block-size", "3", "--backend", "sqlite")
+
+
+def test_the_overhead_benchmark_runs() -> None:
+    """``python -m benchmarks.otel`` (its figures are in the guide) runs, in a tiny form."""
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.otel", *TINY_RUN],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line.split() for line in result.stdout.splitlines()]
+    # "  api    94 ns": what `_telemetry.start` costs when it returns None, per mode.
+    start_costs = {line[0]: float(line[1]) for line in lines if line[-1:] == ["ns"]}
+    assert start_costs.keys() == {"api", "blocked"}, result.stdout
+    assert all(0 < cost < 10_000 for cost in start_costs.values()), result.stdout
+    # "sqlite save   29.1 x 1.000   29.5 x 1.011   87.4 x 2.998": µs and ratio per mode.
+    table = {" ".join(line[:2]): line[2:] for line in lines if line[:1] == ["sqlite"]}
+    assert table.keys() == {"sqlite save", "sqlite load"}, result.stdout
+    for cells in table.values():
+        times = [float(cell) for cell in cells[::2]]
+        assert len(times) == 3 and all(time > 0 for time in times), result.stdout
