@@ -128,7 +128,7 @@ def _start_cost() -> dict[str, float]:
     costs: dict[str, float] = {}
     number = 200_000
     start("load", "sqlite:///x.db", "Doc")  # the first look: finds no provider in this process
-    assert _telemetry._api is not None, "a provider is configured in the parent process"
+    assert _telemetry._trace_api is not None, "a provider is configured in the parent process"
     for mode in ("api", "blocked"):
         _telemetry._unavailable = mode == "blocked"
         best = min(

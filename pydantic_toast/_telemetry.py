@@ -84,9 +84,12 @@ _SIZE_BUCKETS = tuple(float(4**n * 64) for n in range(12))  # 64 B to 268 MB
 _recorder: _Recorder | None = None
 _unavailable = False  # OpenTelemetry cannot be imported: never look again
 # After a look that found nothing recording: the API modules holding the global providers
-# (``opentelemetry.trace`` and the metrics internals) and the values they held then.
-_api: tuple[ModuleType, ModuleType] | None = None
-_seen: tuple[object, object] = (None, None)
+# (``opentelemetry.trace`` and the metrics internals) and the values they held then. Four
+# globals rather than tuples: `start` reads them on every operation.
+_trace_api: ModuleType | None = None
+_metrics_api: ModuleType | None = None
+_seen_tracer_provider: object = None
+_seen_meter_provider: object = None
 
 
 def start(
@@ -98,11 +101,12 @@ def start(
     if recorder is None:
         if _unavailable:
             return None
-        api = _api
+        trace_api, metrics_api = _trace_api, _metrics_api
         if (
-            api is not None
-            and api[0]._TRACER_PROVIDER is _seen[0]
-            and api[1]._METER_PROVIDER is _seen[1]
+            trace_api is not None
+            and metrics_api is not None
+            and trace_api._TRACER_PROVIDER is _seen_tracer_provider
+            and metrics_api._METER_PROVIDER is _seen_meter_provider
         ):
             return None
         recorder = _look()
@@ -112,7 +116,8 @@ def start(
 
 
 def _look() -> _Recorder | None:
-    global _recorder, _unavailable, _api, _seen
+    global _recorder, _unavailable, _trace_api, _metrics_api
+    global _seen_tracer_provider, _seen_meter_provider
     try:
         from opentelemetry import metrics, trace
         from opentelemetry.metrics import _internal as metrics_globals
@@ -128,7 +133,8 @@ def _look() -> _Recorder | None:
     if _MISSING not in seen and all(
         type(provider).__name__ in _SILENT_PROVIDERS for provider in providers
     ):
-        _api, _seen = (trace, metrics_globals), seen
+        _seen_tracer_provider, _seen_meter_provider = seen
+        _trace_api, _metrics_api = trace, metrics_globals
         return None
     _recorder = _Recorder()
     return _recorder

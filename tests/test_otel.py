@@ -394,7 +394,7 @@ def test_api_without_sdk_records_nothing_until_an_sdk_is_configured() -> None:
         from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
         before = asyncio.run(round_trip())
-        silent = _telemetry._recorder is None and _telemetry._api is not None
+        silent = _telemetry._recorder is None and _telemetry._trace_api is not None
         exporter = InMemorySpanExporter()
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(exporter))
