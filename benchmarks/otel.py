@@ -7,21 +7,21 @@ own (a process's global providers, and whether ``opentelemetry`` imports, cannot
 * ``blocked``: ``import opentelemetry`` fails (an import hook), as without the ``[otel]`` extra;
 * ``api``: the API installed, no SDK configured (the state of most programs that have it);
 * ``sdk``: the SDK with a span processor into an in-memory exporter and an in-memory metric
-  reader, so every operation makes a span and three measurements;
-* ``baseline``: with ``--baseline REF``, the package as it was at that commit, import blocked:
-  the code without any instrumentation.
+  reader, so every operation makes a span and two or three measurements.
 
-Rounds alternate the modes (one process each, in turn), and each process alternates saves
-and loads in blocks; a figure is the median over rounds of each process's median. The
-machine's noise between processes is a few percent, so the first table also times the
-instrumentation's own work on the uninstrumented path (`_telemetry.start` returning
-``None``) in one process, which is the precise figure of what it adds.
+With ``--baseline REF`` every process also loads the package as it was at that commit (a copy
+renamed ``pydantic_toast_base``: the code without instrumentation) and times it interleaved,
+block by block, with the current code; a mode's ratio is the median over rounds of each
+process's own ratio, so the machine's noise between processes cancels out. Rounds alternate
+the modes. The first table times `_telemetry.start` returning ``None`` alone: the precise
+figure of what instrumentation adds to an operation when nothing records.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import io
 import json
 import os
@@ -69,34 +69,43 @@ def _configure_sdk() -> Any:
 
 
 async def _measure(
-    backends: list[str], blocks: int, block_size: int, exporter: Any
+    backends: list[str], blocks: int, block_size: int, exporter: Any, with_baseline: bool
 ) -> dict[str, float]:
-    """Median seconds per single save and load, on SQLite and on Redis."""
-    from pydantic_toast import ExternalBaseModel, ExternalConfigDict, aclose
+    """Median seconds per single save and load on each backend; with ``with_baseline``, also
+    of the baseline copy of the package (``pydantic_toast_base``), interleaved with them."""
+    import pydantic_toast
 
+    packages: dict[str, Any] = {"": pydantic_toast}
+    if with_baseline:
+        packages[" base"] = importlib.import_module("pydantic_toast_base")
     prefix = f"benchotel{uuid.uuid4().hex[:12]}"
     directory = tempfile.mkdtemp(prefix="bench-otel-")
-    storages = {
-        "sqlite": f"sqlite:///{directory}/models.db",
-        "redis": f"{REDIS}?prefix={prefix}",
-    }
     medians: dict[str, float] = {}
     clock = asyncio.get_running_loop().time
     try:
         for backend in backends:
-            storage = storages[backend]
+            ops: dict[str, Any] = {}
+            for suffix, package in packages.items():
+                tag = suffix.strip() or "lib"
+                storage = {
+                    "sqlite": f"sqlite:///{directory}/{tag}.db",
+                    "redis": f"{REDIS}?prefix={prefix}{tag}",
+                }[backend]
 
-            class Doc(ExternalBaseModel):
-                model_config = ExternalConfigDict(storage=storage, class_name="Doc")
-                title: str
-                body: str
+                class Doc(package.ExternalBaseModel):  # type: ignore[name-defined]
+                    model_config = package.ExternalConfigDict(storage=storage, class_name="Doc")
+                    title: str
+                    body: str
 
-            doc = Doc(title="benchmark", body="x" * 160)
-            reference = await doc.save_external()
-            ops = {"save": doc.save_external, "load": partial(Doc.load_external, reference)}
-            samples: dict[str, list[float]] = {name: [] for name in ops}
+                doc = Doc(title="benchmark", body="x" * 160)
+                reference = await doc.save_external()
+                ops[f"{backend} save{suffix}"] = doc.save_external
+                ops[f"{backend} load{suffix}"] = partial(Doc.load_external, reference)
+            names = list(ops)
+            samples: dict[str, list[float]] = {name: [] for name in names}
             for block in range(blocks + 1):  # the first is a warm-up
-                for name in list(ops)[block % 2 :] + list(ops)[: block % 2]:
+                shift = block % len(names)
+                for name in names[shift:] + names[:shift]:
                     op = ops[name]
                     for _ in range(block_size):
                         start = clock()
@@ -106,13 +115,14 @@ async def _measure(
                 if exporter is not None:
                     exporter.clear()
             for name, times in samples.items():
-                medians[f"{backend} {name}"] = statistics.median(times)
+                medians[name] = statistics.median(times)
     finally:
-        await aclose()
+        for package in packages.values():
+            await package.aclose()
         import redis
 
         client = redis.Redis.from_url(REDIS)
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
         if keys:
             client.delete(*keys)
         client.close()
@@ -139,30 +149,51 @@ def _start_cost() -> dict[str, float]:
     return costs
 
 
-def child(mode: str, backends: list[str], blocks: int, block_size: int) -> None:
+def child(
+    mode: str, backends: list[str], blocks: int, block_size: int, with_baseline: bool
+) -> None:
     exporter = _configure_sdk() if mode == "sdk" else None
-    medians = asyncio.run(_measure(backends, blocks, block_size, exporter))
+    medians = asyncio.run(_measure(backends, blocks, block_size, exporter, with_baseline))
     from pydantic_toast import _telemetry
 
     medians["on"] = float(_telemetry._recorder is not None)
     print(json.dumps(medians))
 
 
-def _run_child(
-    mode: str, path: Path, backends: list[str], blocks: int, block_size: int
-) -> dict[str, float]:
-    arguments = ("blocked" if mode == "baseline" else mode, backends, blocks, block_size)
-    code = (_BLOCK if mode in ("blocked", "baseline") else "") + (
-        f"from benchmarks.otel import child\nchild(*{arguments!r})\n"
+def _run_child(mode: str, arguments: tuple[Any, ...], pythonpath: str) -> dict[str, float]:
+    code = (_BLOCK if mode == "blocked" else "") + (
+        f"from benchmarks.otel import child\nchild({mode!r}, *{arguments!r})\n"
     )
-    env = {**os.environ, "PYTHONPATH": f"{path}{os.pathsep}{ROOT}"}
+    env = {**os.environ, "PYTHONPATH": pythonpath}
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT
     )
     if result.returncode:
         raise SystemExit(f"{mode} run failed:\n{result.stderr}")
     measured: dict[str, float] = json.loads(result.stdout.splitlines()[-1])
+    if measured.pop("on") != (mode == "sdk"):
+        raise SystemExit(f"{mode}: telemetry unexpectedly {'off' if mode == 'sdk' else 'on'}")
     return measured
+
+
+def _baseline_copy(ref: str, directory: str) -> None:
+    """The package as of ``ref``, renamed ``pydantic_toast_base`` so that it loads next to
+    the current one (its own registry, pools and classes)."""
+    archive = subprocess.run(
+        ["git", "archive", ref, "pydantic_toast"], capture_output=True, check=True, cwd=ROOT
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        for member in tar.getmembers():
+            if not member.isfile():
+                continue
+            extracted = tar.extractfile(member)
+            assert extracted is not None
+            target = Path(
+                directory, member.name.replace("pydantic_toast", "pydantic_toast_base", 1)
+            )
+            target.parent.mkdir(parents=True, exist_ok=True)
+            text = extracted.read().decode()
+            target.write_text(text.replace("pydantic_toast", "pydantic_toast_base"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,45 +210,44 @@ def main(argv: list[str] | None = None) -> int:
     for mode, ns in costs.items():
         print(f"  {mode:8} {ns:6.0f} ns")
 
-    paths = {mode: ROOT for mode in MODES}
+    results: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory(prefix="bench-otel-base-") as base:
         if args.baseline:
-            archive = subprocess.run(
-                ["git", "archive", args.baseline, "pydantic_toast"],
-                capture_output=True,
-                check=True,
-                cwd=ROOT,
-            ).stdout
-            with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-                tar.extractall(base, filter="data")
-            paths = {"baseline": Path(base), **paths}
-        results: dict[str, list[dict[str, float]]] = {mode: [] for mode in paths}
+            _baseline_copy(args.baseline, base)
+        pythonpath = os.pathsep.join([str(ROOT), base])
+        arguments = (args.backend.split(","), args.blocks, args.block_size, bool(args.baseline))
         for round_ in range(args.rounds):
-            modes = list(paths)
-            for mode in modes[round_ % len(modes) :] + modes[: round_ % len(modes)]:
-                measured = _run_child(
-                    mode, paths[mode], args.backend.split(","), args.blocks, args.block_size
-                )
-                if measured.pop("on") != (mode == "sdk"):
-                    raise SystemExit(
-                        f"{mode}: telemetry unexpectedly {'off' if mode == 'sdk' else 'on'}"
-                    )
-                results[mode].append(measured)
+            shift = round_ % len(MODES)
+            for mode in MODES[shift:] + MODES[:shift]:
+                results[mode].append(_run_child(mode, arguments, pythonpath))
             print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr, flush=True)
 
-    reference = "baseline" if args.baseline else "blocked"
-    cases = list(results[reference][0])
+    cases = [case for case in results["blocked"][0] if not case.endswith(" base")]
+    if args.baseline:
+        # Each process's own ratio to the baseline it ran interleaved: machine noise between
+        # processes cancels out.
+        against = f"the code of {args.baseline}, in the same process"
+        columns: list[tuple[str, str]] = [("baseline", "blocked"), *((m, m) for m in MODES)]
+    else:
+        against = "the blocked mode"
+        columns = [(m, m) for m in MODES]
     print(
-        f"\nSingle operations, ~200 B: median µs over {args.rounds} rounds (x: against {reference})"
+        f"\nSingle operations, ~200 B: median µs over {args.rounds} rounds (x: against {against})"
     )
-    header = f"{'case':12}" + "".join(f"{mode:>18}" for mode in results)
-    print(header)
+    print(f"{'case':12}" + "".join(f"{title:>18}" for title, _ in columns))
     for case in cases:
-        ref = statistics.median(run[case] for run in results[reference])
         cells = []
-        for mode in results:
-            value = statistics.median(run[case] for run in results[mode])
-            cells.append(f"{value * 1e6:.1f} x{value / ref:.3f}")
+        for title, mode in columns:
+            runs = results[mode]
+            if title == "baseline":
+                value, ratio = statistics.median(run[f"{case} base"] for run in runs), 1.0
+            elif args.baseline:
+                value = statistics.median(run[case] for run in runs)
+                ratio = statistics.median(run[case] / run[f"{case} base"] for run in runs)
+            else:
+                value = statistics.median(run[case] for run in runs)
+                ratio = value / statistics.median(run[case] for run in results["blocked"])
+            cells.append(f"{value * 1e6:.1f} x{ratio:.3f}")
         print(f"{case:12}" + "".join(f"{cell:>18}" for cell in cells))
     return 0
 
