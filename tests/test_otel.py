@@ -290,6 +290,24 @@ async def test_external_dump_and_validate_are_spans_around_their_batches(
     assert (validate_span.attributes or {})["pydantic_toast.bytes"] == line_bytes
 
 
+def test_the_plain_path_makes_a_span_per_value_under_the_callers_span(
+    otel: Telemetry, memory_url: str
+) -> None:
+    order = Order(lines=[Line(sku="a"), Line(sku="b")])
+    with trace.get_tracer("test").start_as_current_span("handler") as handler:
+        dumped = order.model_dump(context={"storage": memory_url})
+        assert Order.model_validate(dumped, context={"storage": memory_url}) == order
+
+    spans = [span for span in otel.spans() if span.name != "handler"]
+    assert [span.name for span in spans] == ["pydantic_toast.save"] * 2 + [
+        "pydantic_toast.load"
+    ] * 2
+    for span, line in zip(spans, order.lines * 2, strict=True):
+        assert span.parent is not None and span.parent.span_id == handler.get_span_context().span_id
+        assert (span.attributes or {})["pydantic_toast.bytes"] == len(line.model_dump_json())
+        assert (span.attributes or {})["pydantic_toast.class_name"] == "Line"
+
+
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
