@@ -16,6 +16,11 @@ Pydantic's hooks are synchronous and the backends are async, so there are two pa
   read) on the spot through the sync bridge, so a reference is never handed out before its
   record is written. Correct everywhere, including inside a running event loop; one round trip
   per value.
+
+With OpenTelemetry configured, `dump` and `validate` are spans ``pydantic_toast.dump`` and
+``pydantic_toast.validate``, and each batch they send is a ``pydantic_toast.save_many`` or
+``pydantic_toast.load_many`` span within; the plain path's writes and reads are
+``pydantic_toast.save`` and ``pydantic_toast.load`` spans.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from uuid import UUID, uuid4
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError, PydanticSerializationUnexpectedValue, core_schema
 
+from pydantic_toast import _telemetry
 from pydantic_toast._bridge import run_sync
 from pydantic_toast._content import content_id, verify_content
 from pydantic_toast._crypto import (
@@ -362,13 +368,14 @@ def _parse_json(data: str | bytes | bytearray) -> Any:
 async def _on(
     storage: Storage,
     operation: Callable[[StorageBackend], Awaitable[T]],
-    policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+    policy: RetryPolicy,
+    observed: _telemetry.Operation | None,
 ) -> T:
     """Run ``operation`` on a backend instance as is, or on a URL's live backend with
     retries (every operation here is idempotent)."""
     if isinstance(storage, StorageBackend):
         return await operation(storage)
-    return await with_backend(storage, operation, policy)
+    return await with_backend(storage, operation, policy, observed)
 
 
 # --- sessions ------------------------------------------------------------------------------------
@@ -568,19 +575,43 @@ def _references_in(data: Any) -> list[_Found]:
 
 
 async def _write(storage: Storage, record: Record, policy: RetryPolicy) -> None:
-    await _on(storage, lambda backend: backend.write_record(record), policy)
+    operation = _telemetry.start(_telemetry.SAVE, storage, record.class_name)
+    with operation or _telemetry.NOTHING as op:
+        await _on(storage, lambda backend: backend.write_record(record), policy, op)
+        if op is not None:
+            op.records = (record,)
 
 
 async def _write_many(storage: Storage, records: list[Record]) -> None:
-    await _on(storage, lambda backend: backend.write_records(records))
+    names = {record.class_name for record in records}
+    class_name = names.pop() if len(names) == 1 else None
+    operation = _telemetry.start(_telemetry.SAVE_MANY, storage, class_name, len(records))
+    with operation or _telemetry.NOTHING as op:
+        await _on(storage, lambda backend: backend.write_records(records), DEFAULT_RETRY_POLICY, op)
+        if op is not None:
+            op.records = records
 
 
 async def _read(storage: Storage, class_name: str, id: UUID, policy: RetryPolicy) -> Record | None:
-    return await _on(storage, lambda backend: backend.read_record(class_name, id), policy)
+    with _telemetry.start(_telemetry.LOAD, storage, class_name) or _telemetry.NOTHING as op:
+        record = await _on(storage, lambda backend: backend.read_record(class_name, id), policy, op)
+        if op is not None:
+            op.records = (record,)
+    return record
 
 
 async def _read_many(storage: Storage, class_name: str, ids: list[UUID]) -> list[Record | None]:
-    return await _on(storage, lambda backend: backend.read_records(class_name, ids))
+    operation = _telemetry.start(_telemetry.LOAD_MANY, storage, class_name, len(ids))
+    with operation or _telemetry.NOTHING as op:
+        records = await _on(
+            storage,
+            lambda backend: backend.read_records(class_name, ids),
+            DEFAULT_RETRY_POLICY,
+            op,
+        )
+        if op is not None:
+            op.records = records
+    return records
 
 
 # --- the batched API ---------------------------------------------------------------------------
@@ -633,12 +664,14 @@ async def dump(
     """
     session = _Session(None, batched=True)
     merged = _context(storage, context, session)
-    if isinstance(value, BaseModel):
-        result = value.model_dump(mode=mode, context=merged, **kwargs)
-    else:
-        adapter = _adapter(as_type or type(value))
-        result = adapter.dump_python(value, mode=mode, context=merged, **kwargs)
-    await session.flush()
+    root = as_type or type(value)
+    with _telemetry.start(_telemetry.DUMP, storage, _name(root)) or _telemetry.NOTHING as op:
+        if isinstance(value, BaseModel):
+            result = value.model_dump(mode=mode, context=merged, **kwargs)
+        else:
+            result = _adapter(root).dump_python(value, mode=mode, context=merged, **kwargs)
+        await session.flush()
+        _observe(op, [record for _, record in session.stored.values()])
     return result
 
 
@@ -653,13 +686,14 @@ async def dump_json(
     """`dump` as JSON text, like ``model_dump_json``."""
     session = _Session(None, batched=True)
     merged = _context(storage, context, session)
-    if isinstance(value, BaseModel):
-        result = value.model_dump_json(context=merged, **kwargs)
-    else:
-        result = (
-            _adapter(as_type or type(value)).dump_json(value, context=merged, **kwargs).decode()
-        )
-    await session.flush()
+    root = as_type or type(value)
+    with _telemetry.start(_telemetry.DUMP, storage, _name(root)) or _telemetry.NOTHING as op:
+        if isinstance(value, BaseModel):
+            result = value.model_dump_json(context=merged, **kwargs)
+        else:
+            result = _adapter(root).dump_json(value, context=merged, **kwargs).decode()
+        await session.flush()
+        _observe(op, [record for _, record in session.stored.values()])
     return result
 
 
@@ -703,15 +737,29 @@ async def validate(
     session = _Session(None, batched=True, max_depth=max_depth)
     merged = _context(storage, context, session)
     is_json = isinstance(data, str | bytes | bytearray)
-    await session.prefetch(_parse_json(data) if is_json else data, storage)
-    if isinstance(type_, type) and issubclass(type_, BaseModel):
+    with _telemetry.start(_telemetry.VALIDATE, storage, _name(type_)) or _telemetry.NOTHING as op:
+        await session.prefetch(_parse_json(data) if is_json else data, storage)
+        _observe(op, list(session.fetched.values()))
+        if isinstance(type_, type) and issubclass(type_, BaseModel):
+            if is_json:
+                return type_.model_validate_json(data, context=merged)
+            return type_.model_validate(data, context=merged)
+        adapter = _adapter(type_)
         if is_json:
-            return type_.model_validate_json(data, context=merged)
-        return type_.model_validate(data, context=merged)
-    adapter = _adapter(type_)
-    if is_json:
-        return adapter.validate_json(data, context=merged)
-    return adapter.validate_python(data, context=merged)
+            return adapter.validate_json(data, context=merged)
+        return adapter.validate_python(data, context=merged)
+
+
+def _name(type_: Any) -> str:
+    """The dumped or validated type, for its span."""
+    return getattr(type_, "__name__", None) or repr(type_)
+
+
+def _observe(op: _telemetry.Operation | None, records: list[Record | None]) -> None:
+    """What one dump or validate moved: its batch size and, when it ends, its bytes."""
+    if op is not None:
+        op.set_batch_size(len(records))
+        op.records = records
 
 
 _adapters: dict[Any, TypeAdapter[Any]] = {}

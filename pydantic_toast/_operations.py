@@ -3,6 +3,10 @@
 Every step that talks to a store goes through `with_backend` (the live backend of the class's
 URL, with the class's retries), and every reference is checked by `reference_id` before any
 I/O. The model class itself only forwards here.
+
+Each operation is one OpenTelemetry span when a provider is configured (`_telemetry`): the
+operation starts it first and ends it with the records it moved, or fails it with what it
+raised. ``op`` is ``None`` otherwise, and then costs one test per step.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, TypeVar
 from uuid import UUID
 
+from pydantic_toast import _telemetry
 from pydantic_toast._config import ModelSettings
 from pydantic_toast._crypto import Keyring, sign_reference
 from pydantic_toast._errors import (
@@ -63,45 +68,61 @@ def _signer(settings: ModelSettings) -> Keyring | None:
 
 
 async def save(model: ExternalBaseModel) -> ExternalReference:
-    record = model._to_record(datetime.now(UTC))
     settings = type(model).__external_settings__
-    await with_backend(settings.storage, lambda b: b.write_record(record), settings.retry)
+    op = _telemetry.start(_telemetry.SAVE, settings.storage, settings.class_name)
+    try:
+        record = model._to_record(datetime.now(UTC))
+        await with_backend(settings.storage, lambda b: b.write_record(record), settings.retry, op)
+    except BaseException as exc:
+        if op is not None:
+            op.fail(exc)
+        raise
     model._remember(record)
+    if op is not None:
+        op.end((record,))
     return _reference(settings, record)
 
 
 async def save_many(cls: type[M], models: Iterable[M]) -> list[ExternalReference]:
-    now = datetime.now(UTC)
     models = list(models)
-    records: dict[int, Record] = {}
-    batches: dict[str, list[Record]] = {}
-    for model in models:
-        if not isinstance(model, cls):
-            raise StorageValidationError(
-                f"save_external_many of {cls.__name__} got {type(model).__name__}"
-            )
-        if id(model) not in records:
-            record = records[id(model)] = model._to_record(now)
-            batches.setdefault(type(model).__external_settings__.storage, []).append(record)
-    groups = list(batches.items())
-    for index, (storage, batch) in enumerate(groups):
-        writer = _BatchWriter(batch)
-        try:
-            await with_backend(storage, writer, cls.__external_settings__.retry)
-        except (StorageConnectionError, StorageOperationError) as exc:
-            # Unconfirmed: what this storage's writer has left, and every record of the
-            # storages not tried yet. The others are stored: give their models metadata.
-            unwritten = writer.unwritten_ids()
-            unwritten += [str(record.id) for _, later in groups[index + 1 :] for record in later]
-            exc.failed_ids = unwritten
-            unconfirmed = set(exc.failed_ids)
-            for model in models:
-                if str(records[id(model)].id) not in unconfirmed:
-                    model._remember(records[id(model)])
-            raise
-    for model in models:
-        model._remember(records[id(model)])
     settings = cls.__external_settings__
+    operation = _telemetry.start(
+        _telemetry.SAVE_MANY, settings.storage, settings.class_name, len(models)
+    )
+    with operation or _telemetry.NOTHING as op:
+        now = datetime.now(UTC)
+        records: dict[int, Record] = {}
+        batches: dict[str, list[Record]] = {}
+        for model in models:
+            if not isinstance(model, cls):
+                raise StorageValidationError(
+                    f"save_external_many of {cls.__name__} got {type(model).__name__}"
+                )
+            if id(model) not in records:
+                record = records[id(model)] = model._to_record(now)
+                batches.setdefault(type(model).__external_settings__.storage, []).append(record)
+        groups = list(batches.items())
+        for index, (storage, batch) in enumerate(groups):
+            writer = _BatchWriter(batch)
+            try:
+                await with_backend(storage, writer, settings.retry, op)
+            except (StorageConnectionError, StorageOperationError) as exc:
+                # Unconfirmed: what this storage's writer has left, and every record of the
+                # storages not tried yet. The others are stored: give their models metadata.
+                unwritten = writer.unwritten_ids()
+                unwritten += [
+                    str(record.id) for _, later in groups[index + 1 :] for record in later
+                ]
+                exc.failed_ids = unwritten
+                unconfirmed = set(exc.failed_ids)
+                for model in models:
+                    if str(records[id(model)].id) not in unconfirmed:
+                        model._remember(records[id(model)])
+                raise
+        for model in models:
+            model._remember(records[id(model)])
+        if op is not None:
+            op.records = records.values()
     return [_reference(settings, records[id(model)]) for model in models]
 
 
@@ -131,15 +152,24 @@ class _BatchWriter:
 
 async def load(cls: type[M], reference: ReferenceLike) -> M:
     settings = cls.__external_settings__
-    id = reference_id(reference, settings.class_name, _signer(settings))
     name = settings.class_name
-    stored = await with_backend(
-        settings.storage, lambda b: load_record(b, name, id), settings.retry
-    )
-    record = cls._live(stored)
-    if record is None:
-        raise RecordNotFoundError(name, [str(id)], settings.storage)
-    return (await from_records(cls, [record]))[id]
+    op = _telemetry.start(_telemetry.LOAD, settings.storage, name)
+    try:
+        id = reference_id(reference, name, _signer(settings))
+        stored = await with_backend(
+            settings.storage, lambda b: load_record(b, name, id), settings.retry, op
+        )
+        record = cls._live(stored)
+        if record is None:
+            raise RecordNotFoundError(name, [str(id)], settings.storage)
+        model = (await from_records(cls, [record]))[id]
+    except BaseException as exc:
+        if op is not None:
+            op.fail(exc)
+        raise
+    if op is not None:
+        op.end((record,))
+    return model
 
 
 async def load_many(
@@ -147,27 +177,33 @@ async def load_many(
 ) -> list[M | None]:
     settings = cls.__external_settings__
     name = settings.class_name
-    signer = _signer(settings)
-    ids = [reference_id(reference, name, signer) for reference in references]
-    unique = list(dict.fromkeys(ids))
-    stored = await with_backend(
-        settings.storage, lambda b: b.read_records(name, unique), settings.retry
-    )
-    records = [cls._live(record) for record in stored]
-    missing = [str(id) for id, record in zip(unique, records, strict=True) if record is None]
-    if missing and not missing_ok:
-        raise RecordNotFoundError(name, missing, settings.storage)
-    loaded = await from_records(cls, (record for record in records if record is not None))
+    references = list(references)
+    operation = _telemetry.start(_telemetry.LOAD_MANY, settings.storage, name, len(references))
+    with operation or _telemetry.NOTHING as op:
+        signer = _signer(settings)
+        ids = [reference_id(reference, name, signer) for reference in references]
+        unique = list(dict.fromkeys(ids))
+        stored = await with_backend(
+            settings.storage, lambda b: b.read_records(name, unique), settings.retry, op
+        )
+        records = [cls._live(record) for record in stored]
+        missing = [str(id) for id, record in zip(unique, records, strict=True) if record is None]
+        if missing and not missing_ok:
+            raise RecordNotFoundError(name, missing, settings.storage)
+        loaded = await from_records(cls, (record for record in records if record is not None))
+        if op is not None:
+            op.records = records
     return [loaded.get(id) for id in ids]
 
 
 async def exists(cls: type[M], reference: ReferenceLike) -> bool:
     settings = cls.__external_settings__
     name = settings.class_name
-    id = reference_id(reference, name, _signer(settings))
-    stored = await with_backend(
-        settings.storage, lambda b: load_record(b, name, id), settings.retry
-    )
+    with _telemetry.start(_telemetry.EXISTS, settings.storage, name) or _telemetry.NOTHING as op:
+        id = reference_id(reference, name, _signer(settings))
+        stored = await with_backend(
+            settings.storage, lambda b: load_record(b, name, id), settings.retry, op
+        )
     return cls._live(stored) is not None
 
 
@@ -176,19 +212,22 @@ async def delete_many(
 ) -> int:
     settings = cls.__external_settings__
     name = settings.class_name
-    signer = _signer(settings)
-    ids = list(dict.fromkeys(reference_id(reference, name, signer) for reference in references))
-    missing: list[str] = []
-    if not missing_ok:  # one read first, to name the missing ids
-        found = await with_backend(
-            settings.storage, lambda b: b.read_records(name, ids), settings.retry
+    references = list(references)
+    operation = _telemetry.start(_telemetry.DELETE_MANY, settings.storage, name, len(references))
+    with operation or _telemetry.NOTHING as op:
+        signer = _signer(settings)
+        ids = list(dict.fromkeys(reference_id(reference, name, signer) for reference in references))
+        missing: list[str] = []
+        if not missing_ok:  # one read first, to name the missing ids
+            found = await with_backend(
+                settings.storage, lambda b: b.read_records(name, ids), settings.retry, op
+            )
+            missing = [str(id) for id, record in zip(ids, found, strict=True) if record is None]
+        deleted = await with_backend(
+            settings.storage, lambda b: b.delete_records(name, ids), settings.retry, op
         )
-        missing = [str(id) for id, record in zip(ids, found, strict=True) if record is None]
-    deleted = await with_backend(
-        settings.storage, lambda b: b.delete_records(name, ids), settings.retry
-    )
-    if missing:
-        raise RecordNotFoundError(name, missing, settings.storage)
+        if missing:
+            raise RecordNotFoundError(name, missing, settings.storage)
     return deleted
 
 
@@ -197,51 +236,61 @@ async def delete(
 ) -> bool:
     settings = cls.__external_settings__
     name = settings.class_name
-    if instance is not None and reference is not None:
-        raise StorageValidationError(
-            f"{cls.__name__}: model.delete_external() deletes the model's own record; "
-            f"delete another by reference with {cls.__name__}.delete_external(reference)"
+    with _telemetry.start(_telemetry.DELETE, settings.storage, name) or _telemetry.NOTHING as op:
+        if instance is not None and reference is not None:
+            raise StorageValidationError(
+                f"{cls.__name__}: model.delete_external() deletes the model's own record; "
+                f"delete another by reference with {cls.__name__}.delete_external(reference)"
+            )
+        if instance is not None:
+            metadata = instance.external_metadata
+            if metadata is None:
+                if missing_ok:
+                    return False
+                raise RecordNotFoundError(name, ["(never saved)"])
+            # The model's own record: its id is the instance's, not a reference from outside.
+            id = reference_id({"class_name": metadata.class_name, "id": str(metadata.id)}, name)
+        elif reference is None:
+            raise StorageValidationError(f"{cls.__name__}.delete_external() needs a reference")
+        else:
+            id = reference_id(reference, name, _signer(settings))
+        deleted = await with_backend(
+            settings.storage, lambda b: b.delete_records(name, [id]), settings.retry, op
         )
-    if instance is not None:
-        metadata = instance.external_metadata
-        if metadata is None:
-            if missing_ok:
-                return False
-            raise RecordNotFoundError(name, ["(never saved)"])
-        # The model's own record: its id is the instance's, not a reference from outside.
-        id = reference_id({"class_name": metadata.class_name, "id": str(metadata.id)}, name)
-    elif reference is None:
-        raise StorageValidationError(f"{cls.__name__}.delete_external() needs a reference")
-    else:
-        id = reference_id(reference, name, _signer(settings))
-    deleted = await with_backend(
-        settings.storage, lambda b: b.delete_records(name, [id]), settings.retry
-    )
-    if instance is not None:
-        instance._forget()
-    if not deleted and not missing_ok:
-        raise RecordNotFoundError(name, [str(id)], settings.storage)
+        if instance is not None:
+            instance._forget()
+        if not deleted and not missing_ok:
+            raise RecordNotFoundError(name, [str(id)], settings.storage)
     return deleted > 0
 
 
 async def purge(cls: type[M], older_than: timedelta | float | None, before: datetime | None) -> int:
     settings = cls.__external_settings__
-    if before is None:
-        age = older_than if older_than is not None else settings.ttl
-        if isinstance(age, int | float) and not isinstance(age, bool):
-            age = timedelta(seconds=age)  # seconds, as ttl takes them
-        if not isinstance(age, timedelta) or age <= timedelta(0):
+    with (
+        _telemetry.start(_telemetry.PURGE, settings.storage, settings.class_name)
+        or _telemetry.NOTHING as op
+    ):
+        if before is None:
+            age = older_than if older_than is not None else settings.ttl
+            if isinstance(age, int | float) and not isinstance(age, bool):
+                age = timedelta(seconds=age)  # seconds, as ttl takes them
+            if not isinstance(age, timedelta) or age <= timedelta(0):
+                raise StorageValidationError(
+                    f"{cls.__name__}.purge_external needs before, or older_than as a positive "
+                    f"duration (a timedelta or seconds), not {age!r}"
+                )
+            before = datetime.now(UTC) - age
+        elif older_than is not None:
             raise StorageValidationError(
-                f"{cls.__name__}.purge_external needs before, or older_than as a positive "
-                f"duration (a timedelta or seconds), not {age!r}"
+                f"{cls.__name__}.purge_external takes older_than or before, not both"
             )
-        before = datetime.now(UTC) - age
-    elif older_than is not None:
-        raise StorageValidationError(
-            f"{cls.__name__}.purge_external takes older_than or before, not both"
+        name, cutoff = settings.class_name, before
+        purged = await with_backend(
+            settings.storage, lambda b: b.purge(name, cutoff), settings.retry, op
         )
-    name, cutoff = settings.class_name, before
-    return await with_backend(settings.storage, lambda b: b.purge(name, cutoff), settings.retry)
+        if op is not None:
+            op.set_batch_size(purged)
+    return purged
 
 
 async def from_records(cls: type[M], records: Iterable[Record]) -> dict[UUID, M]:

@@ -13,11 +13,14 @@ import asyncio
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pydantic_toast._errors import StorageConnectionError
 from pydantic_toast._registry import get_backend
 from pydantic_toast.backends.base import StorageBackend
+
+if TYPE_CHECKING:
+    from pydantic_toast._telemetry import Operation
 
 __all__ = ["RetryPolicy", "with_backend"]
 
@@ -43,9 +46,10 @@ async def with_backend(
     storage: str,
     operation: Callable[[StorageBackend], Awaitable[T]],
     policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+    observed: Operation | None = None,
 ) -> T:
     """Run ``operation`` on the live backend of ``storage``, retrying connection failures
-    (connecting included) as ``policy`` allows."""
+    (connecting included) as ``policy`` allows; each retry is counted on ``observed``."""
     attempt = 0
     while True:
         try:
@@ -53,5 +57,7 @@ async def with_backend(
         except StorageConnectionError:
             if attempt >= policy.retries:
                 raise
+            if observed is not None:
+                observed.retried()
             await asyncio.sleep(policy.delay(attempt))
             attempt += 1
