@@ -21,6 +21,7 @@ from pydantic_toast._external import (
     validate,
     validate_sync,
 )
+from pydantic_toast._gc import GarbageReport, collect_garbage, collect_garbage_sync
 from pydantic_toast._model import ExternalBaseModel, ExternalMetadata
 from pydantic_toast._references import ExternalReference
 from pydantic_toast._registry import register_backend
@@ -36,6 +37,7 @@ __all__ = [
     "ExternalNameWarning",
     "ExternalReference",
     "ExternalStorageError",
+    "GarbageReport",
     "RecordNotFoundError",
     "StorageBackend",
     "StorageConnectionError",
@@ -44,6 +46,8 @@ __all__ = [
     "UnsupportedOperationError",
     "aclose",
     "close",
+    "collect_garbage",
+    "collect_garbage_sync",
     "dump",
     "dump_json",
     "dump_json_sync",

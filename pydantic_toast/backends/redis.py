@@ -45,10 +45,12 @@ from pydantic_toast.backends.records import (
     CREATED_AT_OFFSET,
     CREATED_AT_WIDTH,
     HEAD_BYTES,
+    UPDATED_AT_OFFSET,
     Record,
     StoredInfo,
     check_class_name,
     encode_envelope,
+    timestamp_text,
 )
 
 __all__ = ["RedisBackend"]
@@ -82,6 +84,7 @@ _NOT_A_STRING = b"(a key of another type)"
 # with exactly that shape, so a foreign value at the key is overwritten whole.
 _HEAD = b'{"created_at":"'
 _TIMESTAMP = r'^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%d%d%d%d[%+%-]%d%d:%d%d"$'
+_UTC_TIMESTAMP = r'^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%d%d%d%d%+00:00"$'
 _QUOTE_AT = CREATED_AT_OFFSET + CREATED_AT_WIDTH  # index of the quote closing `created_at`
 assert len(_HEAD) == CREATED_AT_OFFSET, "the envelope layout changed"
 
@@ -115,6 +118,29 @@ if #KEYS == 1 then
   return kept[1]
 end
 return kept
+"""
+
+# KEYS: records' keys; ARGV[1]: a moment as UTC text of the fixed width. Deletes each record
+# whose envelope's `updated_at` (UTC, the fixed width: what `_envelope` writes) is still before
+# it; returns how many. Anything else at a key (another shape, another type) stays.
+_DELETE_STALE_SCRIPT = f"""
+local cutoff = ARGV[1]
+local deleted = 0
+for _, key in ipairs(KEYS) do
+  local head = redis.pcall('GETRANGE', key, 0, {UPDATED_AT_OFFSET + CREATED_AT_WIDTH})
+  if type(head) == 'string'
+    and string.sub(head, 1, {CREATED_AT_OFFSET}) == [==[{_HEAD.decode()}]==]
+    and string.sub(head, {UPDATED_AT_OFFSET - 15}, {UPDATED_AT_OFFSET}) == '","updated_at":"'
+  then
+    local updated = string.sub(head, {UPDATED_AT_OFFSET + 1})
+    if string.find(updated, [==[{_UTC_TIMESTAMP}]==])
+      and string.sub(updated, 1, {CREATED_AT_WIDTH}) < cutoff
+    then
+      deleted = deleted + redis.call('UNLINK', key)
+    end
+  end
+end
+return deleted
 """
 
 
@@ -159,6 +185,7 @@ class RedisBackend(StorageBackend):
     options: RedisOptions
     capabilities = Capabilities(
         delete=True,
+        conditional_delete=True,
         scan=True,
         keeps_created_at=True,
         batch_size=_BATCH_RECORDS,
@@ -222,6 +249,7 @@ class RedisBackend(StorageBackend):
             raise StorageValidationError(f"invalid redis URL option: {exc}") from exc
         self._client: Redis | None = None
         self._script: AsyncScript | None = None
+        self._delete_script: AsyncScript | None = None
         self._sha = ""
         # redis-py's plain pool fails when all connections are busy and its blocking pool
         # costs a condition variable per command; this gate makes a burst wait its turn (at
@@ -242,6 +270,7 @@ class RedisBackend(StorageBackend):
             await client.aclose()
             raise
         self._client, self._script, self._sha = client, script, script.sha
+        self._delete_script = client.register_script(_DELETE_STALE_SCRIPT)
 
     async def disconnect(self) -> None:
         """Close the client and its connection pool."""
@@ -358,6 +387,18 @@ class RedisBackend(StorageBackend):
         finally:
             self._gate.release()
 
+    async def delete_stale(self, class_name: str, ids: Sequence[UUID], before: datetime) -> int:
+        """One script call: Redis runs it atomically, so a record written again since the
+        caller looked (its `updated_at` refreshed) is never deleted."""
+        keys = [self._key(class_name, id) for id in ids]
+        cutoff = timestamp_text(before.astimezone(UTC)).encode()
+        client = await self._acquire()
+        try:
+            script = cast(AsyncScript, self._delete_script)
+            return int(await script(keys=keys, args=[cutoff], client=client))
+        finally:
+            self._gate.release()
+
     async def scan(self, class_name: str | None) -> AsyncIterator[StoredInfo]:
         """Every record under ``{prefix}:{class_name}:`` (or the whole prefix), by SCAN.
 
@@ -417,6 +458,8 @@ def _glob_escape(text: str) -> str:
 
 def _envelope(record: Record) -> bytes:
     """The record's envelope, with `created_at` in the fixed width the script relies on."""
+    if record.updated_at.utcoffset():  # UTC, so that the delete script can compare it as text
+        record.updated_at = record.updated_at.astimezone(UTC)
     value = encode_envelope(record)
     if value[_QUOTE_AT] != ord('"'):  # an offset such as +05:30:15 is longer: use UTC
         record.created_at = record.created_at.astimezone(UTC)
