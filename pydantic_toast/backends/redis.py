@@ -9,7 +9,7 @@ claim ``created_at``, as a read-then-write would allow. A first save tries a pla
 before the script: when it succeeds nothing was stored, so there was nothing to keep.
 A batch is one script call over many keys (fewer round trips and less client work than a
 pipeline of calls), a batch read one MGET. Listing (and so purging) walks the prefix with
-SCAN, reading each page's headers in one MULTI.
+SCAN, reading each page's headers in one script call.
 """
 
 from __future__ import annotations
@@ -143,6 +143,23 @@ end
 return deleted
 """
 
+# KEYS: records' keys. Returns each key's first `HEAD_BYTES` and its length, flat; a length of
+# -1 for a key of another type, 0 for a key gone since it was listed.
+_HEADS_SCRIPT = f"""
+local out = {{}}
+for i, key in ipairs(KEYS) do
+  local head = redis.pcall('GETRANGE', key, 0, {HEAD_BYTES - 1})
+  if type(head) == 'table' then
+    out[2 * i - 1] = ''
+    out[2 * i] = -1
+  else
+    out[2 * i - 1] = head
+    out[2 * i] = redis.call('STRLEN', key)
+  end
+end
+return out
+"""
+
 
 #: A key prefix: 1 to 200 characters, no whitespace or control characters.
 Prefix = Annotated[
@@ -250,6 +267,7 @@ class RedisBackend(StorageBackend):
         self._client: Redis | None = None
         self._script: AsyncScript | None = None
         self._delete_script: AsyncScript | None = None
+        self._heads_script: AsyncScript | None = None
         self._sha = ""
         # redis-py's plain pool fails when all connections are busy and its blocking pool
         # costs a condition variable per command; this gate makes a burst wait its turn (at
@@ -271,6 +289,7 @@ class RedisBackend(StorageBackend):
             raise
         self._client, self._script, self._sha = client, script, script.sha
         self._delete_script = client.register_script(_DELETE_STALE_SCRIPT)
+        self._heads_script = client.register_script(_HEADS_SCRIPT)
 
     async def disconnect(self) -> None:
         """Close the client and its connection pool."""
@@ -403,8 +422,9 @@ class RedisBackend(StorageBackend):
         """Every record under ``{prefix}:{class_name}:`` (or the whole prefix), by SCAN.
 
         SCAN holds nothing on the server and may list a key twice if the keyspace is resized
-        meanwhile. Each page's headers and sizes come in one MULTI: a key deleted since the
-        SCAN is skipped, as is any key that is not ``{prefix}:{ClassName}:{uuid}``.
+        meanwhile. Each page's headers and sizes come in one script call (one command of many
+        keys costs the client a fraction of a pipeline of two commands per key): a key deleted
+        since the SCAN is skipped, as is any key that is not ``{prefix}:{ClassName}:{uuid}``.
         """
         pattern = _glob_escape(f"{self.prefix}:")
         pattern += "*" if class_name is None else f"{class_name}:*"
@@ -414,19 +434,18 @@ class RedisBackend(StorageBackend):
             try:
                 cursor, keys = await client.scan(cursor, match=pattern, count=_BATCH_RECORDS)
                 found = [parsed for key in keys if (parsed := self._parse_key(key))]
-                pipe = client.pipeline(transaction=True)
-                for name, id in found:
-                    pipe.getrange(self._key(name, id), 0, HEAD_BYTES - 1)
-                    pipe.strlen(self._key(name, id))
-                replies = await pipe.execute(raise_on_error=False) if found else []
+                script = cast(AsyncScript, self._heads_script)
+                replies = (
+                    await script(keys=[self._key(n, i) for n, i in found], client=client)
+                    if found
+                    else []
+                )
             finally:
                 self._gate.release()
             for index, (name, id) in enumerate(found):
                 head, size = replies[2 * index], replies[2 * index + 1]
-                if isinstance(head, redis_errors.ResponseError):  # a key of another type
+                if size < 0:  # a key of another type
                     yield StoredInfo(id, name, 1, None, _NOT_A_STRING)
-                elif isinstance(head, Exception) or isinstance(size, Exception):
-                    raise head if isinstance(head, Exception) else size
                 elif size:  # 0: deleted since the scan
                     yield StoredInfo(id, name, size, None, head)
             if cursor == 0:
