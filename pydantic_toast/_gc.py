@@ -48,7 +48,7 @@ from pydantic_toast._errors import (
 from pydantic_toast._external import _references_in
 from pydantic_toast._registry import get_backend
 from pydantic_toast.backends.base import StorageBackend
-from pydantic_toast.backends.records import Record
+from pydantic_toast.backends.records import Record, check_class_name
 
 __all__ = ["GarbageReport", "collect_garbage", "collect_garbage_sync"]
 
@@ -216,8 +216,13 @@ class _Collection:
                 continue  # not content-addressed: a root already, never deleted
             key = id.bytes
             if key not in self.reachable:
+                name = self.names.get(class_name)
+                if name is None:
+                    try:
+                        name = self.names[class_name] = check_class_name(class_name)
+                    except StorageValidationError:
+                        continue  # no record is stored under such a name: it names nothing
                 self.reachable.add(key)
-                name = self.names.setdefault(class_name, class_name)
                 self.frontier.setdefault(name, []).append(id)
         return True
 

@@ -86,6 +86,7 @@ class World:
                 "meta": {"a": {"b": [{"c": self.deep}]}},
                 "kit": self.kit,
                 "not_a_reference": {"class_name": "Line", "id": self.garbage[0]["id"], "x": 1},
+                "no_such_class": {"class_name": "no class!", "id": self.garbage[1]["id"]},
             },
             content_addressed=False,
         )
