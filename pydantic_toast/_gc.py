@@ -166,6 +166,19 @@ async def _collect(
     )
 
 
+#: What a `GarbageReport` counts.
+_COUNTS = (
+    "scanned",
+    "roots_scanned",
+    "roots",
+    "recent",
+    "reachable",
+    "deleted",
+    "refreshed",
+    "corrupt",
+)
+
+
 class _Collection:
     """The state of one collection: reachable ids as 16-byte strings, old content-addressed
     records as packed 16-byte ids per class, and the references still to follow."""
@@ -187,9 +200,7 @@ class _Collection:
         self.frontier: dict[str, list[UUID]] = {}
         self.names: dict[str, str] = {}  # one string per class name, however often parsed
         self.broken: set[str] = set()  # ids of the records counted corrupt (few)
-        self.counts = dict.fromkeys(
-            ("scanned", "roots_scanned", "roots", "recent", "reachable", "deleted"), 0
-        ) | {"refreshed": 0, "corrupt": 0}
+        self.counts = dict.fromkeys(_COUNTS, 0)
 
     def corrupt(self, error: CorruptRecordError) -> None:
         if error.id in self.broken:
@@ -239,7 +250,8 @@ class _Collection:
                 return
             for name in ready:
                 ids = self.frontier[name]
-                batch, self.frontier[name] = ids[:_BATCH], ids[_BATCH:]
+                batch = ids[-_BATCH:]  # from the end: a long list is not copied each time
+                del ids[-_BATCH:]
                 for record in await self.read(self.backend, name, batch):
                     if record is not None and record is not _CORRUPT:
                         self.follow(record)
