@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import random
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -358,28 +357,49 @@ def racing_storage(request: pytest.FixtureRequest) -> str:
 async def test_a_collection_racing_dumps_leaves_no_dangling_reference(racing_storage: str) -> None:
     storage = racing_storage
     backend = await get_backend(storage)
-    values = [Item(sku=f"SKU-{i}", quantity=i) for i in range(200)]
+    values = [Item(sku=f"SKU-{i}", quantity=i) for i in range(1000)]
     # Every value stored long ago and referenced by nobody: all garbage, until dumped again.
-    for value in values:
-        await put(backend, "Item", value.model_dump())
-    chooser = random.Random(12)
-    handed_out: list[dict[str, Any]] = []
+    await backend.write_records(
+        [
+            Record(content_id("Item", raw), "Item", raw, 1, OLD, OLD)
+            for raw in (value.model_dump_json().encode() for value in values)
+        ]
+    )
+    # Dump n holds values n to n + 4: each value is written by a few dumps close in time, so
+    # a collection deleting a value just written (without the check) leaves a reference that
+    # no later dump writes again.
+    next_dump = iter(range(1000))
+    handed_out: list[tuple[int, dict[str, Any]]] = []
     started = asyncio.Event()
 
-    async def dumper(dumps: int) -> None:
-        for n in range(dumps):
-            basket = Basket(items=chooser.sample(values, 5))
-            handed_out.append(await pydantic_toast.dump(basket, storage=storage))
-            if n == 2:
+    def basket(n: int) -> Basket:
+        return Basket(items=[values[(n + k) % len(values)] for k in range(5)])
+
+    async def dumper() -> None:
+        for n in next_dump:
+            handed_out.append((n, await pydantic_toast.dump(basket(n), storage=storage)))
+            if n >= 50:
                 started.set()
+
+    def thread_dumper() -> None:
+        # Another thread, so another event loop and connection: writes that truly overlap
+        # the collection's statements, even on the embedded backends.
+        for n in next_dump:
+            handed_out.append((n, pydantic_toast.dump_sync(basket(n), storage=storage)))
 
     async def collector() -> GarbageReport:
         await started.wait()
         return await collect_garbage(storage)
 
-    *_, report = await asyncio.gather(*(dumper(100) for _ in range(10)), collector())
+    *_, report = await asyncio.gather(
+        *(dumper() for _ in range(5)),
+        *(asyncio.to_thread(thread_dumper) for _ in range(5)),
+        collector(),
+    )
     assert len(handed_out) == 1000
-    assert report.scanned == 200 and report.deleted + report.refreshed + report.recent <= 200
-    for dumped in handed_out:  # every reference a dump returned still loads
-        basket = await pydantic_toast.validate(Basket, dumped, storage=storage)
-        assert len(basket.items) == 5
+    assert report.scanned == 1000 and report.recent + report.deleted + report.refreshed == 1000
+    # Every reference a dump returned still loads, to the value it was dumped from.
+    loaded = await pydantic_toast.validate(
+        list[Basket], [dumped for _, dumped in handed_out], storage=storage
+    )
+    assert loaded == [basket(n) for n, _ in handed_out]
