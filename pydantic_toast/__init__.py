@@ -22,6 +22,7 @@ from pydantic_toast._external import (
     validate,
     validate_sync,
 )
+from pydantic_toast._gc import GarbageReport, collect_garbage, collect_garbage_sync
 from pydantic_toast._model import ExternalBaseModel, ExternalMetadata
 from pydantic_toast._references import ExternalReference
 from pydantic_toast._registry import register_backend
@@ -38,6 +39,7 @@ __all__ = [
     "ExternalNameWarning",
     "ExternalReference",
     "ExternalStorageError",
+    "GarbageReport",
     "Keyring",
     "RecordNotFoundError",
     "RekeyReport",
@@ -48,6 +50,8 @@ __all__ = [
     "UnsupportedOperationError",
     "aclose",
     "close",
+    "collect_garbage",
+    "collect_garbage_sync",
     "dump",
     "dump_json",
     "dump_json_sync",

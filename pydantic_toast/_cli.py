@@ -7,6 +7,7 @@
     python -m pydantic_toast --storage URL rm User ID [ID ...]
     python -m pydantic_toast --storage URL purge User --older-than 30d [--dry-run]
     python -m pydantic_toast --storage URL rekey myapp.models:User [--dry-run]
+    python -m pydantic_toast --storage URL gc [--roots-from URL ...] [--grace 7d] [--dry-run]
 
 The storage URL may also come from ``PYDANTIC_TOAST_STORAGE`` (kept out of the process list).
 ``--storage`` and ``--json`` go anywhere on the line, before or after the command. Output is a
@@ -14,8 +15,14 @@ table for people, or JSON with ``--json``. A record that cannot be decoded is a 
 stderr and the listing goes on. Exit status: 0; 1 for an error, a record not found or a
 corrupt record; 2 for a usage error.
 
-``--older-than`` takes a number and a unit: ``s``, ``min``, ``h``, ``d`` or ``w`` (``90min``,
-``1.5h``). There is no ``m``: it could mean minutes or months, so it is refused.
+``gc`` deletes the content-addressed records that no record references (see
+`pydantic_toast.collect_garbage`); ``--roots-from`` names other storages whose records hold
+references too (given once with several URLs, or several times), ``--grace`` (default 1d) how
+long a new value is kept whatever references it.
+
+``--older-than`` and ``--grace`` take a number and a unit: ``s``, ``min``, ``h``, ``d`` or
+``w`` (``90min``, ``1.5h``). There is no ``m``: it could mean minutes or months, so it is
+refused.
 
 The tool works on records, not models, so it needs no model classes: it talks to the backend
 directly. The exception is ``rekey``, which re-encrypts a class's records under its primary key:
@@ -44,10 +51,11 @@ from pydantic_toast._errors import (
     StorageValidationError,
     mask_url,
 )
+from pydantic_toast._gc import _collect
 from pydantic_toast._model import ExternalBaseModel
 from pydantic_toast._references import parse_id
 from pydantic_toast._registry import backend_class_for
-from pydantic_toast._rekey import RekeyReport, rekey
+from pydantic_toast._rekey import rekey
 from pydantic_toast.backends.base import StorageBackend
 from pydantic_toast.backends.records import check_class_name
 
@@ -162,6 +170,23 @@ def _parser(words: Sequence[str]) -> _Parser:
     rekey.add_argument("model", metavar="MODULE:CLASS", help="the model, e.g. app.models:User")
     rekey.add_argument("--dry-run", action="store_true", help="count, write nothing")
     rekey.add_argument("--batch-size", type=int, default=200, help="records per read and write")
+    gc = command("gc", "delete content-addressed records that no record references")
+    gc.add_argument(
+        "--roots-from",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="URL",
+        help="other storages whose records reference records of this one (only read)",
+    )
+    gc.add_argument(
+        "--grace",
+        type=parse_duration,
+        default=timedelta(days=1),
+        metavar="AGE",
+        help="keep values written within this long (default 1d): 7d, 12h, 90min",
+    )
+    gc.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     return parser
 
 
@@ -204,6 +229,8 @@ async def _run(arguments: argparse.Namespace, on_corrupt: _CorruptRecords) -> in
     if arguments.command in _READ_ONLY:
         # Looking must not change the store: a typo in a table name or a path reads as a store
         # without records, not as a new table or directory.
+        backend.create_missing = False
+    if arguments.command == "gc" and arguments.dry_run:
         backend.create_missing = False
     await backend.open()
     try:
@@ -333,26 +360,15 @@ async def _purge(
 async def _rekey(
     backend: StorageBackend, arguments: argparse.Namespace, on_corrupt: _CorruptRecords
 ) -> int:
-    shown = sys.stderr.isatty()
-
-    def progress(report: RekeyReport) -> None:
-        if shown:
-            print(
-                f"\rscanned {report.scanned:,}, rekeyed {report.rekeyed:,}...",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
-
+    progress = _Progress("scanned")
     report = await rekey(
         arguments.model,
         storage=backend,
         dry_run=arguments.dry_run,
         batch_size=arguments.batch_size,
-        on_progress=progress,
+        on_progress=lambda so_far: progress.at(so_far.scanned),
     )
-    if shown:
-        print(file=sys.stderr)
+    progress.done()
     for _, reason in report.failures:
         print(f"warning: {reason}", file=sys.stderr)
     verb = "would rekey" if arguments.dry_run else "rekeyed"
@@ -376,6 +392,55 @@ async def _rekey(
     return 1 if report.failed else 0
 
 
+async def _gc(
+    backend: StorageBackend, arguments: argparse.Namespace, on_corrupt: _CorruptRecords
+) -> int:
+    sources: list[StorageBackend] = []
+    try:
+        for url in arguments.roots_from:
+            source = backend_class_for(url)(url)
+            source.create_missing = False  # only read
+            await source.open()
+            sources.append(source)
+        progress = _Progress("scanned")
+        report = await _collect(
+            backend,
+            roots_from=sources,
+            grace=arguments.grace,
+            dry_run=arguments.dry_run,
+            on_corrupt=on_corrupt,
+            on_progress=progress.at,
+        )
+        progress.done()
+    finally:
+        for source in sources:
+            await source.disconnect()
+    if arguments.json:
+        _print_json(report.model_dump(mode="json"))
+        return 0
+    elsewhere = f", and {report.roots_scanned} in {len(sources)} other" if sources else ""
+    print(f"scanned {report.scanned} records in {report.storage}{elsewhere}")
+    print(
+        f"kept {report.roots} not content-addressed, {report.recent} written within"
+        f" {_duration(arguments.grace)}, {report.reachable} referenced"
+    )
+    if report.refreshed:
+        print(f"kept {report.refreshed} written again while collecting")
+    if report.corrupt:
+        print(f"skipped {report.corrupt} corrupt records")
+    verb = "would delete" if report.dry_run else "deleted"
+    print(f"{verb} {report.deleted} content-addressed records that nothing references")
+    return 0
+
+
+def _duration(span: timedelta) -> str:
+    seconds = span.total_seconds()
+    for unit in ("w", "d", "h", "min"):
+        if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
+            return f"{seconds / _UNITS[unit]:g}{unit}"
+    return f"{seconds:g}s"
+
+
 _Command = Callable[[StorageBackend, argparse.Namespace, "_CorruptRecords"], Awaitable[int]]
 _COMMANDS: dict[str, _Command] = {
     "ping": _ping,
@@ -385,6 +450,7 @@ _COMMANDS: dict[str, _Command] = {
     "rm": _rm,
     "purge": _purge,
     "rekey": _rekey,
+    "gc": _gc,
 }
 _READ_ONLY = frozenset({"ping", "stats", "ls", "get"})
 
@@ -464,6 +530,12 @@ class _Progress:
         self.count += 1
         if self.shown and self.count % 1000 == 0:
             print(f"\r{self.verb} {self.count:,} records...", end="", file=self.stream, flush=True)
+
+    def at(self, count: int) -> None:
+        """Show a count that another loop keeps."""
+        if self.shown and count >= 1000:
+            self.count = count
+            print(f"\r{self.verb} {count:,} records...", end="", file=self.stream, flush=True)
 
     def done(self) -> None:
         if self.shown and self.count >= 1000:

@@ -144,3 +144,38 @@ def test_quick_benchmark_runs(postgres_server: str, redis_server: str, tmp_path:
     dumps = {row["threshold"]: row for row in sections["toast"] if row["kind"] == "threshold"}
     assert dumps[1024]["references"] < dumps[0]["references"]
     assert results["targets"], "no target was checked"
+
+
+def test_the_garbage_collection_benchmark_runs_tiny(
+    postgres_server: str, redis_server: str, tmp_path: Path
+) -> None:
+    output = tmp_path / "gc.json"
+    environment = {
+        **os.environ,
+        "TOAST_BENCH_POSTGRES": postgres_server,
+        "TOAST_BENCH_REDIS": redis_server,
+    }
+    command = [sys.executable, "-m", "benchmarks.gc", "--records", "2010", "--trace"]
+    command += ["--backend", "postgresql,redis,sqlite,memory", "--output", str(output)]
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    results = json.loads(output.read_text())
+    assert results["shape"] == {"orders": 10, "lines": 2000}
+    for backend in ("postgresql", "redis", "sqlite", "memory"):
+        measured = results[backend]
+        report = measured["collection"]["report"]
+        assert (report["scanned"], report["roots"], report["reachable"]) == (2010, 10, 1000)
+        assert (report["deleted"], report["corrupt"], report["dry_run"]) == (1000, 0, False)
+        assert measured["dry_run_traced"]["report"]["deleted"] == 1000
+        assert measured["dry_run_traced"]["traced_peak_mb"] > 0
+        assert measured["collection"]["seconds"] > 0
+        assert measured["repeated_dump"]["new_records"] == 0
+        assert measured["repeated_dump"]["rewritten"] == 1000

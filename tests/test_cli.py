@@ -22,7 +22,8 @@ import pytest
 
 from pydantic_toast import ExternalBaseModel, ExternalConfigDict, register_backend
 from pydantic_toast._cli import main
-from pydantic_toast._errors import StorageValidationError
+from pydantic_toast._content import content_id
+from pydantic_toast._errors import StorageValidationError, mask_url
 from pydantic_toast._registry import get_backend
 from pydantic_toast.backends.base import Record, RecordInfo
 from pydantic_toast.backends.memory import MemoryBackend
@@ -130,6 +131,8 @@ async def test_cli_against_a_real_store(url: str) -> None:
         (["get", '{"class_name": "a", "id": "b", "x": 1}'], "a reference is"),
         (["ls", "bad name"], "invalid class name"),
         (["purge", "Invoice", "--older-than", "soon"], "not a duration"),
+        (["gc", "--grace", "5m"], "ambiguous duration '5m'"),
+        (["gc", "--roots-from"], "expected at least one argument"),
     ],
 )
 def test_cli_rejects_bad_input(sqlite_url: str, arguments: list[str], message: str) -> None:
@@ -387,3 +390,106 @@ async def test_getting_a_corrupt_stored_record_is_an_error(
 if __name__ == "__main__":
     register_backend("spy", SpyBackend)
     sys.exit(main())
+
+
+# --- gc ---------------------------------------------------------------------------------
+
+
+async def populate_content(url: str, *, roots: str | None = None) -> dict[str, list[str]]:
+    """Old content-addressed lines, one order (in ``roots``, or here) referencing two."""
+    backend = await get_backend(url)
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(days=3)
+    ids = []
+    for n in range(4):
+        data = json.dumps({"sku": f"SKU-{n}"}).encode()
+        id = content_id("Line", data)
+        await backend.write_record(Record(id, "Line", data, 1, old, old))
+        ids.append(str(id))
+    order = json.dumps({"lines": [{"class_name": "Line", "id": id} for id in ids[:2]]})
+    holder = backend if roots is None else await get_backend(roots)
+    await holder.write_record(Record(uuid4(), "Order", order.encode(), 1, old, old))
+    return {"kept": ids[:2], "swept": ids[2:]}
+
+
+async def test_gc_against_a_real_store(url: str) -> None:
+    lines = await populate_content(url)
+    backend = await get_backend(url)
+    expected = {
+        "storage": mask_url(url),
+        "scanned": 5,
+        "roots_scanned": 0,
+        "roots": 1,
+        "recent": 0,
+        "reachable": 2,
+        "deleted": 2,
+        "refreshed": 0,
+        "corrupt": 0,
+    }
+
+    dry = cli(url, "gc", "--dry-run", "--json")  # --json after the command
+    assert dry.returncode == 0 and dry.stderr == "", dry.stderr  # no progress off a terminal
+    report = json.loads(dry.stdout)
+    assert report.pop("dry_run") is True and report.pop("cutoff")
+    assert report == expected
+    assert len([info async for info in backend.scan_records("Line")]) == 4
+
+    people = cli(url, "gc", "--grace", "2d", "--dry-run")
+    assert people.returncode == 0, people.stderr
+    assert people.stdout.splitlines() == [
+        f"scanned 5 records in {mask_url(url)}",
+        "kept 1 not content-addressed, 0 written within 2d, 2 referenced",
+        "would delete 2 content-addressed records that nothing references",
+    ]
+
+    kept = cli(url, "--json", "gc", "--grace", "4d")  # everything is newer than that
+    assert json.loads(kept.stdout)["recent"] == 4 and json.loads(kept.stdout)["deleted"] == 0
+
+    done = cli(url, "gc")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == (
+        "deleted 2 content-addressed records that nothing references"
+    )
+    left = {str(info.id) async for info in backend.scan_records("Line")}
+    assert left == set(lines["kept"])
+
+
+async def test_gc_takes_roots_from_other_storages(sqlite_url: str, file_url: str) -> None:
+    lines = await populate_content(file_url, roots=sqlite_url)
+    other = f"{sqlite_url[:-3]}-other.db"  # a second store of roots: --roots-from repeats
+    backend = await get_backend(other)
+    order = json.dumps({"line": {"class_name": "Line", "id": lines["swept"][0]}}).encode()
+    now = dt.datetime.now(dt.UTC)
+    await backend.write_record(Record(uuid4(), "Order", order, 1, now, now))
+    missing = cli(file_url, "gc", "--roots-from", f"{sqlite_url[:-3]}-missing.db")
+    assert missing.returncode == 1
+    assert "-missing.db could not connect" in missing.stderr  # read only: never created
+    assert not Path(f"{sqlite_url[:-3]}-missing.db".removeprefix("sqlite:///")).exists()
+
+    result = cli(file_url, "--json", "gc", "--roots-from", sqlite_url, "--roots-from", other)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["scanned"], report["roots_scanned"], report["deleted"]) == (4, 2, 1)
+    backend = await get_backend(file_url)
+    left = {str(info.id) async for info in backend.scan_records("Line")}
+    assert left == {*lines["kept"], lines["swept"][0]}
+
+
+def test_gc_reports_corrupt_records_and_fails(tmp_path: Path) -> None:
+    database = tmp_path / "gc.db"
+    url = f"sqlite:///{database}"
+    with sqlite3.connect(database) as connection:
+        connection.execute(
+            "CREATE TABLE external_models (id TEXT PRIMARY KEY, class_name TEXT NOT NULL,"
+            " data TEXT NOT NULL, schema_version INTEGER NOT NULL, created_at TEXT NOT NULL,"
+            " updated_at TEXT NOT NULL)"
+        )
+        connection.execute(
+            "INSERT INTO external_models VALUES (?, 'Line', '{}', 1, 'x', 'not a time')",
+            [str(content_id("Line", b"{}"))],
+        )
+    result = cli(url, "gc", "--json")
+    assert result.returncode == 1
+    assert (
+        "is corrupt: updated_at is not a timestamp" in result.stderr or "corrupt" in result.stderr
+    )
+    assert json.loads(result.stdout)["corrupt"] == 1

@@ -14,6 +14,8 @@ the model layer retries). An engine implements a few primitives, each a plain mo
                    return the ``created_at`` each record now has
 ``put_new``        (``put_if_absent``) write only records whose id holds nothing; say which
 ``delete_many``    (``delete``) delete ids of a class; return how many existed
+``delete_stale``   (``conditional_delete``) delete ids of a class whose ``updated_at`` is still
+                   before a moment, each check and delete atomic
 ``scan``           (``scan``) every record of a class, as `StoredInfo`
 ``purge_before``   (``purge``) delete records not updated since a moment, natively
 =================  ===========================================================================
@@ -104,6 +106,10 @@ class Capabilities:
     delete: bool = False
     #: ``scan`` is implemented (listings, the CLI, the default purge).
     scan: bool = False
+    #: ``delete_stale`` is implemented: a delete that re-checks ``updated_at`` atomically.
+    #: Otherwise the spine re-reads the records, then deletes those still stale (a record
+    #: rewritten between the two is lost: weaker, but all a plain store can do).
+    conditional_delete: bool = False
     #: ``purge_before`` is implemented; otherwise purging scans and deletes.
     purge: bool = False
     #: ``put_many`` keeps a stored ``created_at`` atomically and reports it.
@@ -235,6 +241,14 @@ class StorageBackend(ABC):
             return sum([await self.delete(id, class_name) for id in ids])
         raise UnsupportedOperationError(
             f"{type(self).__name__} does not support deleting records", self.url
+        )
+
+    async def delete_stale(self, class_name: str, ids: Sequence[UUID], before: datetime) -> int:
+        """Delete the records of ``class_name`` with these ids whose ``updated_at`` is still
+        before ``before`` when each is deleted (a record rewritten meanwhile stays); return how
+        many were deleted."""
+        raise UnsupportedOperationError(
+            f"{type(self).__name__} has no conditional delete", self.url
         )
 
     def scan(self, class_name: str | None) -> AsyncIterator[StoredInfo]:
@@ -394,9 +408,25 @@ class StorageBackend(ABC):
         """Delete the record for ``id``; return whether there was one."""
         return await self.__delete_many(class_name, [id]) > 0
 
-    async def delete_records(self, class_name: str, ids: Sequence[UUID]) -> int:
-        """Delete the records of ``ids``; return how many existed. Missing ids are no error."""
-        return await self.__delete_many(class_name, ids)
+    async def delete_records(
+        self, class_name: str, ids: Sequence[UUID], *, updated_before: datetime | None = None
+    ) -> int:
+        """Delete the records of ``ids``; return how many existed. Missing ids are no error.
+
+        With ``updated_before``, delete only the records whose ``updated_at`` is still before
+        it at the moment each is deleted, and return how many were: a record written again
+        meanwhile (a refreshed content-addressed value) survives. Engines with
+        ``conditional_delete`` check and delete atomically; on the others the records are
+        re-read, then those still stale deleted, which leaves a window between the two (a
+        record rewritten in it is lost). A record that cannot be decoded is never deleted.
+        """
+        if updated_before is None:
+            return await self.__delete_many(class_name, ids)
+        if not isinstance(updated_before, datetime) or updated_before.tzinfo is None:
+            raise StorageValidationError(
+                f"updated_before must be an aware datetime, not {updated_before!r}"
+            )
+        return await self.__delete_stale(class_name, ids, updated_before)
 
     async def __delete_many(self, class_name: str, ids: Sequence[UUID]) -> int:
         check_class_name(class_name)
@@ -414,6 +444,44 @@ class StorageBackend(ABC):
             size=self.capabilities.delete_batch_size,
         )
         return sum(counts)
+
+    async def __delete_stale(self, class_name: str, ids: Sequence[UUID], before: datetime) -> int:
+        check_class_name(class_name)
+        for id in ids:
+            _check_id(id)
+        if not self.capabilities.delete:
+            raise UnsupportedOperationError(
+                f"{type(self).__name__} does not support deleting records", self.url
+            )
+        unique = list(dict.fromkeys(ids))
+        if self.capabilities.conditional_delete:
+            primitive = partial(self.delete_stale, class_name, before=before)
+        else:
+            primitive = partial(self.__reread_and_delete, class_name, before=before)
+        counts = await self.__run_chunks(
+            _doing("delete", unique, class_name),
+            unique,
+            lambda chunk: _one(primitive(chunk)),
+            size=self.capabilities.delete_batch_size,
+        )
+        return sum(counts)
+
+    async def __reread_and_delete(
+        self, class_name: str, ids: Sequence[UUID], before: datetime
+    ) -> int:
+        """The conditional delete of an engine that has none: read, then delete what is
+        still stale (not atomic)."""
+        stale = []
+        for id, found in zip(ids, await self.get_many(class_name, ids), strict=True):
+            if found is None:
+                continue
+            try:
+                record = decode_stored(found, id, class_name)
+            except CorruptRecordError:
+                continue
+            if record.class_name == class_name and record.updated_at < before:
+                stale.append(id)
+        return await self.delete_many(class_name, stale) if stale else 0
 
     async def scan_records(
         self, class_name: str | None = None, *, on_corrupt: CorruptHandler | None = None

@@ -35,6 +35,7 @@ class MemoryBackend(StorageBackend):
     options_model = MemoryOptions
     capabilities = Capabilities(
         delete=True,
+        conditional_delete=True,
         scan=True,
         keeps_created_at=True,
         coalesce_loads=False,  # in-process: a batch would not wait on anything less
@@ -81,6 +82,22 @@ class MemoryBackend(StorageBackend):
         for id in doomed:
             del store[id]
         return len(doomed)
+
+    async def delete_stale(self, class_name: str, ids: Sequence[UUID], before: datetime) -> int:
+        # The store is shared with the sync bridge's thread, and a write replaces a record
+        # object whole: what the pop took is put back unless it is the stale object checked.
+        store = self._store
+        deleted = 0
+        for id in ids:
+            record = store.get(id)
+            if record is None or record.class_name != class_name or record.updated_at >= before:
+                continue
+            taken = store.pop(id, None)
+            if taken is record:
+                deleted += 1
+            elif taken is not None:
+                store.setdefault(id, taken)  # written again meanwhile (or later: newer still)
+        return deleted
 
     async def scan(self, class_name: str | None) -> AsyncIterator[StoredInfo]:
         for record in list(self._store.values()):

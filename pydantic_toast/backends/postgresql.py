@@ -147,6 +147,7 @@ class PostgreSQLBackend(StorageBackend):
     options: PostgreSQLOptions
     capabilities = Capabilities(
         delete=True,
+        conditional_delete=True,
         scan=True,
         purge=True,
         keeps_created_at=True,
@@ -206,6 +207,15 @@ class PostgreSQLBackend(StorageBackend):
             f" FROM {quoted} WHERE id = ANY($1::uuid[])"
         )
         self._delete_many = f"DELETE FROM {quoted} WHERE id = ANY($1::uuid[]) AND class_name = $2"
+        # As the purge below: `FOR UPDATE` re-checks `updated_at` on a row updated since the
+        # statement's snapshot, so a record refreshed meanwhile survives, and `SKIP LOCKED`
+        # passes a row a writer holds (it is being refreshed) instead of waiting on it, which
+        # would deadlock with a writer's upsert locking the same rows in another order.
+        self._delete_stale = (
+            f"DELETE FROM {quoted} WHERE id = ANY(ARRAY(SELECT id FROM {quoted}"
+            " WHERE id = ANY($1::uuid[]) AND class_name = $2 AND updated_at < $3"
+            " FOR UPDATE SKIP LOCKED))"
+        )
         # Listing: the size is that of the JSON text a read returns. The first page has no
         # lower bound (any UUID, even the nil one, may be an id); later ones start after the
         # last id seen.
@@ -336,6 +346,10 @@ class PostgreSQLBackend(StorageBackend):
 
     async def delete_many(self, class_name: str, ids: Sequence[UUID]) -> int:
         status = await self._run("execute", self._delete_many, ids, class_name)
+        return int(status.rpartition(" ")[2])
+
+    async def delete_stale(self, class_name: str, ids: Sequence[UUID], before: datetime) -> int:
+        status = await self._run("execute", self._delete_stale, ids, class_name, before)
         return int(status.rpartition(" ")[2])
 
     async def scan(self, class_name: str | None) -> AsyncIterator[StoredInfo]:

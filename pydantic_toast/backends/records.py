@@ -21,6 +21,7 @@ from pydantic_toast._errors import CorruptRecordError, StorageValidationError
 __all__ = [
     "HEAD_BYTES",
     "MAX_DECOMPRESSED_SIZE",
+    "UPDATED_AT_OFFSET",
     "Record",
     "RecordInfo",
     "StoredInfo",
@@ -433,6 +434,8 @@ def _decode_envelope(raw: bytes, id: UUID) -> Record:
 
 
 _UPDATED_AT_AT = CREATED_AT_OFFSET + CREATED_AT_WIDTH + len(b'","updated_at":"')
+#: Where an envelope's ``updated_at`` starts (its ``created_at`` in the fixed UTC width).
+UPDATED_AT_OFFSET = _UPDATED_AT_AT
 _VERSION_AT = _UPDATED_AT_AT + CREATED_AT_WIDTH + len(b'","schema_version":')
 _FIXED_HEADER = re.compile(rb'([1-9]\d{0,8}),"class_name":"([A-Za-z_][A-Za-z0-9_.\-]{0,199})"')
 

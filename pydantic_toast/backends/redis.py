@@ -9,7 +9,7 @@ claim ``created_at``, as a read-then-write would allow. A first save tries a pla
 before the script: when it succeeds nothing was stored, so there was nothing to keep.
 A batch is one script call over many keys (fewer round trips and less client work than a
 pipeline of calls), a batch read one MGET. Listing (and so purging) walks the prefix with
-SCAN, reading each page's headers in one MULTI.
+SCAN, reading each page's headers in one script call.
 """
 
 from __future__ import annotations
@@ -45,10 +45,12 @@ from pydantic_toast.backends.records import (
     CREATED_AT_OFFSET,
     CREATED_AT_WIDTH,
     HEAD_BYTES,
+    UPDATED_AT_OFFSET,
     Record,
     StoredInfo,
     check_class_name,
     encode_envelope,
+    timestamp_text,
 )
 
 __all__ = ["RedisBackend"]
@@ -82,6 +84,7 @@ _NOT_A_STRING = b"(a key of another type)"
 # with exactly that shape, so a foreign value at the key is overwritten whole.
 _HEAD = b'{"created_at":"'
 _TIMESTAMP = r'^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%d%d%d%d[%+%-]%d%d:%d%d"$'
+_UTC_TIMESTAMP = r'^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%d%d%d%d%+00:00"$'
 _QUOTE_AT = CREATED_AT_OFFSET + CREATED_AT_WIDTH  # index of the quote closing `created_at`
 assert len(_HEAD) == CREATED_AT_OFFSET, "the envelope layout changed"
 
@@ -115,6 +118,46 @@ if #KEYS == 1 then
   return kept[1]
 end
 return kept
+"""
+
+# KEYS: records' keys; ARGV[1]: a moment as UTC text of the fixed width. Deletes each record
+# whose envelope's `updated_at` (UTC, the fixed width: what `_envelope` writes) is still before
+# it; returns how many. Anything else at a key (another shape, another type) stays.
+_DELETE_STALE_SCRIPT = f"""
+local cutoff = ARGV[1]
+local deleted = 0
+for _, key in ipairs(KEYS) do
+  local head = redis.pcall('GETRANGE', key, 0, {UPDATED_AT_OFFSET + CREATED_AT_WIDTH})
+  if type(head) == 'string'
+    and string.sub(head, 1, {CREATED_AT_OFFSET}) == [==[{_HEAD.decode()}]==]
+    and string.sub(head, {UPDATED_AT_OFFSET - 15}, {UPDATED_AT_OFFSET}) == '","updated_at":"'
+  then
+    local updated = string.sub(head, {UPDATED_AT_OFFSET + 1})
+    if string.find(updated, [==[{_UTC_TIMESTAMP}]==])
+      and string.sub(updated, 1, {CREATED_AT_WIDTH}) < cutoff
+    then
+      deleted = deleted + redis.call('UNLINK', key)
+    end
+  end
+end
+return deleted
+"""
+
+# KEYS: records' keys. Returns each key's first `HEAD_BYTES` and its length, flat; a length of
+# -1 for a key of another type, 0 for a key gone since it was listed.
+_HEADS_SCRIPT = f"""
+local out = {{}}
+for i, key in ipairs(KEYS) do
+  local head = redis.pcall('GETRANGE', key, 0, {HEAD_BYTES - 1})
+  if type(head) == 'table' then
+    out[2 * i - 1] = ''
+    out[2 * i] = -1
+  else
+    out[2 * i - 1] = head
+    out[2 * i] = redis.call('STRLEN', key)
+  end
+end
+return out
 """
 
 
@@ -159,6 +202,7 @@ class RedisBackend(StorageBackend):
     options: RedisOptions
     capabilities = Capabilities(
         delete=True,
+        conditional_delete=True,
         scan=True,
         keeps_created_at=True,
         batch_size=_BATCH_RECORDS,
@@ -222,6 +266,8 @@ class RedisBackend(StorageBackend):
             raise StorageValidationError(f"invalid redis URL option: {exc}") from exc
         self._client: Redis | None = None
         self._script: AsyncScript | None = None
+        self._delete_script: AsyncScript | None = None
+        self._heads_script: AsyncScript | None = None
         self._sha = ""
         # redis-py's plain pool fails when all connections are busy and its blocking pool
         # costs a condition variable per command; this gate makes a burst wait its turn (at
@@ -242,6 +288,8 @@ class RedisBackend(StorageBackend):
             await client.aclose()
             raise
         self._client, self._script, self._sha = client, script, script.sha
+        self._delete_script = client.register_script(_DELETE_STALE_SCRIPT)
+        self._heads_script = client.register_script(_HEADS_SCRIPT)
 
     async def disconnect(self) -> None:
         """Close the client and its connection pool."""
@@ -368,12 +416,25 @@ class RedisBackend(StorageBackend):
         finally:
             self._gate.release()
 
+    async def delete_stale(self, class_name: str, ids: Sequence[UUID], before: datetime) -> int:
+        """One script call: Redis runs it atomically, so a record written again since the
+        caller looked (its `updated_at` refreshed) is never deleted."""
+        keys = [self._key(class_name, id) for id in ids]
+        cutoff = timestamp_text(before.astimezone(UTC)).encode()
+        client = await self._acquire()
+        try:
+            script = cast(AsyncScript, self._delete_script)
+            return int(await script(keys=keys, args=[cutoff], client=client))
+        finally:
+            self._gate.release()
+
     async def scan(self, class_name: str | None) -> AsyncIterator[StoredInfo]:
         """Every record under ``{prefix}:{class_name}:`` (or the whole prefix), by SCAN.
 
         SCAN holds nothing on the server and may list a key twice if the keyspace is resized
-        meanwhile. Each page's headers and sizes come in one MULTI: a key deleted since the
-        SCAN is skipped, as is any key that is not ``{prefix}:{ClassName}:{uuid}``.
+        meanwhile. Each page's headers and sizes come in one script call (one command of many
+        keys costs the client a fraction of a pipeline of two commands per key): a key deleted
+        since the SCAN is skipped, as is any key that is not ``{prefix}:{ClassName}:{uuid}``.
         """
         pattern = _glob_escape(f"{self.prefix}:")
         pattern += "*" if class_name is None else f"{class_name}:*"
@@ -383,19 +444,18 @@ class RedisBackend(StorageBackend):
             try:
                 cursor, keys = await client.scan(cursor, match=pattern, count=_BATCH_RECORDS)
                 found = [parsed for key in keys if (parsed := self._parse_key(key))]
-                pipe = client.pipeline(transaction=True)
-                for name, id in found:
-                    pipe.getrange(self._key(name, id), 0, HEAD_BYTES - 1)
-                    pipe.strlen(self._key(name, id))
-                replies = await pipe.execute(raise_on_error=False) if found else []
+                script = cast(AsyncScript, self._heads_script)
+                replies = (
+                    await script(keys=[self._key(n, i) for n, i in found], client=client)
+                    if found
+                    else []
+                )
             finally:
                 self._gate.release()
             for index, (name, id) in enumerate(found):
                 head, size = replies[2 * index], replies[2 * index + 1]
-                if isinstance(head, redis_errors.ResponseError):  # a key of another type
+                if size < 0:  # a key of another type
                     yield StoredInfo(id, name, 1, None, _NOT_A_STRING)
-                elif isinstance(head, Exception) or isinstance(size, Exception):
-                    raise head if isinstance(head, Exception) else size
                 elif size:  # 0: deleted since the scan
                     yield StoredInfo(id, name, size, None, head)
             if cursor == 0:
@@ -427,6 +487,8 @@ def _glob_escape(text: str) -> str:
 
 def _envelope(record: Record) -> bytes:
     """The record's envelope, with `created_at` in the fixed width the script relies on."""
+    if record.updated_at.utcoffset():  # UTC, so that the delete script can compare it as text
+        record.updated_at = record.updated_at.astimezone(UTC)
     value = encode_envelope(record)
     if value[_QUOTE_AT] != ord('"'):  # an offset such as +05:30:15 is longer: use UTC
         record.created_at = record.created_at.astimezone(UTC)

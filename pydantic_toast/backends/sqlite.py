@@ -44,6 +44,7 @@ class SQLiteBackend(StorageBackend):
     options: SQLiteOptions
     capabilities = Capabilities(
         delete=True,
+        conditional_delete=True,
         scan=True,
         purge=True,
         keeps_created_at=True,
@@ -170,6 +171,16 @@ class SQLiteBackend(StorageBackend):
             f'DELETE FROM "{self.table}" WHERE class_name = ? AND id IN '
             f"({', '.join('?' * len(keys))})",
             [class_name, *keys],
+        )
+        return cursor.rowcount
+
+    async def delete_stale(self, class_name: str, ids: Sequence[UUID], before: datetime) -> int:
+        # One statement, and SQLite runs one writer at a time: the check is the delete's own.
+        keys = [str(id) for id in ids]
+        cursor = self._open().execute(
+            f'DELETE FROM "{self.table}" WHERE class_name = ? AND updated_at < ? AND id IN '
+            f"({', '.join('?' * len(keys))})",
+            [class_name, timestamp_text(before.astimezone(UTC)), *keys],
         )
         return cursor.rowcount
 
