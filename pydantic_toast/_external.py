@@ -115,6 +115,7 @@ class ExternalField:
                 "id": core_schema.typed_dict_field(core_schema.uuid_schema()),
             },
             extra_behavior="forbid",
+            ref=f"pydantic_toast.{target.class_name}Reference",
             metadata={"pydantic_js_functions": [target.reference_json_schema]},
         )
         return core_schema.tagged_union_schema(
@@ -125,10 +126,22 @@ class ExternalField:
                 "value": value_schema,
             },
             discriminator=_reference_or_value,
+            metadata={"pydantic_js_functions": [_any_of]},
             serialization=core_schema.wrap_serializer_function_ser_schema(
                 target.serialize, info_arg=True, schema=value_schema
             ),
         )
+
+
+def _any_of(
+    schema: core_schema.CoreSchema, handler: Callable[[Any], dict[str, Any]]
+) -> dict[str, Any]:
+    """Value-or-reference as ``anyOf``: a model whose fields all have defaults accepts a
+    reference's two keys as well, and ``oneOf`` would then refuse the reference."""
+    json_schema = handler(schema)
+    if "oneOf" in json_schema:
+        json_schema["anyOf"] = json_schema.pop("oneOf")
+    return json_schema
 
 
 def _reference_or_value(data: Any) -> str:
