@@ -37,7 +37,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError, PydanticSerializationUnexpectedValue, core_schema
 
 from pydantic_toast._bridge import run_sync
-from pydantic_toast._content import CONTENT_VERSION, content_id, verify_content
+from pydantic_toast._content import content_id, verify_content
 from pydantic_toast._errors import StorageValidationError
 from pydantic_toast._model import ExternalBaseModel
 from pydantic_toast._references import parse_id
@@ -342,7 +342,6 @@ class _Session:
         self.stored: dict[int, tuple[Any, Record]] = {}
         self.seen: dict[int, tuple[weakref.ref[Any], Record]] = {}
         self.staged: dict[str | int, tuple[Storage, list[Record]]] = {}
-        self.staged_content: set[tuple[str | int, str, UUID]] = set()
         self.fetched: dict[tuple[str | int, str, UUID], Record | None] = {}
         self.resolving: list[tuple[str | int, str, UUID]] = []
 
@@ -354,12 +353,7 @@ class _Session:
             else:
                 record = self._record(target, value, context, None)
                 self.stored[id(value)] = (value, record)
-                key = (_storage_key(storage), record.class_name, record.id)
-                # Equal values (say, one record referenced twice in the input) share a
-                # content address: the batch writes it once.
-                if record.id.version != CONTENT_VERSION or key not in self.staged_content:
-                    self.staged_content.add(key)
-                    self.staged.setdefault(key[0], (storage, []))[1].append(record)
+                self.staged.setdefault(_storage_key(storage), (storage, []))[1].append(record)
         else:
             # A plain session may outlive its dump (a context dict reused for many dumps), so
             # it holds values weakly: an entry goes when its value does, and a value that
@@ -415,7 +409,7 @@ class _Session:
 
     async def flush(self) -> None:
         """Write everything staged, one batch per backend, then give models their metadata."""
-        staged, self.staged, self.staged_content = self.staged, {}, set()
+        staged, self.staged = self.staged, {}
         await asyncio.gather(
             *(_write_many(storage, records) for storage, records in staged.values())
         )
