@@ -40,8 +40,9 @@ try:
     from starlette.requests import Request
     from starlette.responses import Response
 except ImportError as exc:  # pragma: no cover - exercised without FastAPI installed
+    missing = (exc.name or "fastapi").partition(".")[0]
     raise ImportError(
-        f"pydantic_toast.fastapi needs FastAPI ({exc.name} is missing): "
+        f"pydantic_toast.fastapi needs FastAPI ({missing} is missing): "
         "pip install 'pydantic-toast[fastapi]'"
     ) from exc
 

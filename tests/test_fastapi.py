@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -26,6 +29,8 @@ from pydantic_toast import External, StorageBackend, StorageValidationError
 from pydantic_toast._registry import backend_class_for
 from pydantic_toast.backends.base import Record
 from pydantic_toast.fastapi import external_route
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # --- the application -------------------------------------------------------------------------
 
@@ -498,3 +503,38 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(redis_url: str) 
         check()
         assert len(calls) == 30
         assert 200 in calls and 422 in calls, calls  # both answers were exercised
+
+
+# --- packaging ---------------------------------------------------------------------------------
+
+
+def test_without_fastapi_the_import_error_names_the_extra() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['fastapi'] = None\n"  # as if FastAPI were not installed
+        "try:\n"
+        "    import pydantic_toast.fastapi\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == (
+        "pydantic_toast.fastapi needs FastAPI (fastapi is missing): "
+        "pip install 'pydantic-toast[fastapi]'"
+    )
+
+
+def test_the_overhead_benchmark_runs(memory_url: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.fastapi_overhead", "--quick", "--backend", "memory"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("memory")]
+    assert [row[1] for row in rows] == ["values", "references"]
+    assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in rows)
