@@ -181,9 +181,10 @@ def _in_request_context(field: Any) -> None:
 
 async def _read_body_references(request: Request, session: _Session, storage: Storage) -> None:
     """Read every reference in a JSON body, so that validation finds them all in the
-    session. A body that is not JSON is left to FastAPI, which reports it as it does."""
-    content_type = request.headers.get("content-type", "application/json").partition(";")[0]
-    if not (content_type.strip().endswith("/json") or content_type.strip().endswith("+json")):
+    session. A body FastAPI would not parse as JSON is left to FastAPI, which reports it."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    main, _, subtype = media_type.partition("/")
+    if main != "application" or not (subtype == "json" or subtype.endswith("+json")):
         return
     try:
         body = await request.json()
