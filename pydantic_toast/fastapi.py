@@ -3,9 +3,10 @@
 ``APIRouter(route_class=external_route(storage=URL))`` makes every route of the router:
 
 * accept, in a request body, each `External` value or a reference to it, in any mix. The
-  references are read before FastAPI validates the body, level by level, one batch per
-  backend and class; a dangling or malformed one is a 422 naming its location, like any
-  validation error;
+  references are read before FastAPI validates the body (after the dependencies that do not
+  take it, so a request that authentication refuses reads nothing), level by level, one
+  batch per backend and class; a dangling or malformed one is a 422 naming its location,
+  like any validation error;
 * dump a returned model (through ``response_model`` or not) with each `External` value as
   its reference. The values are written in one batch per backend after FastAPI has
   serialized the response and before the response is sent, so a client never holds a
@@ -36,6 +37,7 @@ from pydantic import BaseModel
 
 try:
     import fastapi.routing
+    from fastapi.dependencies.utils import get_dependant
     from fastapi.routing import APIRoute
     from starlette.requests import Request
     from starlette.responses import Response
@@ -103,9 +105,8 @@ class _ExternalRoute(APIRoute):
         body_fields = list(_body_fields(state.dependant))
         for field in body_fields:
             _in_request_context(field)
-        reads_references = any(
-            _mentions_external(field._type_adapter.core_schema) for field in body_fields
-        )
+        if any(_mentions_external(field._type_adapter.core_schema) for field in body_fields):
+            _read_references_before_the_body(state.dependant)
         response_field = state.response_field
         if response_field is not None:
             _in_request_context(response_field)
@@ -117,8 +118,6 @@ class _ExternalRoute(APIRoute):
             session = _Session(None, batched=True)
             token = _current.set(_Request(storage, session, _context(storage, None, session)))
             try:
-                if reads_references:
-                    await _read_body_references(request, session, storage)
                 response = await handler(request)
                 await session.flush()
             finally:
@@ -179,18 +178,34 @@ def _in_request_context(field: Any) -> None:
         field._type_adapter = _InRequestContext(field._type_adapter)
 
 
-async def _read_body_references(request: Request, session: _Session, storage: Storage) -> None:
+def _read_references_before_the_body(dependant: Any) -> None:
+    """Make the reading of the body's references a dependency of the endpoint, solved after
+    the dependencies before the first one that takes the body (authentication, say): a
+    request they refuse costs no read."""
+    subs = dependant.dependencies
+    if any(sub.call is _read_body_references for sub in subs):
+        return
+    at = next((i for i, sub in enumerate(subs) if any(_body_fields(sub))), len(subs))
+    subs.insert(at, get_dependant(path=dependant.path or "", call=_read_body_references))
+
+
+async def _read_body_references(request: Request) -> None:
     """Read every reference in a JSON body, so that validation finds them all in the
     session. A body FastAPI would not parse as JSON is left to FastAPI, which reports it."""
+    current = _current.get()
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     main, _, subtype = media_type.partition("/")
-    if main != "application" or not (subtype == "json" or subtype.endswith("+json")):
+    if (
+        current is None
+        or main != "application"
+        or not (subtype == "json" or subtype.endswith("+json"))
+    ):
         return
     try:
         body = await request.json()
     except ValueError:
         return
-    await session.prefetch(body, storage)
+    await current.session.prefetch(body, current.storage)
 
 
 def _dump_what_returns(dependant: Any, *, has_response_field: bool) -> None:

@@ -73,6 +73,11 @@ async def non_empty(order: Order) -> Order:
     return order
 
 
+def refuse() -> None:
+    """An authentication dependency that refuses everyone."""
+    raise HTTPException(status_code=401, detail="who are you?")
+
+
 def make_app(storage: str | StorageBackend) -> FastAPI:
     router = APIRouter(route_class=external_route(storage=storage))
 
@@ -82,6 +87,10 @@ def make_app(storage: str | StorageBackend) -> FastAPI:
 
     @router.post("/orders/unset", response_model=Order, response_model_exclude_unset=True)
     def create_unset(order: Order) -> Order:
+        return order
+
+    @router.post("/orders/refused", dependencies=[Depends(refuse)])
+    async def refused(order: Order) -> Order:
         return order
 
     @router.post("/orders/sync")
@@ -426,6 +435,20 @@ def test_one_read_batch_and_one_write_batch_per_request(storage_url: str) -> Non
         assert response.json()["lines"][11] == refs[0]
 
 
+def test_a_request_a_dependency_refuses_reads_nothing(storage_url: str) -> None:
+    refs = stored_lines([Line(sku="x", quantity=1)], storage_url)
+    backend = counting_backend(storage_url)
+    with serving(make_app(backend)) as base, httpx.Client(base_url=base, timeout=30) as c:
+        response = c.post("/api/orders/refused", json={"customer": "ned", "lines": refs})
+        assert response.status_code == 401
+        assert response.json() == {"detail": "who are you?"}
+        assert backend.calls == []
+        # The dependency that takes the body (non_empty) is solved after the reads.
+        checked = c.post("/api/orders/checked", json={"customer": "ned", "lines": refs})
+        assert checked.status_code == 200, checked.text
+        assert backend.calls == [("read", "Line", 1), ("write", "Line", 1)]
+
+
 # --- OpenAPI ----------------------------------------------------------------------------------
 
 
@@ -492,7 +515,7 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(redis_url: str) 
     with serving(make_app(redis_url)) as base:
         schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
         operations = [result.ok() for result in schema.get_all_operations()]
-        assert len(operations) == 9
+        assert len(operations) == 10
         calls: list[int] = []
 
         strategies = [operation.as_strategy() for operation in operations]
