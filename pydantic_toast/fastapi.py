@@ -30,12 +30,13 @@ import inspect
 import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from functools import wraps
+from functools import partial, wraps
 from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
 try:
+    import anyio.from_thread
     import fastapi.routing
     from fastapi.dependencies.utils import get_dependant
     from fastapi.routing import APIRoute
@@ -48,7 +49,6 @@ except ImportError as exc:  # pragma: no cover - exercised without FastAPI insta
         "pip install 'pydantic-toast[fastapi]'"
     ) from exc
 
-from pydantic_toast._bridge import run_sync
 from pydantic_toast._external import (
     Storage,
     _context,
@@ -102,15 +102,17 @@ class _ExternalRoute(APIRoute):
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         state = _route_state(self)
-        body_fields = list(_body_fields(state.dependant))
+        body_fields = [field for field in _body_fields(state.dependant) if _is_external(field)]
         for field in body_fields:
             _in_request_context(field)
-        if any(_mentions_external(field._type_adapter.core_schema) for field in body_fields):
+        if body_fields:
             _read_references_before_the_body(state.dependant)
         response_field = state.response_field
-        if response_field is not None:
+        if response_field is None:
+            _dump_what_returns(state.dependant, has_response_field=False)
+        elif _is_external(response_field):
             _in_request_context(response_field)
-        _dump_what_returns(state.dependant, has_response_field=response_field is not None)
+            _dump_what_returns(state.dependant, has_response_field=True)
         handler = super().get_route_handler()
         storage = self.storage
 
@@ -128,10 +130,10 @@ class _ExternalRoute(APIRoute):
 
 
 def _route_state(route: APIRoute) -> Any:
-    """What FastAPI builds this handler from. FastAPI 0.13x and later rebuild the fields of a
-    route for each router that includes it, and hold that state in a context variable while
-    they call `get_route_handler`; before, and for a route used where it was defined, it is
-    the route itself."""
+    """What FastAPI builds this handler from. Recent FastAPI versions rebuild the fields of
+    a route for each router that includes it, and hold that state in a context variable
+    while they call `get_route_handler`; in older ones, and for a route used where it was
+    defined, it is the route itself."""
     building = getattr(fastapi.routing, "_effective_route_context_var", None)
     state = building.get() if building is not None else None
     if state is not None and getattr(state, "original_route", None) is route:
@@ -146,6 +148,11 @@ def _body_fields(dependant: Any) -> Iterator[Any]:
         current = stack.pop()
         yield from current.body_params
         stack.extend(current.dependencies)
+
+
+def _is_external(field: Any) -> bool:
+    """Whether a FastAPI field's type has an `External` field anywhere in it."""
+    return _mentions_external(field._type_adapter.core_schema)
 
 
 class _InRequestContext:
@@ -218,9 +225,9 @@ def _dump_what_returns(dependant: Any, *, has_response_field: bool) -> None:
     anything else pass through. Generators (streamed responses) are left as they are.
     """
     call = dependant.call
-    if call in _wrapped or inspect.isgeneratorfunction(call) or inspect.isasyncgenfunction(call):
+    if call in _wrapped or _is_generator(call):
         return
-    if inspect.iscoroutinefunction(call):
+    if _is_async(call):
 
         @wraps(call)
         async def endpoint(*args: Any, **kwargs: Any) -> Any:
@@ -245,12 +252,32 @@ def _dump_what_returns(dependant: Any, *, has_response_field: bool) -> None:
                 return result
             if not has_response_field:
                 return _dumped(result, request.context)
-            if _holds_references(result):  # in FastAPI's thread pool, where blocking is fine
-                run_sync(request.session.prefetch(result, request.storage))
+            if _holds_references(result):  # in FastAPI's thread pool: read on the server's loop
+                anyio.from_thread.run(request.session.prefetch, result, request.storage)
             return result
 
         dependant.call = sync_endpoint
     _wrapped.add(dependant.call)
+
+
+def _unwrapped(call: Any) -> Any:
+    while isinstance(call, partial):
+        call = call.func
+    return call
+
+
+def _is_async(call: Any) -> bool:
+    """As FastAPI decides it: an ``async def``, or an object whose ``__call__`` is one."""
+    call = _unwrapped(call)
+    return inspect.iscoroutinefunction(call) or inspect.iscoroutinefunction(type(call).__call__)
+
+
+def _is_generator(call: Any) -> bool:
+    call = _unwrapped(call)
+    return any(
+        inspect.isgeneratorfunction(c) or inspect.isasyncgenfunction(c)
+        for c in (call, type(call).__call__)
+    )
 
 
 def _holds_references(result: Any) -> bool:

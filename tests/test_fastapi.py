@@ -20,7 +20,7 @@ from uuid import UUID
 import httpx
 import pytest
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, HTTPException
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -447,6 +447,35 @@ def test_a_request_a_dependency_refuses_reads_nothing(storage_url: str) -> None:
         checked = c.post("/api/orders/checked", json={"customer": "ned", "lines": refs})
         assert checked.status_code == 200, checked.text
         assert backend.calls == [("read", "Line", 1), ("write", "Line", 1)]
+
+
+def test_a_sync_handler_relaying_references_reads_them_on_the_server_loop(
+    storage_url: str,
+) -> None:
+    """A sync handler runs in FastAPI's thread pool; the references it returns are read in
+    one batch on the server's event loop, where a connected backend's pool lives."""
+    refs = stored_lines([Line(sku=f"y{i}", quantity=1) for i in range(3)], storage_url)
+    backend = counting_backend(storage_url)
+    router = APIRouter(route_class=external_route(storage=backend))
+
+    @router.post("/relay", response_model=Order)
+    def relay(body: Annotated[dict[str, Any], Body()]) -> Any:
+        return body  # as it came: references included
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await backend.connect()
+        yield
+        await backend.disconnect()
+
+    app = FastAPI(lifespan=lifespan)
+    app.include_router(router)
+    with serving(app) as base, httpx.Client(base_url=base, timeout=30) as c:
+        sent = {"customer": "oz", "lines": refs}
+        response = c.post("/relay", json=sent)
+        assert response.status_code == 200, response.text
+        assert response.json() == {**sent, "gift": None, "note": None}
+        assert backend.calls == [("read", "Line", 3), ("write", "Line", 3)]
 
 
 # --- OpenAPI ----------------------------------------------------------------------------------
