@@ -139,6 +139,7 @@ class ExternalField:
         reference_schema = core_schema.typed_dict_schema(
             fields,
             extra_behavior="forbid",
+            ref=f"pydantic_toast.{target.class_name}Reference",
             metadata={"pydantic_js_functions": [target.reference_json_schema]},
         )
         return core_schema.tagged_union_schema(
@@ -149,10 +150,22 @@ class ExternalField:
                 "value": value_schema,
             },
             discriminator=(_signed_reference_or_value if target.signed else _reference_or_value),
+            metadata={"pydantic_js_functions": [_any_of]},
             serialization=core_schema.wrap_serializer_function_ser_schema(
                 target.serialize, info_arg=True, schema=value_schema
             ),
         )
+
+
+def _any_of(
+    schema: core_schema.CoreSchema, handler: Callable[[Any], dict[str, Any]]
+) -> dict[str, Any]:
+    """Value-or-reference as ``anyOf``: a model whose fields all have defaults accepts a
+    reference's two keys as well, and ``oneOf`` would then refuse the reference."""
+    json_schema = handler(schema)
+    if "oneOf" in json_schema:
+        json_schema["anyOf"] = json_schema.pop("oneOf")
+    return json_schema
 
 
 def _reference_or_value(data: Any) -> str:
@@ -350,6 +363,21 @@ class _Target:
             ) from exc
         finally:
             session.resolving.pop()
+
+
+def _mentions_external(schema: Any) -> bool:
+    """Whether a core schema has an `External` field anywhere in it (an integration asks
+    once, when it is set up, to skip the reference scan for types that cannot hold one)."""
+    stack = [schema]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            if isinstance(getattr(item.get("function"), "__self__", None), _Target):
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return False
 
 
 def _storage_key(storage: Storage) -> str | int:
