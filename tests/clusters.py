@@ -178,24 +178,12 @@ class RedisCluster:
             if "master" in row["flags"] and "fail" not in row["flags"]
         ]
 
-    def replicas_of(self, port: int) -> list[int]:
-        rows = self.cluster_nodes()
-        primary = next(row["id"] for row in rows if row["port"] == str(port))
+    def replicas(self) -> list[int]:
         return [
             int(row["port"])
-            for row in rows
-            if row["master"] == primary and "fail" not in row["flags"]
+            for row in self.cluster_nodes()
+            if "slave" in row["flags"] and "fail" not in row["flags"]
         ]
-
-    def primary_of(self, key: str) -> int:
-        """The port of the primary that serves ``key`` now."""
-        slot = int(redis_command(self.primaries()[0], "CLUSTER", "KEYSLOT", key))
-        for port in self.primaries():
-            owned = redis_command(port, "CLUSTER", "COUNTKEYSINSLOT", str(slot))
-            reply = redis_command(port, "GETRANGE", key, "0", "0")
-            if owned.isdigit() and not reply.startswith("MOVED"):
-                return port
-        raise RuntimeError(f"no primary serves slot {slot}")
 
     def is_ok(self) -> bool:
         """Every live node says ``cluster_state:ok`` and agrees on who the primaries are."""
@@ -383,7 +371,8 @@ class PostgresPair:
         self.pg_ctl("promote", "-w", "-D", str(self.root / "standby"))
 
     def stop_primary(self) -> None:
-        self.pg_ctl("stop", "-m", "immediate", "-D", str(self.root / "primary"))
+        """A fast shutdown: sessions are cut, and the standby gets all WAL before the end."""
+        self.pg_ctl("stop", "-m", "fast", "-D", str(self.root / "primary"))
 
 
 def _postgres_user() -> list[str]:

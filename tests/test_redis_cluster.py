@@ -159,7 +159,7 @@ async def test_ttl_is_set_on_every_node(cluster: RedisCluster, namespace: str) -
 
 async def test_the_cli_lists_counts_and_purges_across_the_cluster(storage: str) -> None:
     """``stats``, ``ls`` and ``purge`` see the records of every primary."""
-    invoices, receipts = await test_cli.populate(storage)  # two invoices look 45 days old
+    invoices, _ = await test_cli.populate(storage)  # two invoices look 45 days old
     stats = json.loads(test_cli.cli(storage, "--json", "stats").stdout)
     assert {row["class_name"]: row["records"] for row in stats} == {"Invoice": 5, "Receipt": 2}
     listed = json.loads(test_cli.cli(storage, "--json", "ls", "Invoice").stdout)
@@ -328,10 +328,13 @@ async def test_wait_replicas_keeps_acknowledged_writes_through_a_failover(
 
 async def test_a_write_no_replica_confirms_fails(cluster: RedisCluster, storage: str) -> None:
     Item = define_item(f"{storage}&wait_replicas=1&wait_timeout=0.3", retries=0)
-    replicas = [port for port in cluster.ports if port not in cluster.primaries()]
+    await Item(n=0).save_external()  # connected (a stopped startup node would stall that)
+    replicas = cluster.replicas()
+    assert len(replicas) == 3
     stopped = [cluster.nodes.processes[port].pid for port in replicas]
     for pid in stopped:
         os.kill(pid, signal.SIGSTOP)
+    started = time.monotonic()
     try:
         with pytest.raises(StorageConnectionError) as single:
             await Item(n=1).save_external()
@@ -340,6 +343,7 @@ async def test_a_write_no_replica_confirms_fails(cluster: RedisCluster, storage:
     finally:
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
+    assert time.monotonic() - started < 0.9  # within the node timeout: nobody fails over
     for caught in (single, batch):
         message = str(caught.value)
         assert "NotReplicatedError: 0 replicas confirmed the write within 0.3s" in message

@@ -78,7 +78,7 @@ class RedisSentinelBackend(RedisBackend):
             for name, value in self._client_options.items()
             if name.startswith("socket_")
         }
-        sentinel = Sentinel(self._sentinels, sentinel_kwargs=timeouts)
+        sentinel = Sentinel(self._sentinels, sentinel_kwargs=timeouts)  # type: ignore[no-untyped-call]
         self._sentinel = sentinel
         options = {**self._connection_options, **self._client_options}
         client: Redis = sentinel.master_for(self.service, redis_class=Redis, **options)
