@@ -122,7 +122,7 @@ class RedisNodes:
             _stop(process)
 
 
-def _server_arguments(port: int) -> list[str]:
+def server_arguments(port: int) -> list[str]:
     return [
         "--port",
         str(port),
@@ -197,6 +197,17 @@ class RedisCluster:
     def wait_ok(self, timeout: float = 30) -> None:
         wait_until(self.is_ok, timeout, "the cluster reports cluster_state:ok")
 
+    def rejoin(self, port: int, timeout: float = 30) -> None:
+        """Restart a killed node and wait until it serves as a replica, in sync. (A node
+        that lost its slots comes back as a primary without any for a moment.)"""
+        self.nodes.restart(port)
+        wait_until(
+            lambda: port in self.replicas() and len(self.primaries()) == len(self.ports) // 2,
+            timeout,
+            f"node {port} is a replica again",
+        )
+        self.wait_synced(len(self.ports) // 2, timeout)
+
     def wait_synced(self, replicas: int, timeout: float = 30) -> None:
         """Until ``replicas`` replicas are attached and in sync with their primaries."""
 
@@ -221,7 +232,7 @@ def redis_cluster(primaries: int = 3, replicas: int = 1) -> Iterator[RedisCluste
             for port in ports:
                 nodes.start(
                     port,
-                    *_server_arguments(port),
+                    *server_arguments(port),
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
@@ -291,10 +302,10 @@ def redis_sentinels() -> Iterator[RedisSentinels]:
     with tempfile.TemporaryDirectory(prefix="toast-redis-sentinel-") as root:
         nodes = RedisNodes(Path(root))
         try:
-            nodes.start(primary, *_server_arguments(primary))
+            nodes.start(primary, *server_arguments(primary))
             nodes.start(
                 replica,
-                *_server_arguments(replica),
+                *server_arguments(replica),
                 "--replicaof",
                 "127.0.0.1",
                 str(primary),

@@ -104,7 +104,7 @@ async def test_operations_move_to_the_promoted_standby(pair: PostgresPair, names
     finally:
         stop.set()
         await asyncio.gather(*workers)
-    assert failures == []
+    assert not failures, [str(failure) for failure in failures]
     assert len([t for t in done if t > switched]) >= 10
     assert await Item.load_external_many(references) == before
     assert await get_backend(storage) is backend

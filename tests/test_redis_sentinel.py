@@ -129,7 +129,7 @@ async def test_a_failover_is_followed_without_restarting(
     finally:
         stop.set()
         await asyncio.gather(*workers)
-    assert failures == []
+    assert not failures, [str(failure) for failure in failures]
     assert len([t for t in done if t > killed]) >= 20
     assert [item.n for item in await Item.load_external_many(references)] == list(range(200))  # type: ignore[attr-defined]
     assert await get_backend(f"{storage}&timeout=3") is backend

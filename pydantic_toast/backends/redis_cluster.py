@@ -131,20 +131,9 @@ class RedisClusterBackend(RedisBackend):
         node named in the reply (after ``ASKING`` for a slot in migration), and that node's
         part ended by a ``WAIT`` of its own; after a MOVED the slot map is read again."""
         cluster = cast(RedisCluster, client)
+        pipe, nodes = await self._routed(cluster, commands)
         if not self.wait_replicas:
-            pipe = cluster.pipeline()
-            for _, command in commands:
-                pipe.execute_command(*command)
             return await self._send(pipe)
-        await cluster.initialize()  # the slot map, read again after a failure
-        pipe = cluster.pipeline()
-        nodes: dict[str, ClusterNode] = {}
-        for keys, command in commands:
-            node = cluster.get_node_from_key(keys[0])
-            if node is None:
-                raise redis_errors.SlotNotCoveredError(f"no node serves key {keys[0]!r}")
-            nodes[node.name] = node
-            pipe.execute_command(*command, target_nodes=node)
         replies = await self._send_waiting(pipe, nodes)
         # (MovedError is a subclass of AskError in redis-py.)
         redirected = [i for i, reply in enumerate(replies) if isinstance(reply, _REDIRECTED)]
@@ -165,6 +154,27 @@ class RedisClusterBackend(RedisBackend):
             if any(isinstance(replies[i], redis_errors.MovedError) for i in redirected):
                 await self._refresh(cluster)
         return replies
+
+    async def _routed(
+        self, cluster: RedisCluster, commands: Sequence[Sequence[Any]]
+    ) -> tuple[Any, dict[str, ClusterNode]]:
+        """A pipeline of ``[keys, command]`` pairs, each sent to the node the slot map names
+        for its first key (redis-py would work that out again, slower, for each command),
+        and those nodes by name."""
+        await cluster.initialize()  # the slot map, read again after a failure
+        pipe = cluster.pipeline()
+        nodes: dict[str, ClusterNode] = {}
+        try:
+            for keys, command in commands:
+                node = cluster.get_node_from_key(keys[0])
+                if node is None:
+                    raise redis_errors.SlotNotCoveredError(f"no node serves key {keys[0]!r}")
+                nodes[node.name] = node
+                pipe.execute_command(*command, target_nodes=node)
+        except redis_errors.SlotNotCoveredError:
+            await self._refresh(cluster)
+            raise
+        return pipe, nodes
 
     async def _send_waiting(self, pipe: Any, nodes: dict[str, ClusterNode]) -> list[Any]:
         """``pipe`` with a ``WAIT`` for each node at its end; its replies without those."""
@@ -212,10 +222,11 @@ class RedisClusterBackend(RedisBackend):
             by_slot.setdefault(self._slot(key), []).append(index)
         client = await self._cluster()
         try:
-            pipe = client.pipeline()
-            for indexes in by_slot.values():
-                pipe.execute_command("MGET", *(keys[index] for index in indexes))
-            replies = await self._send(pipe)
+            commands = [
+                [[keys[indexes[0]]], ["MGET", *(keys[index] for index in indexes)]]
+                for indexes in by_slot.values()
+            ]
+            replies = await self._send((await self._routed(client, commands))[0])
         finally:
             self._gate.release()
         found: list[bytes | None] = [None] * len(ids)
@@ -233,10 +244,8 @@ class RedisClusterBackend(RedisBackend):
             by_slot.setdefault(self._slot(key), []).append(key)
         client = await self._cluster()
         try:
-            pipe = client.pipeline()
-            for keys in by_slot.values():
-                pipe.execute_command("UNLINK", *keys)
-            replies = await self._send(pipe)
+            commands = [[keys, ["UNLINK", *keys]] for keys in by_slot.values()]
+            replies = await self._send((await self._routed(client, commands))[0])
         finally:
             self._gate.release()
         for reply in replies:
