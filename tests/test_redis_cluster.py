@@ -234,7 +234,7 @@ def _move_slot(cluster: RedisCluster, slot: int, target: int) -> None:
         assert redis_command(port, "CLUSTER", "SETSLOT", str(slot), "NODE", target_id) == "OK"
 
 
-def test_a_cluster_has_only_database_0() -> None:
+async def test_a_cluster_has_only_database_0() -> None:
     for url, shown in [
         ("redis+cluster://127.0.0.1:7000/1", "'1'"),
         ("redis+cluster://127.0.0.1:7000?db=2", "'2'"),
@@ -258,6 +258,7 @@ def test_a_cluster_has_only_database_0() -> None:
     assert client.connection_kwargs["connection_class"] is SSLConnection
     assert client.connection_kwargs["socket_keepalive"] is True
     assert client.connection_kwargs["password"] == "s3cret"
+    await client.aclose()
     assert "s3cret" not in repr(backend) and "s3cret" not in backend.where
 
 

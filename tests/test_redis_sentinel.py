@@ -67,13 +67,15 @@ def define_item(storage: str, **config: Any) -> type[ExternalBaseModel]:
     return Item
 
 
-def test_the_path_names_the_service_and_the_database() -> None:
+async def test_the_path_names_the_service_and_the_database() -> None:
     backend = RedisSentinelBackend("redis+sentinel://u:s3cret@h1:1,h2/mymaster/3?prefix=p")
     assert backend.service == "mymaster"
     assert backend.where == "redis service 'mymaster' of the Sentinels at h1:1,h2:26379"
     client = backend._new_client()
     kwargs = client.connection_pool.connection_kwargs
     assert (kwargs["db"], kwargs["password"], kwargs["username"]) == (3, "s3cret", "u")
+    await client.aclose()
+    await backend.disconnect()
     assert "s3cret" not in repr(backend)
     for url, message in [
         ("redis+sentinel://h:1", "is /service_name or /service_name/db, not ''"),
