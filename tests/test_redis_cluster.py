@@ -334,7 +334,8 @@ async def test_wait_replicas_keeps_acknowledged_writes_through_a_failover(
 
 async def test_a_write_no_replica_confirms_fails(cluster: RedisCluster, storage: str) -> None:
     Item = define_item(f"{storage}&wait_replicas=1&wait_timeout=0.3", retries=0)
-    await Item(n=0).save_external()  # connected (a stopped startup node would stall that)
+    # Connect first: a stopped startup node would stall connecting.
+    assert not await Item.exists_external({"class_name": "Item", "id": str(uuid4())})
     replicas = cluster.replicas()
     assert len(replicas) == 3
     stopped = [cluster.nodes.processes[port].pid for port in replicas]
@@ -355,6 +356,7 @@ async def test_a_write_no_replica_confirms_fails(cluster: RedisCluster, storage:
         assert "NotReplicatedError: 0 replicas confirmed the write within 0.3s" in message
         assert "wait_replicas=1 asks for more" in message
     assert len(batch.value.failed_ids) == 30
-    await Item(n=2).save_external()  # replicas back: confirmed again
+    Patient = define_item(f"{storage}&wait_replicas=1", retries=5)
+    await Patient(n=2).save_external()  # replicas back (catching up): confirmed again
     with pytest.raises(StorageValidationError, match="must be shorter than timeout"):
         define_item(f"{storage}&wait_replicas=1&wait_timeout=5&timeout=5")
