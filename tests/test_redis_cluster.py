@@ -27,6 +27,7 @@ import redis
 from redis.asyncio.connection import SSLConnection
 from redis.cluster import RedisCluster as SyncCluster
 from redis.crc import key_slot
+from redis.exceptions import RedisClusterException
 
 from pydantic_toast import (
     ExternalBaseModel,
@@ -259,6 +260,14 @@ async def test_a_cluster_has_only_database_0() -> None:
     assert client.connection_kwargs["socket_keepalive"] is True
     assert client.connection_kwargs["password"] == "s3cret"
     await client.aclose()
+    # The slot map read while a failover is under way is transient; a misuse is not.
+    for message, transient in [
+        ("startup_nodes could not agree on a valid slots cache: 1 vs 2", True),
+        ("Redis Cluster cannot be connected. Please provide at least one reachable node", True),
+        ("All slots are not covered after query all startup_nodes. 5461 of 16384", True),
+        ("Too many targets for command ('SCAN',)", False),
+    ]:
+        assert backend.is_transient(RedisClusterException(message)) is transient
     assert "s3cret" not in repr(backend) and "s3cret" not in backend.where
 
 

@@ -49,6 +49,11 @@ _TOPOLOGY_CHANGED = (
     redis_errors.AskError,
     redis_errors.TryAgainError,
 )
+_MAP_NOT_READY = (
+    "startup_nodes could not agree on a valid slots cache",
+    "Redis Cluster cannot be connected",
+    "All slots are not covered",
+)
 _REDIRECTED = (redis_errors.MovedError, redis_errors.AskError)
 # A cluster has one database; these name the one server or socket of a plain client.
 _NOT_FOR_A_CLUSTER = {"host", "port", "path", "connection_class", "startup_nodes"}
@@ -206,6 +211,10 @@ class RedisClusterBackend(RedisBackend):
     def is_transient(self, exc: BaseException) -> bool:
         """A redirection that reaches here (a second one in a row, or to a node the client
         does not know yet) succeeds on a retry, once the slot map is read again."""
+        if isinstance(exc, redis_errors.RedisClusterException):
+            # Reading the slot map while a failover is under way: nodes that disagree, none
+            # reachable, slots without an owner. redis-py gives these no type of their own.
+            return str(exc).startswith(_MAP_NOT_READY)
         return isinstance(exc, _TOPOLOGY_CHANGED) or super().is_transient(exc)
 
     async def _refresh(self, cluster: RedisCluster) -> None:
