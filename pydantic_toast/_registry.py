@@ -44,9 +44,18 @@ _BUILTIN: dict[str, str] = {
     "redis": "pydantic_toast.backends.redis:RedisBackend",
     "rediss": "pydantic_toast.backends.redis:RedisBackend",
     "redis+unix": "pydantic_toast.backends.redis:RedisBackend",
+    "redis+cluster": "pydantic_toast.backends.redis_cluster:RedisClusterBackend",
+    "rediss+cluster": "pydantic_toast.backends.redis_cluster:RedisClusterBackend",
+    "redis+sentinel": "pydantic_toast.backends.redis_sentinel:RedisSentinelBackend",
     "s3": "pydantic_toast.backends.s3:S3Backend",
 }
-_EXTRA_FOR_MODULE = {"postgresql": "postgresql", "redis": "redis", "s3": "s3"}
+_EXTRA_FOR_MODULE = {
+    "postgresql": "postgresql",
+    "redis": "redis",
+    "redis_cluster": "redis",
+    "redis_sentinel": "redis",
+    "s3": "s3",
+}
 
 _registered: dict[str, type[StorageBackend]] = {}
 

@@ -81,7 +81,10 @@ def test_unknown_scheme_fails_at_class_definition_naming_class_and_schemes() -> 
     message = str(caught.value)
     assert "Unknown" in message
     assert "unknown storage scheme 'mongodb'" in message
-    assert "memory, postgres, postgresql, redis, redis+unix, rediss, s3, sqlite" in message
+    assert (
+        "memory, postgres, postgresql, redis, redis+cluster, redis+sentinel, redis+unix, "
+        "rediss, rediss+cluster, s3, sqlite" in message
+    )
     assert "hunter2pw" not in message
 
 

@@ -10,6 +10,11 @@ before the script: when it succeeds nothing was stored, so there was nothing to 
 A batch is one script call over many keys (fewer round trips and less client work than a
 pipeline of calls), a batch read one MGET. Listing (and so purging) walks the prefix with
 SCAN, reading each page's headers in one script call.
+
+With ``wait_replicas=N`` a write is followed, on its connection, by ``WAIT N``: the save
+fails (transient, so it is retried) unless N replicas confirm it within ``wait_timeout``.
+The cluster and Sentinel variants (`redis_cluster`, `redis_sentinel`) are subclasses that
+make their own client and, for a cluster, route batches by slot; the primitives are these.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Annotated, Any, cast
 from urllib.parse import quote, urlencode, urlunsplit
 from uuid import UUID
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.connection import (
@@ -183,6 +188,19 @@ class RedisOptions(BackendOptions):
     #: Seconds to connect, to wait for a reply or for a free connection.
     timeout: Seconds = 10.0
     max_connections: Count = 50
+    #: Replicas that must confirm each write (``WAIT``) before a save succeeds; 0: none.
+    wait_replicas: Annotated[int, Field(ge=0, le=100, description="an integer 0-100")] = 0
+    #: Seconds a save waits for those replicas.
+    wait_timeout: Seconds = 1.0
+
+    @model_validator(mode="after")
+    def _wait_within_timeout(self) -> RedisOptions:
+        if self.wait_replicas and self.wait_timeout >= self.timeout:
+            raise ValueError(
+                f"wait_timeout ({self.wait_timeout:g}s) must be shorter than timeout "
+                f"({self.timeout:g}s), which bounds every reply"
+            )
+        return self
 
     @classmethod
     def driver_option_names(cls) -> frozenset[str]:
@@ -211,40 +229,14 @@ class RedisBackend(StorageBackend):
 
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
-        location = self.location
-        # The driver's options from the URL, less ours and less those a keyword replaces.
-        query = [
-            (k, v)
-            for k, v in location.query
-            if k not in RedisOptions.model_fields and k not in options
-        ]
-        driver_query = urlencode(query)
-        netloc = location.netloc
-        if location.username is not None or location.password is not None:
-            secret = "" if location.password is None else ":" + quote(location.password, safe="")
-            netloc = f"{quote(location.username or '', safe='')}{secret}@{netloc}"
-        if location.scheme == "redis+unix":
-            # redis-py spells it unix://; the path is the socket and ?db= picks the database.
-            if not location.path:
-                raise StorageValidationError("redis+unix URLs need a socket path")
-            self._where = f"unix socket {location.path}"
-            driver_parts = ("unix", netloc, location.path, driver_query, "")
-        elif location.scheme in ("redis", "rediss"):
-            if _DB_PATH.fullmatch(location.path) is None:
-                raise StorageValidationError(
-                    f"the path of a redis URL is the database number (/0, /15), "
-                    f"not {location.path!r}"
-                )
-            self._where = f"{location.host or 'localhost'}:{location.port or 6379}"
-            driver_parts = (location.scheme, netloc, location.path, driver_query, "")
-        else:
-            raise StorageValidationError(f"RedisBackend does not serve {location.scheme!r} URLs")
-        self._driver_url = urlunsplit(driver_parts)
+        self._where = self._locate(options)
 
         self.prefix = self.options.prefix
         self.ttl = self.options.ttl
         self.timeout = self.options.timeout
         self.max_connections = self.options.max_connections
+        self.wait_replicas = self.options.wait_replicas
+        self._wait_ms = math.ceil(self.options.wait_timeout * 1000)
         # The TTL travels to the script as milliseconds: PX keeps sub-second TTLs exact.
         self._ttl_ms = b"0" if self.ttl is None else str(math.ceil(self.ttl * 1000)).encode()
         keywords = {k: v for k, v in self.driver_options.items() if k in options}
@@ -260,10 +252,6 @@ class RedisBackend(StorageBackend):
             **keywords,
             "decode_responses": False,
         }
-        try:
-            parse_url(self._driver_url)
-        except ValueError as exc:
-            raise StorageValidationError(f"invalid redis URL option: {exc}") from exc
         self._client: Redis | None = None
         self._script: AsyncScript | None = None
         self._delete_script: AsyncScript | None = None
@@ -274,13 +262,60 @@ class RedisBackend(StorageBackend):
         # most `timeout` seconds) and costs nothing while a connection is free.
         self._gate = asyncio.Semaphore(self.max_connections)
 
+    def _driver_query(self, options: dict[str, Any]) -> str:
+        """The URL's query options for redis-py: less ours and less those a keyword replaces."""
+        return urlencode(
+            [
+                (k, v)
+                for k, v in self.location.query
+                if k not in self.options_model.model_fields and k not in options
+            ]
+        )
+
+    def _userinfo(self) -> str:
+        """``user:password@`` as written in the URL (``""`` without either)."""
+        location = self.location
+        if location.username is None and location.password is None:
+            return ""
+        secret = "" if location.password is None else ":" + quote(location.password, safe="")
+        return f"{quote(location.username or '', safe='')}{secret}@"
+
+    def _locate(self, options: dict[str, Any]) -> str:
+        """Check the URL's scheme and path, keep the driver's URL; return where, for messages."""
+        location = self.location
+        driver_query = self._driver_query(options)
+        netloc = self._userinfo() + location.netloc
+        if location.scheme == "redis+unix":
+            # redis-py spells it unix://; the path is the socket and ?db= picks the database.
+            if not location.path:
+                raise StorageValidationError("redis+unix URLs need a socket path")
+            where = f"unix socket {location.path}"
+            driver_parts = ("unix", netloc, location.path, driver_query, "")
+        elif location.scheme in ("redis", "rediss"):
+            if _DB_PATH.fullmatch(location.path) is None:
+                raise StorageValidationError(
+                    f"the path of a redis URL is the database number (/0, /15), "
+                    f"not {location.path!r}"
+                )
+            where = f"{location.host or 'localhost'}:{location.port or 6379}"
+            driver_parts = (location.scheme, netloc, location.path, driver_query, "")
+        else:
+            raise StorageValidationError(f"RedisBackend does not serve {location.scheme!r} URLs")
+        self._driver_url = urlunsplit(driver_parts)
+        _parse_driver_url(self._driver_url)
+        return where
+
     @property
     def where(self) -> str:
         return f"redis at {self._where}"
 
+    def _new_client(self) -> Any:
+        """The redis-py client (the cluster and Sentinel variants make theirs)."""
+        return Redis.from_url(self._driver_url, **self._client_options)
+
     async def connect(self) -> None:
         """Open the pool and load the write script; this proves the server answers."""
-        client = Redis.from_url(self._driver_url, **self._client_options)
+        client = self._new_client()
         script = client.register_script(_WRITE_SCRIPT)
         try:
             await client.script_load(_WRITE_SCRIPT)
@@ -336,6 +371,8 @@ class RedisBackend(StorageBackend):
     async def put_many(self, records: Sequence[Record]) -> list[datetime]:
         """One script call per TTL group and per `_BATCH_BYTES` of values: each call is
         atomic and keeps the stored ``created_at``."""
+        if self.wait_replicas:
+            return await self._put_pipelined(records)
         if len(records) == 1:
             return [await self._put_one(records[0])]
         kept: dict[UUID, datetime] = {}
@@ -363,6 +400,87 @@ class RedisBackend(StorageBackend):
         finally:
             self._gate.release()
         return [kept[record.id] for record in records]
+
+    async def _put_pipelined(self, records: Sequence[Record]) -> list[datetime]:
+        """The script calls of `put_many` (one per slot on a cluster) sent in one pipeline
+        (one per node on a cluster), each node's ended by ``WAIT`` when replicas must
+        confirm. A server that lost its script cache gets it again and the whole pipeline is
+        sent again: the script keeps what a first run stored, so a second run changes
+        nothing."""
+        groups: dict[tuple[bytes, int], list[tuple[Record, str, bytes]]] = {}
+        for record in records:
+            key = self._key(record.class_name, record.id)
+            group = groups.setdefault((self._ttl_ms_for(record), self._slot(key)), [])
+            group.append((record, key, _envelope(record)))
+        calls: list[tuple[list[tuple[Record, str, bytes]], bytes]] = []
+        for (ttl_ms, _), group in groups.items():
+            start = 0
+            while start < len(group):
+                end, size = start, 0
+                while end < len(group) and size < _BATCH_BYTES and end - start < _BATCH_RECORDS:
+                    size += len(group[end][2])
+                    end += 1
+                calls.append((group[start:end], ttl_ms))
+                start = end
+        commands = [
+            [
+                [key for _, key, _ in call],
+                ["EVALSHA", self._sha, len(call), *(key for _, key, _ in call), ttl_ms]
+                + [value for _, _, value in call],
+            ]
+            for call, ttl_ms in calls
+        ]
+        client = await self._acquire()
+        try:
+            replies = await self._pipeline(client, commands)
+            if any(isinstance(reply, redis_errors.NoScriptError) for reply in replies):
+                await client.script_load(_WRITE_SCRIPT)
+                replies = await self._pipeline(client, commands)
+        finally:
+            self._gate.release()
+        kept: dict[UUID, datetime] = {}
+        for (call, _), reply in zip(calls, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise reply
+            for (record, _, value), old in zip(
+                call, [reply] if len(call) == 1 else reply, strict=True
+            ):
+                kept[record.id] = _kept_created_at(record, value, old)
+        return [kept[record.id] for record in records]
+
+    def _slot(self, key: str) -> int:
+        """Which keys may share a script call: any, on one server."""
+        return 0
+
+    async def _pipeline(self, client: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Send ``[keys, command]`` pairs in one round trip; replies (errors included) in
+        order. Then ``WAIT``, on the same connection, when replicas must confirm."""
+        pipe = client.pipeline(transaction=False)
+        for _, command in commands:
+            pipe.execute_command(*command)
+        if self.wait_replicas:
+            pipe.execute_command("WAIT", self.wait_replicas, self._wait_ms)
+        replies = await self._send(pipe)
+        if self.wait_replicas:
+            self._check_replicated([replies.pop()])
+        return replies
+
+    async def _send(self, pipe: Any) -> list[Any]:
+        """Execute a pipeline; the replies, errors in place."""
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
+    def _check_replicated(self, confirmations: Sequence[object]) -> None:
+        """Fail unless every ``WAIT`` reply counts ``wait_replicas`` replicas."""
+        for confirmed in confirmations:
+            if isinstance(confirmed, Exception):
+                raise confirmed
+            if not isinstance(confirmed, int) or confirmed < self.wait_replicas:
+                raise NotReplicatedError(
+                    f"{confirmed} replicas confirmed the write within "
+                    f"{self._wait_ms / 1000:g}s, wait_replicas={self.wait_replicas} asks for "
+                    f"more; it is on the primary, and lost if the primary fails now"
+                )
 
     async def _put_one(self, record: Record) -> datetime:
         key = self._key(record.class_name, record.id)
@@ -438,28 +556,46 @@ class RedisBackend(StorageBackend):
         """
         pattern = _glob_escape(f"{self.prefix}:")
         pattern += "*" if class_name is None else f"{class_name}:*"
-        cursor: int = 0
-        while True:
-            client = await self._acquire()
-            try:
-                cursor, keys = await client.scan(cursor, match=pattern, count=_BATCH_RECORDS)
-                found = [parsed for key in keys if (parsed := self._parse_key(key))]
-                script = cast(AsyncScript, self._heads_script)
-                replies = (
-                    await script(keys=[self._key(n, i) for n, i in found], client=client)
-                    if found
-                    else []
-                )
-            finally:
-                self._gate.release()
-            for index, (name, id) in enumerate(found):
-                head, size = replies[2 * index], replies[2 * index + 1]
-                if size < 0:  # a key of another type
-                    yield StoredInfo(id, name, 1, None, _NOT_A_STRING)
-                elif size:  # 0: deleted since the scan
-                    yield StoredInfo(id, name, size, None, head)
-            if cursor == 0:
-                return
+        for target in self._scan_targets():
+            cursor: int = 0
+            while True:
+                client = await self._acquire()
+                try:
+                    cursor, keys = await self._scan_page(client, target, cursor, pattern)
+                    found = [parsed for key in keys if (parsed := self._parse_key(key))]
+                    replies = (
+                        await self._heads(client, [self._key(n, i) for n, i in found])
+                        if found
+                        else []
+                    )
+                finally:
+                    self._gate.release()
+                for index, (name, id) in enumerate(found):
+                    head, size = replies[2 * index], replies[2 * index + 1]
+                    if size < 0:  # a key of another type
+                        yield StoredInfo(id, name, 1, None, _NOT_A_STRING)
+                    elif size:  # 0: deleted since the scan
+                        yield StoredInfo(id, name, size, None, head)
+                if cursor == 0:
+                    break
+
+    async def _heads(self, client: Any, keys: list[str]) -> list[Any]:
+        """Each key's first `HEAD_BYTES` and its length, flat (see `_HEADS_SCRIPT`)."""
+        script = cast(AsyncScript, self._heads_script)
+        return cast(list[Any], await script(keys=keys, client=client))
+
+    def _scan_targets(self) -> Sequence[Any]:
+        """What `scan` walks in turn: the one server (every primary of a cluster)."""
+        return (None,)
+
+    async def _scan_page(
+        self, client: Any, target: Any, cursor: int, pattern: str
+    ) -> tuple[int, list[bytes]]:
+        """One SCAN page of ``target``: the next cursor and the keys."""
+        page: tuple[int, list[bytes]] = await client.scan(
+            cursor, match=pattern, count=_BATCH_RECORDS
+        )
+        return page
 
     def _parse_key(self, key: bytes | str) -> tuple[str, UUID] | None:
         """``(class_name, id)`` of one of our record keys, or ``None`` for any other key."""
@@ -477,7 +613,20 @@ class RedisBackend(StorageBackend):
     def is_transient(self, exc: BaseException) -> bool:
         if isinstance(exc, _PERMANENT):
             return False
-        return isinstance(exc, _TRANSIENT) or super().is_transient(exc)
+        return isinstance(exc, (*_TRANSIENT, NotReplicatedError)) or super().is_transient(exc)
+
+
+class NotReplicatedError(Exception):
+    """Fewer replicas than ``wait_replicas`` confirmed a write within ``wait_timeout``
+    (transient: a replica resyncing after a failover catches up)."""
+
+
+def _parse_driver_url(url: str) -> dict[str, Any]:
+    """redis-py's reading of a URL (its query typed); a bad value fails at definition."""
+    try:
+        return dict(parse_url(url))
+    except ValueError as exc:
+        raise StorageValidationError(f"invalid redis URL option: {exc}") from exc
 
 
 def _glob_escape(text: str) -> str:
