@@ -41,6 +41,7 @@ __all__ = [
     "KEYS_VARIABLE",
     "Keyring",
     "content_secret",
+    "content_secrets",
     "current_keyring",
     "keyring_from_text",
     "open_data",
@@ -162,6 +163,14 @@ def content_secret(keyring: Keyring) -> bytes:
     """The secret content-addressed ids of encrypted values are keyed with (the primary
     key's)."""
     return keyring._content_key()
+
+
+def content_secrets(keyring: Keyring) -> tuple[bytes, ...]:
+    """The content-id secret of every key of the keyring, the primary's first: a value stored
+    before a rotation keeps the id its primary key of the time gave it."""
+    primary = keyring._content_key()
+    others = (keyring._keys(key_id) for key_id in keyring.key_ids if key_id != keyring.primary)
+    return (primary, *(derived.content for derived in others if derived is not None))
 
 
 def _shown_id(value: object) -> str:

@@ -16,9 +16,17 @@ alone is a claim anyone can make (Python 3.14's ``uuid.uuid8()``, another tool w
 table); the digest is checked before anything is deleted, so a record whose id was not made
 from its content is never deleted (it is counted corrupt: every loader refuses it too).
 
+Encrypted records (`pydantic_toast._crypto`) are opened before their references are looked
+for and their ids proved (the id of an encrypted value is keyed: an HMAC under a key of the
+keyring), with the keyring of the class of that name if this process defines one, else the
+installed one or ``PYDANTIC_TOAST_KEYS``. A sealed record that no keyring opens (none set, a
+key id the keyring lacks, a tampered ciphertext) may reference anything, so the collection
+stops with a `StorageValidationError` before it deletes anything, dry run or not: every
+unreachable record is read and proved first, and the deletions come after.
+
 Cost: one listing of each storage, the data of roots and reachable records read in batches
 (and that of the unreachable ones, to verify them), memory for the reachable ids (16 bytes and
-a set slot each) and 16 bytes per old content-addressed record.
+a set slot each) and 16 bytes per old content-addressed record (then per one proved stale).
 
 Concurrency: a dump writes every value it references, and writing a content-addressed record
 that exists refreshes its ``updated_at``, so a value written after the collection started is
@@ -38,7 +46,16 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict
 
 from pydantic_toast._bridge import run_sync
+from pydantic_toast._config import ModelSettings
 from pydantic_toast._content import CONTENT_VERSION, content_id
+from pydantic_toast._crypto import (
+    KEYS_VARIABLE,
+    Keyring,
+    content_secrets,
+    current_keyring,
+    open_data,
+    sealed_key_id,
+)
 from pydantic_toast._errors import (
     CorruptRecordError,
     StorageValidationError,
@@ -46,6 +63,8 @@ from pydantic_toast._errors import (
     mask_url,
 )
 from pydantic_toast._external import _references_in
+from pydantic_toast._model import ExternalBaseModel
+from pydantic_toast._records import keyring_of
 from pydantic_toast._registry import get_backend
 from pydantic_toast.backends.base import StorageBackend
 from pydantic_toast.backends.records import Record, check_class_name
@@ -108,7 +127,9 @@ async def collect_garbage(
     Redis); nothing is deleted there. Content-addressed records updated within ``grace`` are
     kept whatever references them: a reference a dump returned must be stored in a root within
     that time. With ``dry_run`` nothing is deleted and the report says what would have been.
-    Records that cannot be decoded are counted and skipped, never deleted.
+    Records that cannot be decoded are counted and skipped, never deleted. Encrypted records
+    are opened with their class's keyring, else the installed one or ``PYDANTIC_TOAST_KEYS``;
+    when one cannot be opened, a `StorageValidationError` names it and nothing is deleted.
     """
     return await _collect(storage, roots_from=roots_from, grace=grace, dry_run=dry_run)
 
@@ -201,6 +222,9 @@ class _Collection:
         self.names: dict[str, str] = {}  # one string per class name, however often parsed
         self.broken: set[str] = set()  # ids of the records counted corrupt (few)
         self.counts = dict.fromkeys(_COUNTS, 0)
+        self.keyrings: dict[str, tuple[list[Keyring], str]] = {}  # per class name, see `open`
+        self.unopened = 0  # sealed records no keyring opened: the sweep must not run
+        self.first_unopened = ""
 
     def corrupt(self, error: CorruptRecordError) -> None:
         if error.id in self.broken:
@@ -210,15 +234,87 @@ class _Collection:
         if self.on_corrupt is not None:
             self.on_corrupt(error)
 
+    # --- encrypted records -----------------------------------------------------------------
+
+    def open(self, record: Record) -> tuple[bytes, Keyring | None] | None:
+        """The record's JSON and the keyring that opened it (``None`` for a record stored in
+        the clear); ``None`` for a sealed record that no keyring opens, counted so that the
+        sweep refuses to run."""
+        if b'"$toast"' not in record.data:
+            return record.data, None  # the cheap test: most records are not sealed
+        key_id = sealed_key_id(record)
+        if key_id is None:
+            return record.data, None
+        keyrings, missing = self.keyrings_for(record.class_name)
+        problem = ""
+        for keyring in keyrings:
+            try:
+                return open_data(record, keyring), keyring
+            except StorageValidationError as exc:
+                problem = problem or str(exc)
+        if not problem:
+            shown = repr(key_id) if len(key_id) <= 64 else repr(key_id[:61] + "...")
+            problem = (
+                f"stored {record.class_name} record {record.id} is encrypted under key id "
+                f"{shown}, and {missing}"
+            )
+        self.unopened += 1
+        self.first_unopened = self.first_unopened or problem
+        return None
+
+    def keyrings_for(self, class_name: str) -> tuple[list[Keyring], str]:
+        """The keyrings to open a sealed record of ``class_name`` with: those of the classes
+        of that name defined in this process, then the installed one (or the environment's);
+        and, when there is none, why."""
+        found = self.keyrings.get(class_name)
+        if found is not None:
+            return found
+        keyrings: list[Keyring] = []
+        for settings in _encrypted_settings(class_name):
+            if settings.keyring is not None:
+                keyrings.append(keyring_of(settings))
+        missing = "no keyring is set"
+        try:
+            keyrings.append(current_keyring(None, class_name))
+        except StorageValidationError as exc:
+            if str(exc).startswith(KEYS_VARIABLE):  # set, but unreadable: say why
+                missing = f"{missing} ({exc})"
+        unique = list({id(keyring): keyring for keyring in keyrings}.values())
+        found = self.keyrings[class_name] = (unique, missing)
+        return found
+
+    def refuse_unopened(self) -> None:
+        """Stop before the sweep when a sealed record could not be opened: what it references
+        is unknown, so any candidate may be in use."""
+        if not self.unopened:
+            return
+        count = self.unopened
+        what, it, verb = (
+            ("record", "it", "references") if count == 1 else ("records", "them", "reference")
+        )
+        subject = "it" if count == 1 else "they"
+        raise StorageValidationError(
+            f"garbage collection stopped before deleting anything: {count} encrypted {what} "
+            f"could not be opened, so what {subject} {verb} is unknown; the first: "
+            f"{self.first_unopened}. Install the keyring that sealed {it} "
+            f"(pydantic_toast.use_keyring(...), ExternalConfigDict(keyring=...) on the class, "
+            f"or {KEYS_VARIABLE}=id:base64url-key) and run again"
+        )
+
     # --- marking ---------------------------------------------------------------------------
 
     def follow(self, record: Record) -> bool:
-        """Mark what ``record``'s data references (nothing to look for without a reference's
-        key: most records hold none, and are not parsed); false if it is not JSON."""
-        if b'"class_name"' not in record.data:
+        """Mark what ``record``'s data references, opened first when it is sealed (nothing
+        to look for without a reference's key: most records hold none, and are not parsed);
+        false if it is not JSON."""
+        opened = self.open(record)
+        if opened is None:
+            return True  # counted: `refuse_unopened` stops the collection before its sweep
+        raw = opened[0]
+        if b'"class_name"' not in raw:
             return True
         try:
-            data = json.loads(record.data)
+            data = json.loads(raw)
         except (ValueError, RecursionError):
             self.corrupt(CorruptRecordError(record.class_name, record.id, "its data is not JSON"))
             return False
@@ -318,8 +414,14 @@ class _Collection:
 
     async def sweep(self, dry_run: bool) -> None:
         """Delete the old content-addressed records not reached, once their content proves
-        they are content-addressed, and only if they were not written again meanwhile."""
-        for class_name, packed in self.candidates.items():
+        they are content-addressed, and only if they were not written again meanwhile.
+
+        Every one is read and proved first, and only then is anything deleted: a sealed
+        record that cannot be opened stops the collection before its first deletion."""
+        self.refuse_unopened()
+        stale: dict[str, bytearray] = {}
+        while self.candidates:
+            class_name, packed = self.candidates.popitem()
             doomed: list[UUID] = []
             for start in range(0, len(packed), 16):
                 key = bytes(packed[start : start + 16])
@@ -329,33 +431,46 @@ class _Collection:
                     continue
                 doomed.append(UUID(bytes=key))
                 if len(doomed) >= _BATCH:
-                    await self.delete(class_name, doomed, dry_run)
+                    await self.prove(class_name, doomed, stale)
                     doomed = []
             if doomed:
-                await self.delete(class_name, doomed, dry_run)
-        self.candidates.clear()
+                await self.prove(class_name, doomed, stale)
+        self.refuse_unopened()
+        while stale:
+            class_name, packed = stale.popitem()
+            step = 16 * _BATCH
+            for start in range(0, len(packed), step):
+                chunk = packed[start : start + step]
+                ids = [UUID(bytes=bytes(chunk[at : at + 16])) for at in range(0, len(chunk), 16)]
+                await self.delete(class_name, ids, dry_run)
 
-    async def delete(self, class_name: str, ids: list[UUID], dry_run: bool) -> None:
-        stale: list[UUID] = []
+    async def prove(self, class_name: str, ids: list[UUID], stale: dict[str, bytearray]) -> None:
+        """Put aside, in ``stale``, the records of ``ids`` that may be deleted: not written
+        again since the cutoff, and holding the content their id names."""
         for id, record in zip(ids, await self.read(self.backend, class_name, ids), strict=True):
             if record is None or record is _CORRUPT:
                 continue  # deleted by someone else meanwhile, or counted corrupt
             if record.updated_at >= self.cutoff:
                 self.counts["refreshed"] += 1
-            elif not _proves(record):
+                continue
+            opened = self.open(record)
+            if opened is None:
+                continue  # counted: the sweep stops before deleting anything
+            data, keyring = opened
+            if not _proves(record, data, keyring):
                 self.corrupt(
                     CorruptRecordError(class_name, id, "its content does not match its id")
                 )
             else:
-                stale.append(id)
-        if not stale:
-            return
+                stale.setdefault(class_name, bytearray()).extend(id.bytes)
+
+    async def delete(self, class_name: str, ids: list[UUID], dry_run: bool) -> None:
         if dry_run:
-            self.counts["deleted"] += len(stale)
+            self.counts["deleted"] += len(ids)
             return
-        deleted = await self.backend.delete_records(class_name, stale, updated_before=self.cutoff)
+        deleted = await self.backend.delete_records(class_name, ids, updated_before=self.cutoff)
         self.counts["deleted"] += deleted
-        self.counts["refreshed"] += len(stale) - deleted
+        self.counts["refreshed"] += len(ids) - deleted
 
 
 #: What `_Collection.read` gives for a record it counted corrupt.
@@ -404,12 +519,33 @@ class _Batches:
         await run.expand()
 
 
-def _proves(record: Record) -> bool:
-    """Whether the record's id is the digest of its class name and content."""
+def _proves(record: Record, data: bytes, keyring: Keyring | None) -> bool:
+    """Whether the record's id is the digest of its class name and content ``data``: keyed
+    with a key of ``keyring`` when it was sealed, as the ids of encrypted values are."""
+    keys: tuple[bytes | None, ...] = (None,) if keyring is None else content_secrets(keyring)
     try:
-        return content_id(record.class_name, record.data) == record.id
+        return any(content_id(record.class_name, data, key) == record.id for key in keys)
     except (ValueError, RecursionError):
         return False
+
+
+def _encrypted_settings(class_name: str) -> list[ModelSettings]:
+    """The settings of the encrypted `ExternalBaseModel` classes stored as ``class_name``
+    that this process defines (an encrypted `External` value of another type has no keyring
+    of its own: the installed one seals it)."""
+    found: list[ModelSettings] = []
+    stack = [ExternalBaseModel]
+    seen: set[type] = set()
+    while stack:
+        for cls in stack.pop().__subclasses__():
+            if cls in seen:
+                continue
+            seen.add(cls)
+            stack.append(cls)
+            settings = cls.__dict__.get("__external_settings__")
+            if settings is not None and settings.encrypt and settings.class_name == class_name:
+                found.append(settings)
+    return found
 
 
 async def _backend(storage: Storage) -> StorageBackend:

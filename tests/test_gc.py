@@ -5,8 +5,13 @@ conditional delete it relies on, and a collection racing dumps."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -17,15 +22,20 @@ from pydantic import BaseModel
 import pydantic_toast
 from pydantic_toast import (
     External,
+    ExternalBaseModel,
+    ExternalConfigDict,
     GarbageReport,
+    Keyring,
     StorageBackend,
     StorageValidationError,
     UnsupportedOperationError,
     collect_garbage,
     collect_garbage_sync,
     register_backend,
+    use_keyring,
 )
 from pydantic_toast._content import content_id
+from pydantic_toast._crypto import KEYS_VARIABLE, content_secret, seal_data
 from pydantic_toast._errors import mask_url
 from pydantic_toast._gc import _collect
 from pydantic_toast._registry import get_backend
@@ -403,3 +413,256 @@ async def test_a_collection_racing_dumps_leaves_no_dangling_reference(racing_sto
         list[Basket], [dumped for _, dumped in handed_out], storage=storage
     )
     assert loaded == [basket(n) for n, _ in handed_out]
+
+
+# --- encrypted records ----------------------------------------------------------------------
+
+K1, K2 = bytes(range(32)), bytes(range(100, 132))
+
+
+def b64(key: bytes) -> str:
+    return base64.urlsafe_b64encode(key).rstrip(b"=").decode()
+
+
+KEY_TEXTS = [
+    text
+    for key in (K1, K2)
+    for text in (repr(key), key.hex(), base64.b64encode(key).decode(), b64(key))
+]
+
+
+@pytest.fixture
+def keyring(monkeypatch: pytest.MonkeyPatch) -> Iterator[Keyring]:
+    """Keyring k1, installed; the environment's keys out of the way."""
+    monkeypatch.delenv(KEYS_VARIABLE, raising=False)
+    ring = Keyring({"k1": K1}, "k1")
+    use_keyring(ring)
+    yield ring
+    use_keyring(None)
+
+
+async def put_sealed(
+    backend: StorageBackend,
+    keyring: Keyring,
+    class_name: str,
+    data: dict[str, Any],
+    *,
+    content_addressed: bool = True,
+) -> dict[str, str]:
+    """Store ``data`` encrypted as a dump or a save does, last written long ago."""
+    raw = compact(data)
+    id = content_id(class_name, raw, content_secret(keyring)) if content_addressed else uuid4()
+    await backend.write_record(seal_data(Record(id, class_name, raw, 1, OLD, OLD), keyring))
+    return {"class_name": class_name, "id": str(id)}
+
+
+@pytest.fixture(params=["memory", "sqlite", "file", "postgresql", "redis", "s3"])
+def listing_storage(request: pytest.FixtureRequest) -> str:
+    return url_of(request)
+
+
+class Sealed:
+    """An encrypted order referencing plain and encrypted content-addressed lines, and
+    garbage of both kinds."""
+
+    async def build(self, backend: StorageBackend, keyring: Keyring) -> None:
+        self.plain_line = await put(backend, "Line", {"sku": "plain, held"})
+        self.sealed_line = await put_sealed(backend, keyring, "Card", {"number": "held"})
+        self.deep = await put(backend, "Part", {"name": "held by a sealed line"})
+        self.sealed_kit = await put_sealed(backend, keyring, "Kit", {"parts": [self.deep]})
+        self.order = await put_sealed(
+            backend,
+            keyring,
+            "Order",
+            {"lines": [self.plain_line, self.sealed_line], "kit": self.sealed_kit},
+            content_addressed=False,
+        )
+        self.plain_garbage = await put(backend, "Line", {"sku": "plain, nobody's"})
+        self.sealed_garbage = await put_sealed(backend, keyring, "Card", {"number": "nobody's"})
+        self.kept = [self.plain_line, self.sealed_line, self.deep, self.sealed_kit, self.order]
+        self.swept = [self.plain_garbage, self.sealed_garbage]
+        self.all = self.kept + self.swept
+
+
+async def test_an_encrypted_root_keeps_what_it_references(
+    listing_storage: str, keyring: Keyring
+) -> None:
+    backend = await get_backend(listing_storage)
+    world = Sealed()
+    await world.build(backend, keyring)
+    expected = {
+        "storage": mask_url(listing_storage),
+        "scanned": 7,
+        "roots_scanned": 0,
+        "roots": 1,
+        "recent": 0,
+        "reachable": 4,
+        "deleted": 2,
+        "refreshed": 0,
+        "corrupt": 0,
+    }
+    assert counts(await collect_garbage(listing_storage, dry_run=True)) == expected
+    assert counts(await collect_garbage(listing_storage)) == expected
+    for reference in world.kept:
+        assert await exists(backend, reference), reference
+    for reference in world.swept:
+        assert not await exists(backend, reference), reference
+
+
+async def test_an_unreferenced_encrypted_value_is_deleted_after_a_key_rotation(
+    listing_storage: str, keyring: Keyring
+) -> None:
+    backend = await get_backend(listing_storage)
+    old = await put_sealed(backend, keyring, "Card", {"number": "under k1"})
+    # The primary key changes; k1 stays to read what it sealed (and keyed the id of).
+    rotated = Keyring({"k2": K2, "k1": K1}, "k2")
+    use_keyring(rotated)
+    new = await put_sealed(backend, rotated, "Card", {"number": "under k2"})
+    report = await collect_garbage(listing_storage)
+    assert (report.scanned, report.deleted, report.corrupt) == (2, 2, 0)
+    assert not await exists(backend, old) and not await exists(backend, new)
+
+
+async def test_the_keyring_of_a_registered_class_opens_its_records(
+    memory_url: str, keyring: Keyring
+) -> None:
+    own = Keyring({"own": K2}, "own")
+
+    class Item(BaseModel):
+        sku: str
+
+    class Receipt(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=memory_url, encrypt=True, keyring=own)
+        lines: list[External[Item]]
+
+    class Cart(BaseModel):
+        order: External[Receipt]
+
+    cart = Cart(order=Receipt(lines=[Item(sku="a"), Item(sku="b")]))
+    dumped = await pydantic_toast.dump(cart, storage=memory_url)
+    lost = await put(await get_backend(memory_url), "Item", {"sku": "lost"})
+    use_keyring(None)  # only the class knows its keyring
+    report = await collect_garbage(memory_url, grace=dt.timedelta(0))
+    assert (report.scanned, report.roots, report.reachable, report.deleted) == (4, 1, 2, 1)
+    assert await pydantic_toast.validate(Cart, dumped, storage=memory_url) == cart
+    assert not await exists(await get_backend(memory_url), lost)
+
+
+def tamper(record: Record) -> Record:
+    sealed = json.loads(record.data)
+    text = sealed["ct"]
+    sealed["ct"] = text[:-6] + ("A" if text[-6] != "A" else "B") + text[-5:]
+    return Record(record.id, record.class_name, compact(sealed), 1, OLD, OLD)
+
+
+async def test_a_collection_that_cannot_open_a_record_deletes_nothing(
+    listing_storage: str, keyring: Keyring
+) -> None:
+    backend = await get_backend(listing_storage)
+    world = Sealed()
+    await world.build(backend, keyring)
+    order = f"stored Order record {world.order['id']}"
+
+    def refused(why: str) -> str:
+        # Only the order is read: what it references is unknown, so nothing else is.
+        return (
+            "garbage collection stopped before deleting anything: 1 encrypted record could "
+            f"not be opened, so what it references is unknown; the first: {order} {why}. "
+            "Install the keyring that sealed it (pydantic_toast.use_keyring(...), "
+            "ExternalConfigDict(keyring=...) on the class, or PYDANTIC_TOAST_KEYS=id:base64url-key)"
+            " and run again"
+        )
+
+    use_keyring(None)
+    with pytest.raises(StorageValidationError) as caught:
+        await collect_garbage(listing_storage, dry_run=True)
+    assert str(caught.value) == refused("is encrypted under key id 'k1', and no keyring is set")
+    use_keyring(Keyring({"k2": K2}, "k2"))
+    with pytest.raises(StorageValidationError) as caught:
+        await collect_garbage(listing_storage)
+    assert str(caught.value) == refused(
+        "is encrypted under key id 'k1', which the keyring lacks (it holds 'k2')"
+    )
+    for text in KEY_TEXTS:
+        assert text not in str(caught.value)
+
+    use_keyring(keyring)
+    stored = await backend.read_record("Order", UUID(world.order["id"]))
+    assert stored is not None
+    await backend.write_record(tamper(stored))
+    with pytest.raises(StorageValidationError) as caught:
+        await collect_garbage(listing_storage)
+    assert str(caught.value) == refused(
+        "does not decrypt under key id 'k1': it was tampered with, or copied from another "
+        "record, class or schema version"
+    )
+    for reference in world.all:
+        assert await exists(backend, reference), reference
+
+
+async def test_unreferenced_encrypted_values_that_cannot_be_opened_stop_the_sweep(
+    memory_url: str, keyring: Keyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = await get_backend(memory_url)
+    plain = await put(backend, "Line", {"sku": "plain garbage"})
+    sealed = await put_sealed(backend, keyring, "Card", {"number": "sealed garbage"})
+    use_keyring(None)
+    with pytest.raises(StorageValidationError) as caught:
+        await collect_garbage(memory_url)
+    assert str(caught.value) == (
+        "garbage collection stopped before deleting anything: 1 encrypted record could not be "
+        "opened, so what it references is unknown; the first: stored Card record "
+        f"{sealed['id']} is encrypted under key id 'k1', and no keyring is set. Install the "
+        "keyring that sealed it (pydantic_toast.use_keyring(...), ExternalConfigDict(keyring=...)"
+        " on the class, or PYDANTIC_TOAST_KEYS=id:base64url-key) and run again"
+    )
+    monkeypatch.setenv(KEYS_VARIABLE, f"k1={b64(K1)}")  # set, but not as id:key
+    with pytest.raises(StorageValidationError) as caught:
+        await collect_garbage(memory_url, dry_run=True)
+    assert (
+        "encrypted under key id 'k1', and no keyring is set "
+        "(PYDANTIC_TOAST_KEYS: entry 1 is not id:base64url-key). Install"
+    ) in str(caught.value)
+    assert b64(K1) not in str(caught.value)
+    assert await exists(backend, plain) and await exists(backend, sealed)
+
+
+async def test_the_gc_command_opens_encrypted_records_with_the_environments_keys(
+    sqlite_url: str, keyring: Keyring
+) -> None:
+    backend = await get_backend(sqlite_url)
+    world = Sealed()
+    await world.build(backend, keyring)
+    env = {key: value for key, value in os.environ.items() if key != KEYS_VARIABLE}
+    command = [sys.executable, "-m", "pydantic_toast", "--storage", sqlite_url, "gc"]
+
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.startswith(
+        "error: garbage collection stopped before deleting anything: 1 encrypted record "
+        f"could not be opened, so what it references is unknown; the first: stored Order "
+        f"record {world.order['id']} is encrypted under key id 'k1', and no keyring is set."
+    )
+    assert "PYDANTIC_TOAST_KEYS=id:base64url-key" in refused.stderr
+
+    env[KEYS_VARIABLE] = f"k2:{b64(K2)}"  # the wrong key: named by id, never shown
+    wrong = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert wrong.returncode == 1
+    assert "under key id 'k1', which the keyring lacks (it holds 'k2')" in wrong.stderr
+    for text in KEY_TEXTS:
+        assert text not in wrong.stderr + wrong.stdout + refused.stderr
+
+    async def left() -> set[str]:
+        return {str(info.id) async for info in backend.scan_records(None)}
+
+    assert await left() == {reference["id"] for reference in world.all}
+
+    env[KEYS_VARIABLE] = f"k1:{b64(K1)}"
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"scanned 7 records in {mask_url(sqlite_url)}",
+        "kept 1 not content-addressed, 0 written within 1d, 4 referenced",
+        "deleted 2 content-addressed records that nothing references",
+    ]
+    assert await left() == {reference["id"] for reference in world.kept}
