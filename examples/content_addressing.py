@@ -7,6 +7,7 @@ load proves that what it read is what the reference names.
 import asyncio
 import sqlite3
 import tempfile
+from contextlib import closing
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -39,7 +40,8 @@ async def main() -> None:
     print("loaded and verified:", [line.sku for line in loaded.lines[:3]], "...")
 
     # Someone changes a stored line behind the library's back: the next load notices.
-    with sqlite3.connect(STORAGE.removeprefix("sqlite:///")) as database:
+    path = STORAGE.removeprefix("sqlite:///")
+    with closing(sqlite3.connect(path, isolation_level=None)) as database:
         database.execute(
             "UPDATE external_models SET data = ? WHERE id = ?",
             ('{"sku":"SKU-0","quantity":1000}', first["lines"][0]["id"]),

@@ -1,6 +1,6 @@
 """A custom backend: four methods, registered for a URL scheme.
 
-This is the FileSystemBackend printed in README.md; it runs as is:
+This is the FileSystemBackend that docs/how-to/writing-a-backend.md prints; it runs as is:
     python examples/custom_backend.py
 """
 

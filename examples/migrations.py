@@ -10,6 +10,7 @@ import asyncio
 import sqlite3
 import tempfile
 import uuid
+from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ async def main() -> None:
     await User(full_name="x", initials="x").save_external()  # creates the table
     old_id = str(uuid.uuid4())
     last_year = datetime(2025, 1, 1, tzinfo=UTC).isoformat(timespec="microseconds")
-    with sqlite3.connect(DATABASE) as connection:
+    with closing(sqlite3.connect(DATABASE, isolation_level=None)) as connection:
         connection.execute(
             "INSERT INTO external_models VALUES (?, 'User', ?, 1, ?, ?)",
             (old_id, '{"name": "Ada Lovelace"}', last_year, last_year),
@@ -49,7 +50,7 @@ async def main() -> None:
 
     user = await User.load_external({"class_name": "User", "id": old_id})
     print("loaded by version 2: ", user.model_dump())
-    with sqlite3.connect(DATABASE) as connection:
+    with closing(sqlite3.connect(DATABASE, isolation_level=None)) as connection:
         row = connection.execute(
             "SELECT schema_version, data FROM external_models WHERE id = ?", (old_id,)
         ).fetchone()

@@ -1,5 +1,7 @@
 """pydantic-toast: store Pydantic models out of line and pass tiny references instead."""
 
+import importlib.metadata as _metadata
+
 from pydantic_toast._bridge import aclose, close
 from pydantic_toast._config import ExternalConfigDict, ExternalNameWarning
 from pydantic_toast._crypto import Keyring, use_keyring
@@ -28,6 +30,12 @@ from pydantic_toast._references import ExternalReference
 from pydantic_toast._registry import register_backend
 from pydantic_toast._rekey import RekeyReport, rekey, rekey_sync
 from pydantic_toast.backends.base import StorageBackend
+
+try:
+    # The version lives in pyproject.toml alone; installed metadata carries it here.
+    __version__ = _metadata.version("pydantic-toast")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "CorruptRecordError",

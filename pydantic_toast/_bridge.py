@@ -20,7 +20,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from pydantic_toast._registry import close_running_loop_backends
 
@@ -44,17 +44,34 @@ class _LoopThread:
 _bridge: _LoopThread | None = None
 _bridge_lock = threading.Lock()
 _main_loop: asyncio.AbstractEventLoop | None = None
+# Set when interpreter exit closes the bridge: no new one may start (Python 3.12 refuses
+# new threads from then on, and connections opened then would never be closed).
+_exiting = False
 
 
-def _get_bridge() -> _LoopThread:
+def _get_bridge() -> _LoopThread | None:
+    """The bridge, started on first use; ``None`` once interpreter exit has closed it."""
     global _bridge
     bridge = _bridge
     if bridge is None:
         with _bridge_lock:
-            if _bridge is None:
+            if _bridge is None and not _exiting:
                 _bridge = _LoopThread()
             bridge = _bridge
     return bridge
+
+
+def _outlive_exit() -> NoReturn:
+    """A sync call that reaches the bridge after interpreter exit closed it. Only daemon
+    threads still run then (exit joins the others first), and finalization stops them where
+    they are: such a thread waits here for that, quietly, as it would in any blocking call."""
+    if threading.current_thread() is threading.main_thread():
+        raise RuntimeError(
+            "a pydantic-toast *_sync method was called inside a running event loop during "
+            "interpreter exit; await the async method instead"
+        )
+    while True:
+        threading.Event().wait()
 
 
 def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -84,6 +101,9 @@ def _run_on_main_loop(coroutine: Coroutine[Any, Any, T]) -> T:
 
 def _run_on_bridge(coroutine: Coroutine[Any, Any, T]) -> T:
     bridge = _get_bridge()
+    if bridge is None:
+        coroutine.close()
+        _outlive_exit()
     if threading.current_thread() is bridge.thread:
         coroutine.close()
         raise RuntimeError(
@@ -126,14 +146,16 @@ async def aclose() -> None:
 
 @atexit.register
 def _close_at_exit() -> None:
-    global _bridge, _main_loop
+    global _bridge, _main_loop, _exiting
     loop, _main_loop = _main_loop, None
     if loop is not None and not loop.is_closed() and not loop.is_running():
         with contextlib.suppress(Exception):  # exit must not print tracebacks
             loop.run_until_complete(asyncio.wait_for(close_running_loop_backends(), _EXIT_TIMEOUT))
             loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
-    bridge, _bridge = _bridge, None
+    with _bridge_lock:
+        _exiting = True
+        bridge, _bridge = _bridge, None
     if bridge is None or not bridge.thread.is_alive():
         return
     with contextlib.suppress(Exception):

@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from contextlib import closing
 from pathlib import Path
 from uuid import UUID, uuid4
 
@@ -246,7 +247,7 @@ async def test_read_only_commands_create_no_sqlite_table(
     for url in (f"{sqlite_url}?table=nope_typo", f"sqlite:///{tmp_path}/missing.db"):
         result = cli(url, *arguments)
         assert result.returncode in (0, 1) and "Traceback" not in result.stderr
-    with sqlite3.connect(tmp_path / "models.db") as connection:
+    with closing(sqlite3.connect(tmp_path / "models.db")) as connection, connection:
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
     assert "nope_typo" not in tables
     assert not (tmp_path / "missing.db").exists()
@@ -337,7 +338,7 @@ def corrupt_a_record(kind: str, url: str, namespace: str, tmp_path: Path) -> UUI
         (tmp_path / "records" / "Invoice" / f"{id}.json").write_bytes(b"\x00garbage")
     else:
         now = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
-        with sqlite3.connect(tmp_path / "models.db") as connection:
+        with closing(sqlite3.connect(tmp_path / "models.db")) as connection, connection:
             connection.execute(
                 "INSERT INTO external_models VALUES (?, 'Invoice', '{}', 'x', ?, ?)",
                 (str(id), now, now),

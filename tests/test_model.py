@@ -409,9 +409,10 @@ async def test_1000_concurrent_saves_on_the_embedded_default(sqlite_url: str) ->
     assert loaded == events
 
     import sqlite3
+    from contextlib import closing
 
     path = sqlite_url.removeprefix("sqlite:///")
-    with sqlite3.connect(path) as raw:
+    with closing(sqlite3.connect(path)) as raw:
         assert raw.execute("SELECT count(*) FROM external_models").fetchone() == (1000,)
 
 

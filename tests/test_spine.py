@@ -13,6 +13,7 @@ import json
 import pickle
 import sqlite3
 import tracemalloc
+from contextlib import closing
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -170,7 +171,7 @@ async def test_corrupt_sqlite_rows_are_corrupt_record_errors(
     Item = define_item(sqlite_url, ttl=3600)
     reference = await Item(name="x").save_external()
     path = sqlite_url.removeprefix("sqlite:///")
-    with sqlite3.connect(path) as connection:
+    with closing(sqlite3.connect(path)) as connection, connection:
         connection.execute(f"UPDATE external_models SET {column} = {value}")
     with pytest.raises(CorruptRecordError) as caught:
         await Item.load_external(reference)
@@ -183,7 +184,7 @@ async def test_corrupt_sqlite_rows_are_corrupt_record_errors(
 async def test_sqlite_data_stored_as_a_blob_still_loads(sqlite_url: str) -> None:
     Item = define_item(sqlite_url)
     reference = await Item(name="blob").save_external()
-    with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as connection:
+    with closing(sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))) as connection, connection:
         connection.execute("UPDATE external_models SET data = CAST(data AS BLOB)")
     assert await Item.load_external(reference) == Item(name="blob")
 

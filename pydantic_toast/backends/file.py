@@ -10,6 +10,7 @@ records of ordinary size that is cheaper than a hop to a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -54,6 +55,7 @@ class FileBackend(StorageBackend):
         if not path:
             raise StorageValidationError("file URLs need a directory: file:///tmp/models")
         self.directory = Path(path)
+        self._root = str(self.directory)
         self.fsync = self.options.fsync
 
     @property
@@ -69,9 +71,11 @@ class FileBackend(StorageBackend):
     async def disconnect(self) -> None:
         """Nothing stays open between operations."""
 
-    def _path(self, class_name: str, id: UUID) -> Path:
+    def _path(self, class_name: str, id: UUID) -> str:
         # The spine checked the class name and the id is a UUID: the path stays inside.
-        return self.directory / class_name / f"{id}.json"
+        # Strings, not `Path`s, for every name made of an id: Python 3.12's pathlib interns
+        # each name it parses for good, and a process writes ever new ids.
+        return os.path.join(self._root, class_name, f"{id}.json")
 
     async def put_many(self, records: Sequence[Record]) -> None:
         for record in records:
@@ -81,10 +85,12 @@ class FileBackend(StorageBackend):
         return [self._write(record, only_new=True) for record in records]
 
     def _write(self, record: Record, *, only_new: bool) -> bool:
+        directory = os.path.join(self._root, record.class_name)
         path = self._path(record.class_name, record.id)
-        temporary = path.with_name(f".{path.name}.{uuid4().hex}.tmp")
+        temporary = os.path.join(directory, f".{record.id}.json.{uuid4().hex}.tmp")
         try:
-            path.parent.mkdir(exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(directory)
             with open(temporary, "wb") as file:
                 file.write(encode_envelope(record))
                 if self.fsync:
@@ -98,20 +104,22 @@ class FileBackend(StorageBackend):
             else:
                 os.replace(temporary, path)
             if self.fsync:  # the rename itself must reach the disk too
-                directory = os.open(path.parent, os.O_RDONLY)
+                descriptor = os.open(directory, os.O_RDONLY)
                 try:
-                    os.fsync(directory)
+                    os.fsync(descriptor)
                 finally:
-                    os.close(directory)
+                    os.close(descriptor)
         finally:
-            temporary.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
         return True
 
     async def get_many(self, class_name: str, ids: Sequence[UUID]) -> list[bytes | None]:
         found: list[bytes | None] = []
         for id in ids:
             try:
-                found.append(self._path(class_name, id).read_bytes())
+                with open(self._path(class_name, id), "rb") as file:  # noqa: ASYNC230 - inline
+                    found.append(file.read())
             except FileNotFoundError:
                 found.append(None)
         return found
@@ -120,7 +128,7 @@ class FileBackend(StorageBackend):
         deleted = 0
         for id in ids:
             try:
-                self._path(class_name, id).unlink()
+                os.unlink(self._path(class_name, id))
                 deleted += 1
             except FileNotFoundError:
                 pass
@@ -132,14 +140,19 @@ class FileBackend(StorageBackend):
         else:
             directories = [self.directory / class_name]
         for directory in directories:
-            for path in sorted(directory.glob("*.json")):
+            try:
+                names = sorted(name for name in os.listdir(directory) if name.endswith(".json"))
+            except FileNotFoundError:
+                continue  # no record of this class yet
+            for name in names:
+                stem = name.removesuffix(".json")
                 try:
-                    id = UUID(path.stem)
-                    if str(id) != path.stem:
+                    id = UUID(stem)
+                    if str(id) != stem:
                         continue  # not a name this backend writes
-                    with open(path, "rb") as file:  # noqa: ASYNC230 - inline, see module doc
+                    with open(os.path.join(directory, name), "rb") as file:  # noqa: ASYNC230
                         head = file.read(HEAD_BYTES)
-                    size = path.stat().st_size
+                        size = os.fstat(file.fileno()).st_size
                 except (ValueError, FileNotFoundError):
                     continue  # not a record, or deleted while listing
                 yield StoredInfo(id, directory.name, size, None, head)
