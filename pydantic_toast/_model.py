@@ -344,7 +344,11 @@ class ExternalBaseModel(BaseModel):
         """
         cls = type(self)
         settings = cls.__external_settings__
-        metadata = self.external_metadata
+        try:
+            metadata: tuple[UUID, str, int, datetime, datetime] | None
+            metadata = _METADATA_SLOT.__get__(self)  # as `external_metadata`, without its object
+        except AttributeError:
+            metadata = None
         try:
             data = cls.__pydantic_serializer__.to_json(self, context=context)
         except PydanticSerializationError as exc:
@@ -354,7 +358,7 @@ class ExternalBaseModel(BaseModel):
         _records.check_storable(self, data, settings.class_name)
         if settings.content_addressed:  # the id names the content: a changed model moves
             named = content_id(settings.class_name, data)
-            kept = metadata.created_at if metadata is not None and metadata.id == named else now
+            kept = metadata[3] if metadata is not None and metadata[0] == named else now
             return _records.new_record(settings, data, named, kept, now)
         if metadata is None:
             # The id is the instance's from its first save attempt on, so a retry after a
@@ -366,7 +370,7 @@ class ExternalBaseModel(BaseModel):
                 _PENDING_ID_SLOT.__set__(self, id)
             created_at = now
         else:
-            id, created_at = metadata.id, metadata.created_at
+            id, _, _, created_at, _ = metadata
         return _records.new_record(settings, data, id, created_at, now)
 
     @classmethod

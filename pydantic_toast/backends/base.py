@@ -268,7 +268,7 @@ class StorageBackend(ABC):
 
     async def read_record(self, class_name: str, id: UUID) -> Record | None:
         """The record of ``class_name`` stored for ``id``, or ``None``."""
-        return (await self.__read_many(class_name, (id,)))[0]
+        return await self.__read_one(class_name, id)
 
     async def write_records(self, records: Sequence[Record]) -> None:
         """Store many records; each one keeps a stored ``created_at`` and is given it.
@@ -373,6 +373,19 @@ class StorageBackend(ABC):
         if kept is None or len(kept) != len(records):
             raise TypeError(f"{type(self).__name__}.put_many must return one created_at each")
         return kept
+
+    async def __read_one(self, class_name: str, id: UUID) -> Record | None:
+        """`__read_many` of one id, without its chunking (the hot path of a single load)."""
+        check_class_name(class_name)
+        _check_id(id)
+        ids = (id,)
+        (found,) = await self.__run_primitive(
+            _doing("load", ids, class_name), self.get_many(class_name, ids)
+        )
+        if found is None:
+            return None
+        record = decode_stored(found, id, class_name)
+        return record if record.class_name == class_name else None
 
     async def __read_many(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
         check_class_name(class_name)

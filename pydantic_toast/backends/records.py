@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 from uuid import UUID
@@ -83,6 +83,20 @@ class Record:
     #: themselves (Redis); ``None`` for the backend's own default. Others ignore it: the model
     #: layer hides expired records and purges them.
     ttl: timedelta | None = None
+
+    def copy(self) -> Record:
+        """A shallow copy (what `dataclasses.replace` makes, at a third of its cost: a copy is
+        made on every read of a record kept in memory)."""
+        return Record(
+            self.id,
+            self.class_name,
+            self.data,
+            self.schema_version,
+            self.created_at,
+            self.updated_at,
+            self.compress_above,
+            self.ttl,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The record as the JSON-ready dict a four-method backend stores."""
@@ -206,7 +220,7 @@ def _decode(stored: object, id: UUID) -> Record:
     if isinstance(stored, bytes | bytearray | memoryview):
         return _decode_envelope(bytes(stored), id)
     if isinstance(stored, Record):
-        return replace(stored)  # the caller may change its copy
+        return stored.copy()  # the caller may change its copy
     if isinstance(stored, dict):
         return _from_dict(stored, id)
     if isinstance(stored, str) or not hasattr(stored, "__getitem__"):
