@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -56,9 +55,10 @@ def check_storable(model: BaseModel, data: bytes, class_name: str) -> None:
     if model.model_config.get("ser_json_inf_nan", "null") != "null":
         return
     cls = type(model)
-    floats = _floats.get(cls)
+    floats = cls.__dict__.get("__external_floats__")
     if floats is None:
-        floats = _floats[cls] = _float_plan(cls)
+        floats = _float_plan(cls)
+        type.__setattr__(cls, "__external_floats__", floats)
     if floats is False:
         return
     if floats is not True and len(data) > _SUM_ABOVE:
@@ -83,10 +83,9 @@ def check_storable(model: BaseModel, data: bytes, class_name: str) -> None:
 #: Every float a model's values hold, found by a plan read once from its class's core schema.
 _FloatsOf = Callable[[Any], Iterable[float]]
 
-# Per class: its plan; False when its schema can hold no float (most models); True when it
-# holds some the plan cannot follow (then the JSON is scanned for null and the values walked,
-# which finds any NaN but costs more).
-_floats: weakref.WeakKeyDictionary[type, _FloatsOf | bool] = weakref.WeakKeyDictionary()
+# A class's plan is kept as its ``__external_floats__``: False when its schema can hold no
+# float (most models); True when it holds some the plan cannot follow (then the JSON is
+# scanned for null and the values walked, which finds any NaN but costs more).
 # Below this size, scanning the JSON for null costs less than summing the floats.
 _SUM_ABOVE = 2048
 # `re` finds a literal about twice as fast as `bytes.__contains__` in long JSON.

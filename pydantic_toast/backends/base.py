@@ -292,8 +292,12 @@ class StorageBackend(ABC):
     async def __write_many(self, records: Sequence[Record]) -> None:
         if not records:
             return
+        checked = None  # a batch's records mostly share one class name: check each name once
         for record in records:
-            _check_record(record)
+            if record.class_name is not checked:
+                checked = check_class_name(record.class_name)
+            if type(record.id) is not UUID:
+                _check_id(record.id)
         if len(records) == 1 and self.capabilities.keeps_created_at:  # the hot path
             (record,) = records
             (record.created_at,) = await self.__run_primitive(
@@ -390,7 +394,8 @@ class StorageBackend(ABC):
     async def __read_many(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
         check_class_name(class_name)
         for id in ids:
-            _check_id(id)
+            if type(id) is not UUID:
+                _check_id(id)
         stored = await self.__run_chunks(
             _doing("load", ids, class_name), ids, lambda chunk: self.get_many(class_name, chunk)
         )
@@ -624,11 +629,6 @@ async def _one(count: Awaitable[int]) -> list[int]:
 
 def _ids(records: Sequence[Record]) -> list[UUID]:
     return [record.id for record in records]
-
-
-def _check_record(record: Record) -> None:
-    check_class_name(record.class_name)
-    _check_id(record.id)
 
 
 def _check_id(id: object) -> None:

@@ -87,7 +87,8 @@ assert len(_HEAD) == CREATED_AT_OFFSET, "the envelope layout changed"
 
 # KEYS: the records' keys; ARGV[1]: TTL in milliseconds ("0": none); ARGV[i + 1]: KEYS[i]'s
 # envelope. Returns the `created_at` kept from the stored record (false: none), as a list
-# when there are several keys. SETRANGE runs only when the new value's `created_at` differs.
+# when there are several keys. A re-save usually sends the stored `created_at` back: found
+# equal, it is kept without matching the pattern. SETRANGE runs only when it differs.
 _WRITE_SCRIPT = f"""
 local ttl = ARGV[1]
 local kept = {{}}
@@ -100,7 +101,10 @@ for i, key in ipairs(KEYS) do
     redis.call('SET', key, value, 'PX', ttl)
   end
   kept[i] = false
-  if string.sub(old, 1, {CREATED_AT_OFFSET}) == [==[{_HEAD.decode()}]==] then
+  local mine = string.sub(value, {CREATED_AT_OFFSET + 1}, {_QUOTE_AT + 1})
+  if string.sub(old, {CREATED_AT_OFFSET + 1}) == mine then
+    kept[i] = string.sub(mine, 1, {CREATED_AT_WIDTH})
+  elseif string.sub(old, 1, {CREATED_AT_OFFSET}) == [==[{_HEAD.decode()}]==] then
     local created = string.sub(old, {CREATED_AT_OFFSET + 1})
     if string.find(created, [==[{_TIMESTAMP}]==]) then
       created = string.sub(created, 1, {CREATED_AT_WIDTH})
