@@ -52,8 +52,6 @@ def check_storable(model: BaseModel, data: bytes, class_name: str) -> None:
     field; a model whose config writes them in a form that loads back
     (``ser_json_inf_nan="strings"`` or ``"constants"``) may store them.
     """
-    if model.model_config.get("ser_json_inf_nan", "null") != "null":
-        return
     cls = type(model)
     floats = cls.__dict__.get("__external_floats__")
     if floats is None:
@@ -101,7 +99,11 @@ class _Unplanned(Exception):
 
 
 def _float_plan(cls: type[BaseModel]) -> _FloatsOf | bool:
-    """How to find every float of a model class's values (see `_floats`)."""
+    """How to find every float of a model class's values (kept as the class's
+    ``__external_floats__``); False also when its config writes NaN in a form that loads
+    back."""
+    if cls.model_config.get("ser_json_inf_nan", "null") != "null":
+        return False
     try:
         plan = _plan(cls.__pydantic_core_schema__, {}, frozenset())
     except _Unplanned:  # unions, Any, custom serializers, recursion
@@ -167,9 +169,11 @@ def _model_plan(node: dict[str, Any], defs: dict[str, Any], seen: frozenset[str]
             parts.append((name, plan))
     if not parts:
         return None
-    if len(parts) == 1 and parts[0][1][1] is None:
-        ((name, (path, _)),) = parts
-        return f"{name}.{path}" if path else name, None
+    if len(parts) == 1:  # the common shape: one field holds the floats
+        ((name, (path, many)),) = parts
+        if many is None:
+            return f"{name}.{path}" if path else name, None
+        return "", _field(attrgetter(name), many)
     return "", _fields(parts)
 
 
@@ -213,6 +217,10 @@ def _each(plan: tuple[str, _FloatsOf | None]) -> _FloatsOf:
 
 def _values(floats: _FloatsOf) -> _FloatsOf:
     return lambda mapping: floats(mapping.values())
+
+
+def _field(get: Callable[[Any], Any], floats: _FloatsOf) -> _FloatsOf:
+    return lambda model: floats(get(model))
 
 
 def _fields(parts: list[tuple[str, tuple[str, _FloatsOf | None]]]) -> _FloatsOf:
