@@ -31,8 +31,12 @@ CONTENT_VERSION = 8
 
 def canonical_json(data: bytes) -> bytes:
     """``data`` (JSON text) in the canonical form the digest is taken over."""
-    value = json.loads(data, parse_float=Decimal, parse_int=Decimal)
+    value = _DECODER.decode(data.decode())
     return _text(value).encode()
+
+
+# One decoder for every digest: `json.loads` with options builds a new one per call.
+_DECODER = json.JSONDecoder(parse_float=Decimal, parse_int=Decimal)
 
 
 def _text(value: Any) -> str:
