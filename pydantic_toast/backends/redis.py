@@ -231,6 +231,7 @@ class RedisBackend(StorageBackend):
         # costs a condition variable per command; this gate makes a burst wait its turn (at
         # most `timeout` seconds) and costs nothing while a connection is free.
         self._gate = asyncio.Semaphore(self.max_connections)
+        self._suspect_idle = False
 
     @property
     def where(self) -> str:
@@ -261,6 +262,12 @@ class RedisBackend(StorageBackend):
         client = self._client
         if client is None:
             raise self.closed()
+        if self._suspect_idle:
+            # A connection failed: the idle ones most likely went with it (a server restart,
+            # a network cut). Close them, so that each next command connects afresh instead of
+            # finding a dead connection one failure at a time.
+            self._suspect_idle = False
+            await client.connection_pool.disconnect(inuse_connections=False)
         if self._gate.locked():
             try:
                 async with asyncio.timeout(self.timeout):
@@ -411,6 +418,8 @@ class RedisBackend(StorageBackend):
     def is_transient(self, exc: BaseException) -> bool:
         if isinstance(exc, _PERMANENT):
             return False
+        if isinstance(exc, redis_errors.ConnectionError):
+            self._suspect_idle = True
         return isinstance(exc, _TRANSIENT) or super().is_transient(exc)
 
 
