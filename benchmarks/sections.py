@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import tracemalloc
 from collections.abc import Awaitable, Callable
@@ -16,6 +17,7 @@ import pydantic_toast.backends.records
 from benchmarks.backends import RawStore, Target
 from benchmarks.models import (
     AllExternalOrder,
+    BenchLine,
     BenchOrder,
     Doc,
     InlineOrder,
@@ -326,6 +328,13 @@ async def external(target: Target, settings: Settings) -> list[Row]:
     references = await pydantic_toast.dump(order, storage=url)
     context = {"storage": url}
     assert len(references["lines"]) == items
+    # The floor: the raw driver writing the same lines in one batch and reading them back.
+    raw = copy.copy(target.raw)
+    raw.model = BenchLine  # type: ignore[assignment]
+    raw.to_json = BenchLine.__pydantic_serializer__.to_json
+    lines: list[Any] = list(order.lines)
+    raw_ids = [uuid4() for _ in lines]
+    await raw.save_many(lines, raw_ids)
 
     cases: dict[str, dict[str, Any]] = {
         "dump": {
@@ -333,12 +342,14 @@ async def external(target: Target, settings: Settings) -> list[Row]:
             "pydantic": plain_order.model_dump,
             "batched": partial(pydantic_toast.dump, order, storage=url),
             "plain": partial(order.model_dump, context=context),
+            "raw": partial(raw.save_many, lines, raw_ids),
         },
         "validate": {
             "inline": partial(BenchOrder.model_validate, inline),
             "pydantic": partial(InlineOrder.model_validate, inline),
             "batched": partial(pydantic_toast.validate, BenchOrder, references, storage=url),
             "plain": partial(BenchOrder.model_validate, references, context=context),
+            "raw": partial(raw.load_many, raw_ids),
         },
     }
     rows: list[Row] = []
@@ -354,6 +365,7 @@ async def external(target: Target, settings: Settings) -> list[Row]:
                 "pydantic_ms": _ms(times["pydantic"]),
                 "batched_ms": _ms(times["batched"]),
                 "plain_ms": _ms(times["plain"]),
+                "raw_batch_ms": _ms(times["raw"]),
                 "batched_us_per_item": round(times["batched"] / items * 1e6, 2),
                 "plain_us_per_item": round(times["plain"] / items * 1e6, 2),
                 "batched_vs_inline": _ratio(times["batched"], times["inline"]),

@@ -2,15 +2,14 @@
 
 Loads that different tasks issue against the same backend in the same event-loop turn are
 sent as one batch read; each caller gets its own record (or ``None``) back. The first load of
-a turn leads: it yields once (``asyncio.sleep(0)``) so that the loads queued behind it in this
-turn can join, then reads for all of them. A lone load pays that one yield and reads by itself;
-there is no timer.
+a turn goes out at once, by itself, so a lone load pays nothing for coalescing; the loads
+issued after it in the same turn gather, and a task reads them as one batch as soon as the
+turn ends. There is no timer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import weakref
 from collections.abc import Sequence
@@ -36,41 +35,39 @@ _Waiters = dict[_Key, list["asyncio.Future[Record | None]"]]
 
 
 class _Loader:
-    __slots__ = ("_backend", "gathering", "handoffs")
+    __slots__ = ("_backend", "gathering", "serving")
 
     def __init__(self, backend: StorageBackend) -> None:
         self._backend = weakref.ref(backend)
         self.gathering: _Waiters | None = None
-        self.handoffs: set[asyncio.Task[None]] = set()
+        self.serving: set[asyncio.Task[None]] = set()
 
     async def load(self, class_name: str, id: UUID) -> Record | None:
-        key = (class_name, id)
         gathering = self.gathering
-        if gathering is not None:  # a leader is collecting this turn's loads: join it
+        if gathering is not None:  # a load of this turn went out already: join the batch
             future: asyncio.Future[Record | None] = asyncio.get_running_loop().create_future()
-            gathering.setdefault(key, []).append(future)
+            gathering.setdefault((class_name, id), []).append(future)
             return await future
         self.gathering = gathering = {}
+        asyncio.get_running_loop().call_soon(self._flush, gathering)
         try:
-            await asyncio.sleep(0)
-        except BaseException:
-            self._hand_off(gathering)
-            raise
-        finally:
-            self.gathering = None
-        if not gathering:
             return await self.backend().read_record(class_name, id)
-        gathering.setdefault(key, [])
-        try:
-            result = (await self._serve(gathering))[key]
-        except asyncio.CancelledError:
-            self._hand_off(gathering)
-            raise
-        if isinstance(result, _Failed):
-            raise _own_copy(result.error)
-        return result
+        finally:
+            if self.gathering is gathering and not gathering:
+                # Done within its turn, and nothing joined: a load the caller awaits next is
+                # the first of a turn again (a store that answers without waiting).
+                self.gathering = None
 
-    async def _serve(self, waiters: _Waiters) -> dict[_Key, Record | _Failed | None]:
+    def _flush(self, gathering: _Waiters) -> None:
+        """The turn ended: read what gathered in it, in a task of its own."""
+        if self.gathering is gathering:
+            self.gathering = None
+        if gathering:
+            task = asyncio.get_running_loop().create_task(self._serve_quietly(gathering))
+            self.serving.add(task)
+            task.add_done_callback(self.serving.discard)
+
+    async def _serve(self, waiters: _Waiters) -> None:
         """Read every waiter's record, one batch per class, and give each its result."""
         by_class: dict[str, list[UUID]] = {}
         for class_name, id in waiters:
@@ -85,7 +82,6 @@ class _Loader:
                     if not future.done():
                         future.set_exception(_own_copy(exc))
             raise
-        results: dict[_Key, Record | _Failed | None] = {}
         for (class_name, ids), records in zip(by_class.items(), batches, strict=True):
             for id, record in zip(ids, records, strict=True):
                 for future in waiters[class_name, id]:
@@ -95,8 +91,6 @@ class _Loader:
                         future.set_exception(_own_copy(record.error))
                     else:
                         future.set_result(record)
-                results[class_name, id] = record
-        return results
 
     def backend(self) -> StorageBackend:
         backend = self._backend()
@@ -119,17 +113,16 @@ class _Loader:
         except StorageValidationError as exc:
             return _Failed(exc)
 
-    def _hand_off(self, waiters: _Waiters) -> None:
-        """The leader was cancelled: serve the loads that joined it in a task of their own."""
-        pending = {key: futures for key, futures in waiters.items() if futures}
-        if pending:
-            task = asyncio.get_running_loop().create_task(self._serve_quietly(pending))
-            self.handoffs.add(task)
-            task.add_done_callback(self.handoffs.discard)
-
     async def _serve_quietly(self, waiters: _Waiters) -> None:
-        with contextlib.suppress(Exception):  # _serve delivered it to every waiter
+        try:
             await self._serve(waiters)
+        except Exception:  # noqa: BLE001 - _serve delivered it to every waiter
+            return
+        except BaseException:  # cancelled (the loop is shutting down): so are the waiters
+            for futures in waiters.values():
+                for future in futures:
+                    future.cancel()
+            raise
 
 
 def _own_copy(exc: Exception) -> Exception:

@@ -337,7 +337,11 @@ class ExternalBaseModel(BaseModel):
         """
         cls = type(self)
         settings = cls.__external_settings__
-        metadata = self.external_metadata
+        try:
+            metadata: tuple[UUID, str, int, datetime, datetime] | None
+            metadata = _METADATA_SLOT.__get__(self)  # as `external_metadata`, without its object
+        except AttributeError:
+            metadata = None
         try:
             data = cls.__pydantic_serializer__.to_json(self, context=context)
         except PydanticSerializationError as exc:
@@ -348,7 +352,7 @@ class ExternalBaseModel(BaseModel):
         if settings.content_addressed:  # the id names the content: a changed model moves
             key = content_secret(_records.keyring_of(settings)) if settings.encrypt else None
             named = content_id(settings.class_name, data, key)
-            kept = metadata.created_at if metadata is not None and metadata.id == named else now
+            kept = metadata[3] if metadata is not None and metadata[0] == named else now
             return _records.new_record(settings, data, named, kept, now)
         if metadata is None:
             # The id is the instance's from its first save attempt on, so a retry after a
@@ -360,7 +364,7 @@ class ExternalBaseModel(BaseModel):
                 _PENDING_ID_SLOT.__set__(self, id)
             created_at = now
         else:
-            id, created_at = metadata.id, metadata.created_at
+            id, _, _, created_at, _ = metadata
         return _records.new_record(settings, data, id, created_at, now)
 
     @classmethod

@@ -162,7 +162,9 @@ async def load(cls: type[M], reference: ReferenceLike) -> M:
         record = cls._live(stored)
         if record is None:
             raise RecordNotFoundError(name, [str(id)], settings.storage)
-        model = (await from_records(cls, [record]))[id]
+        model, upgraded = cls._from_record_migrated(record)
+        if upgraded is not None:
+            await _write_back(cls, [upgraded])
     except BaseException as exc:
         if op is not None:
             op.fail(exc)
@@ -186,7 +188,7 @@ async def load_many(
         stored = await with_backend(
             settings.storage, lambda b: b.read_records(name, unique), settings.retry, op
         )
-        records = [cls._live(record) for record in stored]
+        records = stored if settings.ttl is None else [cls._live(r) for r in stored]
         missing = [str(id) for id, record in zip(unique, records, strict=True) if record is None]
         if missing and not missing_ok:
             raise RecordNotFoundError(name, missing, settings.storage)
@@ -295,23 +297,28 @@ async def purge(cls: type[M], older_than: timedelta | float | None, before: date
 
 async def from_records(cls: type[M], records: Iterable[Record]) -> dict[UUID, M]:
     """Validate loaded records; write back the migrated ones if the class asks to."""
-    settings = cls.__external_settings__
     models: dict[UUID, M] = {}
     migrated: list[Record] = []
     for record in records:
         models[record.id], upgraded = cls._from_record_migrated(record)
         if upgraded is not None:
             migrated.append(upgraded)
-    if migrated and settings.save_migrated:
-        try:  # best effort: the models were read fine, the next load migrates again
-            await with_backend(
-                settings.storage, lambda b: b.write_records(migrated), settings.retry
-            )
-        except ExternalStorageError as exc:
-            _log.warning(
-                "could not write back %d migrated %s records: %s",
-                len(migrated),
-                settings.class_name,
-                exc,
-            )
+    if migrated:
+        await _write_back(cls, migrated)
     return models
+
+
+async def _write_back(cls: type[M], migrated: list[Record]) -> None:
+    """Store migrated records if the class asks to."""
+    settings = cls.__external_settings__
+    if not settings.save_migrated:
+        return
+    try:  # best effort: the models were read fine, the next load migrates again
+        await with_backend(settings.storage, lambda b: b.write_records(migrated), settings.retry)
+    except ExternalStorageError as exc:
+        _log.warning(
+            "could not write back %d migrated %s records: %s",
+            len(migrated),
+            settings.class_name,
+            exc,
+        )

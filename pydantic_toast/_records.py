@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import math
 import re
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
+from functools import partial
+from itertools import chain
+from operator import attrgetter
 from typing import Any
 from uuid import UUID
 
@@ -83,10 +85,23 @@ def check_storable(model: BaseModel, data: bytes, class_name: str) -> None:
     field; a model whose config writes them in a form that loads back
     (``ser_json_inf_nan="strings"`` or ``"constants"``) may store them.
     """
-    if model.model_config.get("ser_json_inf_nan", "null") != "null":
+    cls = type(model)
+    floats = cls.__dict__.get("__external_floats__")
+    if floats is None:
+        floats = _float_plan(cls)
+        type.__setattr__(cls, "__external_floats__", floats)
+    if floats is False:
         return
-    if not _may_hold_floats(type(model)) or _NULL.search(data) is None:
-        return  # no float anywhere in the schema, or no null in the JSON: no NaN either
+    if floats is not True and len(data) > _SUM_ABOVE:
+        # Summing every float of the model costs a C loop over them, far less than scanning
+        # megabytes of JSON; one NaN or infinity makes the sum non-finite.
+        try:
+            if math.isfinite(sum(floats(model), 0.0)):
+                return
+        except (TypeError, AttributeError, OverflowError):  # a None, or a huge int: look closer
+            pass
+    if _NULL.search(data) is None:
+        return  # no null in the JSON: no NaN either
     where = _non_finite_float(model)
     if where is not None:
         raise StorageValidationError(
@@ -96,7 +111,14 @@ def check_storable(model: BaseModel, data: bytes, class_name: str) -> None:
         )
 
 
-_floats: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+#: Every float a model's values hold, found by a plan read once from its class's core schema.
+_FloatsOf = Callable[[Any], Iterable[float]]
+
+# A class's plan is kept as its ``__external_floats__``: False when its schema can hold no
+# float (most models); True when it holds some the plan cannot follow (then the JSON is
+# scanned for null and the values walked, which finds any NaN but costs more).
+# Below this size, scanning the JSON for null costs less than summing the floats.
+_SUM_ABOVE = 2048
 # `re` finds a literal about twice as fast as `bytes.__contains__` in long JSON.
 _NULL = re.compile(rb"null")
 
@@ -105,26 +127,138 @@ _NULL = re.compile(rb"null")
 _FLOATING = frozenset({"float", "any", "function-plain", "function-wrap"})
 
 
-def _may_hold_floats(cls: type[BaseModel]) -> bool:
-    """Whether a model class's values can hold a float anywhere, from its core schema (read
-    once per class): most models cannot, and then nothing needs checking."""
-    known = _floats.get(cls)
-    if known is None:
-        known = _floats[cls] = _schema_has(cls.__pydantic_core_schema__, _FLOATING)
-    return known
+class _Unplanned(Exception):
+    """A part of a schema the float plan does not follow."""
 
 
-def _schema_has(schema: object, kinds: frozenset[str]) -> bool:
-    stack = [schema]
+def _float_plan(cls: type[BaseModel]) -> _FloatsOf | bool:
+    """How to find every float of a model class's values (kept as the class's
+    ``__external_floats__``); False also when its config writes NaN in a form that loads
+    back."""
+    if cls.model_config.get("ser_json_inf_nan", "null") != "null":
+        return False
+    try:
+        plan = _plan(cls.__pydantic_core_schema__, {}, frozenset())
+    except _Unplanned:  # unions, Any, custom serializers, recursion
+        return True
+    return False if plan is None else _floats_of(plan)
+
+
+# A plan for one part of a schema: ``(path, None)`` when the part holds exactly one float, at
+# that attribute path from its value ("" for the value itself); ``("", floats)`` when it holds
+# any number, ``floats(value)`` yielding them; ``None`` when it holds no float.
+_Plan = tuple[str, _FloatsOf | None] | None
+
+_WRAPPERS = frozenset({"default", "nullable", "model-field", "function-before", "function-after"})
+
+
+def _plan(node: Any, defs: dict[str, Any], seen: frozenset[str]) -> _Plan:
+    """The plan of one schema node; `_Unplanned` for a part that may hold floats the plan
+    cannot follow. ``defs`` resolves references; ``seen`` are those being followed."""
+    if not isinstance(node, dict) or _holds(node.get("serialization"), defs):
+        raise _Unplanned
+    kind = node.get("type")
+    if kind == "float":
+        return "", None
+    if kind in _WRAPPERS:
+        return _plan(node["schema"], defs, seen)
+    if kind == "definitions":
+        defs = {**defs, **{d["ref"]: d for d in node["definitions"]}}
+        return _plan(node["schema"], defs, seen)
+    if kind == "definition-ref" and node.get("schema_ref") in defs:
+        ref = node["schema_ref"]
+        if ref in seen:  # recursive: no finite plan, unless it holds no float at all
+            if _holds(defs[ref], defs):
+                raise _Unplanned
+            return None
+        return _plan(defs[ref], defs, seen | {ref})
+    if kind == "model":
+        return _model_plan(node, defs, seen)
+    if kind in {"list", "set", "frozenset"}:
+        plan = _plan(node.get("items_schema", {"type": "any"}), defs, seen)
+        return None if plan is None else ("", _each(plan))
+    if kind == "dict" and not _holds(node.get("keys_schema", {"type": "any"}), defs):
+        plan = _plan(node.get("values_schema", {"type": "any"}), defs, seen)
+        return None if plan is None else ("", _values(_each(plan)))
+    if _holds(node, defs):
+        raise _Unplanned
+    return None
+
+
+def _model_plan(node: dict[str, Any], defs: dict[str, Any], seen: frozenset[str]) -> _Plan:
+    fields = node["schema"]
+    if (
+        node.get("root_model")
+        or fields.get("type") != "model-fields"
+        or fields.get("extra_behavior") == "allow"
+        or node["cls"].model_config.get("extra") == "allow"
+        or _holds(fields.get("computed_fields"), defs)
+    ):
+        raise _Unplanned
+    parts = []
+    for name, field in fields["fields"].items():
+        plan = _plan(field, defs, seen)
+        if plan is not None:
+            parts.append((name, plan))
+    if not parts:
+        return None
+    if len(parts) == 1:  # the common shape: one field holds the floats
+        ((name, (path, many)),) = parts
+        if many is None:
+            return f"{name}.{path}" if path else name, None
+        return "", _field(attrgetter(name), many)
+    return "", _fields(parts)
+
+
+def _holds(schema: object, defs: dict[str, Any]) -> bool:
+    """Whether a schema part may serialize a float, following references (an unknown one
+    may hold anything)."""
+    stack, followed = [schema], set()
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
-            if node.get("type") in kinds:
+            kind, ref = node.get("type"), node.get("schema_ref")
+            if kind in _FLOATING:
                 return True
+            if kind == "definition-ref" and ref not in followed:
+                followed.add(ref)
+                stack.append(defs.get(str(ref), {"type": "any"}))
             stack.extend(node.values())
         elif isinstance(node, list | tuple):
             stack.extend(node)
     return False
+
+
+def _floats_of(plan: tuple[str, _FloatsOf | None]) -> _FloatsOf:
+    path, many = plan
+    if many is not None:
+        return many
+    if path:
+        one = attrgetter(path)
+        return lambda value: (one(value),)
+    return lambda value: (value,)
+
+
+def _each(plan: tuple[str, _FloatsOf | None]) -> _FloatsOf:
+    path, many = plan
+    if many is not None:
+        return lambda values: chain.from_iterable(map(many, values))
+    if path:
+        return partial(map, attrgetter(path))
+    return lambda values: values
+
+
+def _values(floats: _FloatsOf) -> _FloatsOf:
+    return lambda mapping: floats(mapping.values())
+
+
+def _field(get: Callable[[Any], Any], floats: _FloatsOf) -> _FloatsOf:
+    return lambda model: floats(get(model))
+
+
+def _fields(parts: list[tuple[str, tuple[str, _FloatsOf | None]]]) -> _FloatsOf:
+    getters = [(attrgetter(name), _floats_of(plan)) for name, plan in parts]
+    return lambda model: chain.from_iterable(floats(get(model)) for get, floats in getters)
 
 
 def _non_finite_float(value: object, path: str = "") -> str | None:

@@ -73,7 +73,7 @@ def is_reference(data: object, class_name: str | None = None, *, signed: bool = 
 def reference_id(reference: object, expected: str, signer: Keyring | None = None) -> UUID:
     """Check a reference to a record of class ``expected`` and return its id; with a
     ``signer`` (the keyring of a class with signed references), its signature and expiry."""
-    if not isinstance(reference, Mapping):
+    if type(reference) is not dict and not isinstance(reference, Mapping):
         raise StorageValidationError(
             f"{expected}: a reference must be a mapping with 'class_name' and 'id', "
             f"not {type(reference).__name__}"

@@ -491,11 +491,12 @@ def test_stored_dicts_of_wrong_shapes_are_corrupt_records() -> None:
 
 
 class BatchCounting(CountingBackend):
-    """Counts single and batch reads, and can be told to fail."""
+    """Counts single and batch reads, and can be told to fail or to wait a loop turn."""
 
     single_reads: ClassVar[int] = 0
     batch_reads: ClassVar[list[int]] = []
     fail: ClassVar[bool] = False
+    pause: ClassVar[bool] = False
 
     async def read_record(self, class_name: str, id: UUID) -> Record | None:
         type(self).single_reads += 1
@@ -504,6 +505,8 @@ class BatchCounting(CountingBackend):
     async def read_records(self, class_name: str, ids: Any) -> list[Record | None]:
         if self.fail:
             raise StorageConnectionError("the server went away", self.url)
+        if self.pause:  # as a remote store would: the read is in flight for a while
+            await asyncio.sleep(0)
         type(self).batch_reads.append(len(ids))
         return [await StorageBackend.read_record(self, class_name, id) for id in ids]
 
@@ -513,6 +516,7 @@ def batch_counting() -> type[BatchCounting]:
     BatchCounting.single_reads = 0
     BatchCounting.batch_reads = []
     BatchCounting.fail = False
+    BatchCounting.pause = False
     register_backend("batchcounting", BatchCounting)
     return BatchCounting
 
@@ -525,14 +529,17 @@ async def test_loads_in_one_loop_turn_go_out_as_one_batch(
         index: int
 
     references = await Row.save_external_many([Row(index=i) for i in range(64)])
+    batch_counting.pause = True  # reads wait, as on a remote store
     loaded = await asyncio.gather(*(Row.load_external(r) for r in references))
     assert loaded == [Row(index=i) for i in range(64)]
-    assert batch_counting.batch_reads == [64]
-    assert batch_counting.single_reads == 0
+    # The first load of the turn goes out at once, alone; the 63 issued after it, as one batch.
+    assert batch_counting.single_reads == 1
+    assert batch_counting.batch_reads == [1, 63]
 
     # A lone load is sent at once as a single read.
     assert await asyncio.wait_for(Row.load_external(references[0]), timeout=1) == Row(index=0)
-    assert batch_counting.single_reads == 1
+    assert batch_counting.single_reads == 2
+    assert batch_counting.batch_reads == [1, 63, 1]
 
 
 async def test_a_failed_batch_fails_every_caller_and_the_next_one_works(
@@ -562,6 +569,7 @@ async def test_a_cancelled_load_does_not_disturb_the_others(
         index: int
 
     references = await Row.save_external_many([Row(index=i) for i in range(3)])
+    batch_counting.pause = True
     tasks = [asyncio.create_task(Row.load_external(r)) for r in references]
     await asyncio.sleep(0)
     tasks[1].cancel()
@@ -571,7 +579,7 @@ async def test_a_cancelled_load_does_not_disturb_the_others(
     assert done[2] == Row(index=2)
 
 
-async def test_a_cancelled_leader_hands_its_batch_to_the_others(
+async def test_a_cancelled_first_load_leaves_the_batch_behind_it_alone(
     batch_counting: type[BatchCounting],
 ) -> None:
     class Row(ExternalBaseModel):
@@ -579,12 +587,14 @@ async def test_a_cancelled_leader_hands_its_batch_to_the_others(
         index: int
 
     references = await Row.save_external_many([Row(index=i) for i in range(3)])
+    batch_counting.pause = True
     tasks = [asyncio.create_task(Row.load_external(r)) for r in references]
-    await asyncio.sleep(0)  # task 0 leads and yields; tasks 1 and 2 join it
+    await asyncio.sleep(0)  # task 0's read is in flight; tasks 1 and 2 gathered behind it
     tasks[0].cancel()
     done = await asyncio.gather(*tasks, return_exceptions=True)
     assert isinstance(done[0], asyncio.CancelledError)
     assert done[1:] == [Row(index=1), Row(index=2)]
+    assert batch_counting.batch_reads == [2]  # task 0's read never completed
 
 
 # --- retries ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import datetime as dt
 import errno
 import gc
@@ -18,6 +19,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
+from pydantic import BaseModel
 
 from pydantic_toast import (
     CorruptRecordError,
@@ -276,6 +278,56 @@ async def test_a_value_that_cannot_round_trip_is_refused_at_save(storage: str) -
 
     loaded = await Lenient.load_external(await Lenient(value=float("inf")).save_external())
     assert loaded.value == float("inf")
+
+
+class Reading(BaseModel):
+    value: float
+    spare: float | None = None
+    note: str = "n" * 40
+
+
+class Readings(BaseModel):
+    first: Reading = Reading(value=0)
+    last: Reading = Reading(value=0)
+    series: dict[str, list[float]] = {}
+
+
+class Tree(BaseModel):
+    weight: float
+    children: list[Tree] = []
+
+
+Tree.model_rebuild()
+
+
+@pytest.mark.parametrize(
+    ("fields", "where"),
+    [
+        ({"readings": [{"value": 1.0}] * 60 + [{"value": float("nan")}]}, "readings.60.value"),
+        ({"readings": [{"value": 1.0, "spare": float("-inf")}] * 60}, "readings.0.spare"),
+        ({"pair": {"first": {"value": 2}, "last": {"value": float("inf")}}}, "pair.last.value"),
+        ({"pair": {"series": {"a": [1.0] * 300 + [float("nan")]}}}, "pair.series.a.300"),
+        ({"tree": {"weight": 1, "children": [{"weight": float("nan")}]}}, "tree.children.0"),
+    ],
+)
+async def test_a_non_finite_float_anywhere_in_a_large_model_is_refused(
+    memory_url: str, fields: dict[str, Any], where: str
+) -> None:
+    class Large(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=memory_url)
+        readings: list[Reading] = []
+        pair: Readings = Readings()
+        text: str = "t" * 4000
+
+    class LargeTree(Large):  # recursive: its floats are found another way
+        tree: Tree = Tree(weight=0)
+
+    cls = LargeTree if "tree" in fields else Large
+    # Finite values stay storable, also when their sum overflows or an optional one is None.
+    big = cls(readings=[{"value": 1e308, "spare": None}] * 60)
+    assert await cls.load_external(await big.save_external()) == big
+    with pytest.raises(StorageValidationError, match=rf"{cls.__name__} field {where}\b.* not a"):
+        await cls.model_validate(fields).save_external()
 
 
 # --- errors that decide retries ----------------------------------------------------------------
@@ -569,3 +621,11 @@ async def test_a_keyword_replaces_a_redis_driver_option_of_the_url(redis_url: st
         assert await backend._client.client_getname() in ("fromkw", b"fromkw")
     finally:
         await backend.disconnect()
+
+
+def test_a_record_copy_keeps_every_field() -> None:
+    values = {field.name: object() for field in dataclasses.fields(Record)}
+    record = Record(**values)
+    copied = record.copy()
+    assert copied is not record
+    assert {name: getattr(copied, name) for name in values} == values

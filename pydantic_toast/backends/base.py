@@ -282,7 +282,7 @@ class StorageBackend(ABC):
 
     async def read_record(self, class_name: str, id: UUID) -> Record | None:
         """The record of ``class_name`` stored for ``id``, or ``None``."""
-        return (await self.__read_many(class_name, (id,)))[0]
+        return await self.__read_one(class_name, id)
 
     async def write_records(self, records: Sequence[Record]) -> None:
         """Store many records; each one keeps a stored ``created_at`` and is given it.
@@ -306,8 +306,12 @@ class StorageBackend(ABC):
     async def __write_many(self, records: Sequence[Record]) -> None:
         if not records:
             return
+        checked = None  # a batch's records mostly share one class name: check each name once
         for record in records:
-            _check_record(record)
+            if record.class_name is not checked:
+                checked = check_class_name(record.class_name)
+            if type(record.id) is not UUID:
+                _check_id(record.id)
         if len(records) == 1 and self.capabilities.keeps_created_at:  # the hot path
             (record,) = records
             (record.created_at,) = await self.__run_primitive(
@@ -388,10 +392,24 @@ class StorageBackend(ABC):
             raise TypeError(f"{type(self).__name__}.put_many must return one created_at each")
         return kept
 
+    async def __read_one(self, class_name: str, id: UUID) -> Record | None:
+        """`__read_many` of one id, without its chunking (the hot path of a single load)."""
+        check_class_name(class_name)
+        _check_id(id)
+        ids = (id,)
+        (found,) = await self.__run_primitive(
+            _doing("load", ids, class_name), self.get_many(class_name, ids)
+        )
+        if found is None:
+            return None
+        record = decode_stored(found, id, class_name)
+        return record if record.class_name == class_name else None
+
     async def __read_many(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
         check_class_name(class_name)
         for id in ids:
-            _check_id(id)
+            if type(id) is not UUID:
+                _check_id(id)
         stored = await self.__run_chunks(
             _doing("load", ids, class_name), ids, lambda chunk: self.get_many(class_name, chunk)
         )
@@ -679,11 +697,6 @@ async def _one(count: Awaitable[int]) -> list[int]:
 
 def _ids(records: Sequence[Record]) -> list[UUID]:
     return [record.id for record in records]
-
-
-def _check_record(record: Record) -> None:
-    check_class_name(record.class_name)
-    _check_id(record.id)
 
 
 def _check_id(id: object) -> None:

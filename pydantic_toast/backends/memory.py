@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import replace
 from datetime import datetime
 from typing import ClassVar
 from uuid import UUID
@@ -70,7 +69,8 @@ class MemoryBackend(StorageBackend):
         for record in records:
             existing = store.get(record.id)
             created_at = record.created_at if existing is None else existing.created_at
-            store[record.id] = replace(record, created_at=created_at)
+            store[record.id] = copy = record.copy()
+            copy.created_at = created_at
             kept.append(created_at)
         return kept
 

@@ -95,7 +95,8 @@ assert len(_HEAD) == CREATED_AT_OFFSET, "the envelope layout changed"
 
 # KEYS: the records' keys; ARGV[1]: TTL in milliseconds ("0": none); ARGV[i + 1]: KEYS[i]'s
 # envelope. Returns the `created_at` kept from the stored record (false: none), as a list
-# when there are several keys. SETRANGE runs only when the new value's `created_at` differs.
+# when there are several keys. A re-save usually sends the stored `created_at` back: found
+# equal, it is kept without matching the pattern. SETRANGE runs only when it differs.
 _WRITE_SCRIPT = f"""
 local ttl = ARGV[1]
 local kept = {{}}
@@ -108,7 +109,10 @@ for i, key in ipairs(KEYS) do
     redis.call('SET', key, value, 'PX', ttl)
   end
   kept[i] = false
-  if string.sub(old, 1, {CREATED_AT_OFFSET}) == [==[{_HEAD.decode()}]==] then
+  local mine = string.sub(value, {CREATED_AT_OFFSET + 1}, {_QUOTE_AT + 1})
+  if string.sub(old, {CREATED_AT_OFFSET + 1}) == mine then
+    kept[i] = string.sub(mine, 1, {CREATED_AT_WIDTH})
+  elseif string.sub(old, 1, {CREATED_AT_OFFSET}) == [==[{_HEAD.decode()}]==] then
     local created = string.sub(old, {CREATED_AT_OFFSET + 1})
     if string.find(created, [==[{_TIMESTAMP}]==]) then
       created = string.sub(created, 1, {CREATED_AT_WIDTH})
@@ -261,6 +265,7 @@ class RedisBackend(StorageBackend):
         # costs a condition variable per command; this gate makes a burst wait its turn (at
         # most `timeout` seconds) and costs nothing while a connection is free.
         self._gate = asyncio.Semaphore(self.max_connections)
+        self._suspect_idle = False
 
     def _driver_query(self, options: dict[str, Any]) -> str:
         """The URL's query options for redis-py: less ours and less those a keyword replaces."""
@@ -340,6 +345,12 @@ class RedisBackend(StorageBackend):
         client = self._client
         if client is None:
             raise self.closed()
+        if self._suspect_idle:
+            # A connection failed: the idle ones most likely went with it (a server restart,
+            # a network cut). Close them, so that each next command connects afresh instead of
+            # finding a dead connection one failure at a time.
+            self._suspect_idle = False
+            await self._drop_idle(client)
         if self._gate.locked():
             try:
                 async with asyncio.timeout(self.timeout):
@@ -352,6 +363,10 @@ class RedisBackend(StorageBackend):
         else:
             await self._gate.acquire()  # returns at once
         return client
+
+    async def _drop_idle(self, client: Any) -> None:
+        """Close the pool's idle connections (those in use close when their command fails)."""
+        await client.connection_pool.disconnect(inuse_connections=False)
 
     async def _evalsha(self, client: Redis, keys: Sequence[str], args: Sequence[bytes]) -> Any:
         """Run the write script by its SHA: one round trip, the script text sent only once."""
@@ -613,6 +628,8 @@ class RedisBackend(StorageBackend):
     def is_transient(self, exc: BaseException) -> bool:
         if isinstance(exc, _PERMANENT):
             return False
+        if isinstance(exc, redis_errors.ConnectionError):
+            self._suspect_idle = True
         return isinstance(exc, (*_TRANSIENT, NotReplicatedError)) or super().is_transient(exc)
 
 

@@ -218,6 +218,10 @@ class RedisClusterBackend(RedisBackend):
             return str(exc).startswith(_MAP_NOT_READY)
         return isinstance(exc, _TOPOLOGY_CHANGED) or super().is_transient(exc)
 
+    async def _drop_idle(self, client: Any) -> None:
+        """Nothing: a cluster client has a pool per node, and a failure that reaches here
+        has closed them already (`_refresh`) or redis-py has, reading the slot map again."""
+
     async def _refresh(self, cluster: RedisCluster) -> None:
         # `aclose` is redis-py's own way: the connections close and the next command reads
         # the slot map first (what its pipeline retries do).
