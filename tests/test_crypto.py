@@ -158,6 +158,28 @@ def test_a_bad_keyring_is_refused_at_set_up_without_showing_a_key(
     assert not any(text in shown for text in key_texts(K1, K1[:16]))
 
 
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({K1: "k1"}, "invalid key id: a bytes, not a str (are the ids and the keys swapped?)"),
+        (
+            {b64(K1): "k1"},
+            "a key id of 43 characters (not shown: it may be a key) has a str for its key, "
+            "not 32 bytes (are the ids and the keys swapped?)",
+        ),
+        ({"k1": K1}, "primary key (a bytes, not shown) is not in the keyring (it holds 'k1')"),
+    ],
+)
+def test_a_keyring_given_keys_for_ids_does_not_show_them(
+    keys: dict[Any, Any], message: str
+) -> None:
+    primary: Any = K1 if "primary" in message else "k1"
+    with pytest.raises(StorageValidationError, match="^" + re.escape(message) + "$") as caught:
+        Keyring(keys, primary)
+    shown = str(caught.value) + repr(caught.value)
+    assert not any(text in shown for text in key_texts(K1))
+
+
 def test_a_keyring_shows_its_key_ids_and_never_its_keys() -> None:
     ring = Keyring({"old": K1, "new": K2}, "new")
     assert repr(ring) == str(ring) == "Keyring(key_ids=['old', 'new'], primary='new')"
