@@ -236,6 +236,15 @@ class _Target:
         json_schema = handler(schema)
         json_schema["title"] = f"{self.class_name}Reference"
         json_schema["description"] = f"A reference to a stored {self.class_name}."
+        if self.signed and self.model is not None:
+            # The core schema takes sig and exp as they come (`resolve` refuses them with the
+            # load's errors); what a client must send is a string sig, and exp with a ttl.
+            properties = json_schema["properties"]
+            properties["sig"]["type"] = "string"
+            properties["exp"]["type"] = "integer"
+            json_schema["required"] = ["class_name", "id", "sig"]
+            if self.model.__external_settings__.reference_ttl is not None:
+                json_schema["required"].append("exp")
         return json_schema
 
     @property

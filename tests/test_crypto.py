@@ -584,6 +584,25 @@ def define_signed(storage: str, **config: Any) -> type[ExternalBaseModel]:
     return Invoice
 
 
+@pytest.mark.parametrize(
+    ("config", "required"), [({}, ["sig"]), ({"reference_ttl": 60}, ["sig", "exp"])]
+)
+def test_the_json_schema_of_a_signed_reference_types_and_requires_sig_and_exp(
+    config: dict[str, Any], required: list[str]
+) -> None:
+    """OpenAPI clients are generated from it: they must send a string sig (and integer exp)."""
+    Invoice = define_signed("memory://schema", **config)
+
+    class Order(BaseModel):
+        invoice: External[Invoice]  # type: ignore[valid-type]
+
+    schema = Order.model_json_schema()["$defs"]["InvoiceReference"]
+    assert schema["required"] == ["class_name", "id", *required]
+    assert schema["properties"]["sig"] == {"title": "Sig", "type": "string"}
+    assert schema["properties"]["exp"] == {"title": "Exp", "type": "integer"}
+    assert schema["additionalProperties"] is False
+
+
 async def test_a_signed_reference_carries_sig_and_exp_and_loads(storage: str) -> None:
     Invoice = define_signed(storage, reference_ttl=dt.timedelta(minutes=5))
     before = dt.datetime.now(dt.UTC).timestamp()
