@@ -600,7 +600,7 @@ def _references_in(data: Any) -> list[_Found]:
         if isinstance(item, dict):
             if _looks_like_signed_reference(item):
                 class_name, id = item["class_name"], parse_id(item["id"])
-                if isinstance(class_name, str) and id is not None:
+                if id is not None and _is_class_name(class_name):
                     found.append((class_name, id, item))
                 continue
             stack.extend(item.values())
@@ -609,6 +609,16 @@ def _references_in(data: Any) -> list[_Found]:
         elif isinstance(item, BaseModel):
             stack.extend(item.__dict__.values())
     return found
+
+
+def _is_class_name(value: object) -> bool:
+    """Whether a record can have this class name. Input is hostile: a name that would fail
+    as a key is no reference to read, and validation refuses it where a reference belongs."""
+    try:
+        check_class_name(value)
+    except StorageValidationError:
+        return False
+    return True
 
 
 async def _write(storage: Storage, record: Record, policy: RetryPolicy) -> None:
