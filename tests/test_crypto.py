@@ -251,6 +251,14 @@ def test_encryption_without_the_cryptography_package_names_the_extra(
         ({"encrypt": "yes"}, "encrypt and signed_references are booleans"),
         ({"keyring": {"k1": K1}}, "keyring must be a pydantic_toast.Keyring, not dict"),
         ({"signed_references": True, "reference_ttl": -1}, "reference_ttl must be a positive"),
+        (
+            {"signed_references": True, "reference_ttl": float("inf")},
+            "Account: reference_ttl must be a positive duration, not inf",
+        ),
+        (
+            {"signed_references": True, "reference_ttl": 10**20},
+            "Account: reference_ttl must be a positive duration, not 100000000000000000000",
+        ),
         ({"reference_ttl": 60}, "reference_ttl needs signed_references=True"),
     ],
 )
