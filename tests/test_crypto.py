@@ -525,6 +525,23 @@ async def test_rekey_encrypts_records_written_before_encryption_and_reports_fail
     assert await Now.load_external(plain) == Now(email=SECRET)
 
 
+class NotStored(BaseModel):
+    email: str
+
+
+@pytest.mark.parametrize(
+    ("cls", "message"),
+    [
+        (NotStored, "rekey needs an ExternalBaseModel subclass, not NotStored"),
+        ("User", "rekey needs an ExternalBaseModel subclass, not 'User'"),
+    ],
+)
+async def test_rekey_refuses_what_is_no_stored_model_class(cls: Any, message: str) -> None:
+    with pytest.raises(StorageValidationError) as caught:
+        await rekey(cls)
+    assert str(caught.value) == message
+
+
 def test_the_rekey_command_rotates_a_class_given_as_module_and_class(
     sqlite_url: str, tmp_path: Path
 ) -> None:
