@@ -388,6 +388,11 @@ def _decompress(frame: bytes, size: int, where: str) -> bytes:
 _SIGNATURE_LENGTH = 43  # base64url of 32 bytes, unpadded
 
 
+# Unix seconds fit in 64 bits (timedelta.max from now does); a longer int is hostile, and
+# one past 4300 digits cannot even be formatted into the signed message.
+_EXP_BITS = 64
+
+
 def _signature(key: bytes, class_name: str, id: UUID, exp: int | None) -> str:
     message = f"pydantic-toast/ref/1\0{class_name}\0{id}\0{'' if exp is None else exp}"
     mac = hmac.new(key, message.encode(), hashlib.sha256).digest()
@@ -417,7 +422,9 @@ def verify_reference(
         raise StorageValidationError(f"{where} is not signed, and {class_name} requires it")
     if not isinstance(sig, str) or len(sig) != _SIGNATURE_LENGTH:
         raise StorageValidationError(f"{where} has a malformed signature")
-    if exp is not None and (not isinstance(exp, int) or isinstance(exp, bool)):
+    if exp is not None and (
+        not isinstance(exp, int) or isinstance(exp, bool) or exp.bit_length() > _EXP_BITS
+    ):
         raise StorageValidationError(f"{where} has a malformed expiry")
     expected = sig.encode()
     valid = False

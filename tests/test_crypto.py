@@ -665,6 +665,7 @@ def hostile_references(reference: dict[str, Any], keyring: Keyring) -> list[tupl
         ({**reference, "exp": reference["exp"] + 3600}, "invalid signature: forged"),
         ({k: v for k, v in reference.items() if k != "exp"}, "invalid signature: forged"),
         ({**reference, "exp": "soon"}, "has a malformed expiry"),
+        ({**reference, "exp": 10**5000}, "has a malformed expiry"),  # too long to format
         ({**reference, "sig": ["x"]}, "has a malformed signature"),
         (expired, r"expired at \d+ \(Unix time\)"),
     ]
