@@ -26,7 +26,13 @@ from pydantic_toast._registry import check_storage_url, registered_schemes
 from pydantic_toast._retry import RetryPolicy
 from pydantic_toast.backends.records import check_class_name, require_zstd
 
-__all__ = ["ExternalConfigDict", "ExternalNameWarning", "ModelSettings", "settings_for"]
+__all__ = [
+    "ExternalConfigDict",
+    "ExternalNameWarning",
+    "ModelSettings",
+    "as_duration",
+    "settings_for",
+]
 
 
 class ExternalConfigDict(ConfigDict, total=False):
@@ -109,6 +115,17 @@ class ModelSettings:
 _CONFIG_KEYS = ExternalConfigDict.__optional_keys__ | ExternalConfigDict.__required_keys__
 
 
+def as_duration(value: object) -> object:
+    """Seconds (an int or a float) as a timedelta; anything else, and a number no timedelta
+    holds (inf, nan, 1e20), as it is, for the caller to refuse as no positive duration."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return timedelta(seconds=value)
+        except (OverflowError, ValueError):
+            return value
+    return value
+
+
 def settings_for(cls: type, config: Mapping[str, Any], bases: tuple[type, ...]) -> ModelSettings:
     """Check ``cls``'s configuration; ``bases`` are its stored ancestors (whose explicit
     ``class_name`` it inherits in the config, but not as its own name)."""
@@ -141,9 +158,7 @@ def settings_for(cls: type, config: Mapping[str, Any], bases: tuple[type, ...]) 
         class_name = check_class_name(cls.__name__ if explicit is None else explicit)
     except StorageValidationError as exc:
         raise StorageValidationError(f"{owner}: {exc}") from exc
-    ttl = config.get("ttl")
-    if isinstance(ttl, int | float) and not isinstance(ttl, bool):
-        ttl = timedelta(seconds=ttl)
+    ttl = as_duration(config.get("ttl"))
     if ttl is not None and (not isinstance(ttl, timedelta) or ttl <= timedelta(0)):
         raise StorageValidationError(f"{owner}: ttl must be a positive duration, not {ttl!r}")
     compress_above = config.get("compress_above")
@@ -202,9 +217,7 @@ def _security(
             keyring_from_text(os.environ[KEYS_VARIABLE])
         except StorageValidationError as exc:
             raise StorageValidationError(f"{owner}: {exc}") from None
-    ttl = config.get("reference_ttl")
-    if isinstance(ttl, int | float) and not isinstance(ttl, bool):
-        ttl = timedelta(seconds=ttl)
+    ttl = as_duration(config.get("reference_ttl"))
     if ttl is not None and (not isinstance(ttl, timedelta) or ttl <= timedelta(0)):
         raise StorageValidationError(
             f"{owner}: reference_ttl must be a positive duration, not {ttl!r}"

@@ -57,6 +57,8 @@ __all__ = [
 KEYS_VARIABLE = "PYDANTIC_TOAST_KEYS"
 
 _KEY_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+# 32 bytes are 43 characters in base64url, 64 in hex: an id that long may be a key.
+_LONGEST_SHOWN_ID = 40
 _KEY_SIZE = 32
 _NONCE_SIZE = 12
 _TAG_SIZE = 16
@@ -100,10 +102,22 @@ class Keyring:
             raise StorageValidationError("a Keyring needs at least one key: {key id: 32 bytes}")
         derived: dict[str, _Derived] = {}
         for key_id, key in keys.items():
-            if not isinstance(key_id, str) or _KEY_ID.fullmatch(key_id) is None:
+            if not isinstance(key_id, str):
+                # Most often a key given where its id belongs: its repr would be the key.
+                raise StorageValidationError(
+                    f"invalid key id: a {type(key_id).__name__}, not a str "
+                    "(are the ids and the keys swapped?)"
+                )
+            if _KEY_ID.fullmatch(key_id) is None:
                 raise StorageValidationError(
                     f"invalid key id {_shown_id(key_id)}: use 1 to 64 letters, digits, "
                     "'_', '.' and '-'"
+                )
+            if isinstance(key, str) and len(key_id) >= _LONGEST_SHOWN_ID:
+                # A base64url or hex key is a valid id: with a str for its key, it may be one.
+                raise StorageValidationError(
+                    f"a key id of {len(key_id)} characters (not shown: it may be a key) has a "
+                    f"str for its key, not {_KEY_SIZE} bytes (are the ids and the keys swapped?)"
                 )
             if not isinstance(key, bytes) or len(key) != _KEY_SIZE:
                 size = f"{len(key)} bytes" if isinstance(key, bytes) else type(key).__name__
@@ -174,6 +188,9 @@ def content_secrets(keyring: Keyring) -> tuple[bytes, ...]:
 
 
 def _shown_id(value: object) -> str:
+    """A key id for a message; anything but a str may be a key, so only its type shows."""
+    if not isinstance(value, str):
+        return f"(a {type(value).__name__}, not shown)"
     shown = repr(value)
     return shown if len(shown) <= 70 else shown[:67] + "..."
 
@@ -380,6 +397,11 @@ def _decompress(frame: bytes, size: int, where: str) -> bytes:
 _SIGNATURE_LENGTH = 43  # base64url of 32 bytes, unpadded
 
 
+# Unix seconds fit in 64 bits (timedelta.max from now does); a longer int is hostile, and
+# one past 4300 digits cannot even be formatted into the signed message.
+_EXP_BITS = 64
+
+
 def _signature(key: bytes, class_name: str, id: UUID, exp: int | None) -> str:
     message = f"pydantic-toast/ref/1\0{class_name}\0{id}\0{'' if exp is None else exp}"
     mac = hmac.new(key, message.encode(), hashlib.sha256).digest()
@@ -409,7 +431,9 @@ def verify_reference(
         raise StorageValidationError(f"{where} is not signed, and {class_name} requires it")
     if not isinstance(sig, str) or len(sig) != _SIGNATURE_LENGTH:
         raise StorageValidationError(f"{where} has a malformed signature")
-    if exp is not None and (not isinstance(exp, int) or isinstance(exp, bool)):
+    if exp is not None and (
+        not isinstance(exp, int) or isinstance(exp, bool) or exp.bit_length() > _EXP_BITS
+    ):
         raise StorageValidationError(f"{where} has a malformed expiry")
     expected = sig.encode()
     valid = False

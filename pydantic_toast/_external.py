@@ -236,6 +236,15 @@ class _Target:
         json_schema = handler(schema)
         json_schema["title"] = f"{self.class_name}Reference"
         json_schema["description"] = f"A reference to a stored {self.class_name}."
+        if self.signed and self.model is not None:
+            # The core schema takes sig and exp as they come (`resolve` refuses them with the
+            # load's errors); what a client must send is a string sig, and exp with a ttl.
+            properties = json_schema["properties"]
+            properties["sig"]["type"] = "string"
+            properties["exp"]["type"] = "integer"
+            json_schema["required"] = ["class_name", "id", "sig"]
+            if self.model.__external_settings__.reference_ttl is not None:
+                json_schema["required"].append("exp")
         return json_schema
 
     @property
@@ -591,7 +600,7 @@ def _references_in(data: Any) -> list[_Found]:
         if isinstance(item, dict):
             if _looks_like_signed_reference(item):
                 class_name, id = item["class_name"], parse_id(item["id"])
-                if isinstance(class_name, str) and id is not None:
+                if id is not None and _is_class_name(class_name):
                     found.append((class_name, id, item))
                 continue
             stack.extend(item.values())
@@ -600,6 +609,16 @@ def _references_in(data: Any) -> list[_Found]:
         elif isinstance(item, BaseModel):
             stack.extend(item.__dict__.values())
     return found
+
+
+def _is_class_name(value: object) -> bool:
+    """Whether a record can have this class name. Input is hostile: a name that would fail
+    as a key is no reference to read, and validation refuses it where a reference belongs."""
+    try:
+        check_class_name(value)
+    except StorageValidationError:
+        return False
+    return True
 
 
 async def _write(storage: Storage, record: Record, policy: RetryPolicy) -> None:

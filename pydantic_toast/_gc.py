@@ -173,7 +173,9 @@ async def _collect(
         _require(backend, "delete", "delete records")
     for source in sources:
         _require(source, "scan", "list its records")
-    cutoff = datetime.now(UTC) - grace
+    now = datetime.now(UTC)
+    # A grace longer than the calendar (``timedelta.max``) keeps every record.
+    cutoff = now - min(grace, now - datetime.min.replace(tzinfo=UTC))
     run = _Collection(backend, cutoff, on_corrupt, on_progress)
     for source in sources:
         await run.read_roots_from(source)

@@ -15,19 +15,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 from uuid import UUID
 
 from pydantic_toast._bridge import run_sync
 from pydantic_toast._crypto import open_data, seal_data, sealed_key_id
 from pydantic_toast._errors import StorageValidationError
+from pydantic_toast._model import ExternalBaseModel
 from pydantic_toast._records import expired, keyring_of
+from pydantic_toast._references import short
 from pydantic_toast._retry import with_backend
 from pydantic_toast.backends.base import StorageBackend
 from pydantic_toast.backends.records import Record
-
-if TYPE_CHECKING:
-    from pydantic_toast._model import ExternalBaseModel
 
 __all__ = ["RekeyReport", "rekey", "rekey_sync"]
 
@@ -67,6 +66,9 @@ async def rekey(
     """Re-encrypt every record of ``cls`` under its keyring's primary key, ``batch_size``
     records per read and write, calling ``on_progress`` after each batch. ``storage`` (a URL
     or a connected backend) defaults to the class's own."""
+    if not (isinstance(cls, type) and issubclass(cls, ExternalBaseModel)):
+        shown = cls.__name__ if isinstance(cls, type) else short(cls)
+        raise StorageValidationError(f"rekey needs an ExternalBaseModel subclass, not {shown}")
     settings = cls.__external_settings__
     if not settings.encrypt:
         raise StorageValidationError(

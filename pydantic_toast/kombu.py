@@ -42,6 +42,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from pydantic_toast._bridge import run_sync
+from pydantic_toast._config import as_duration
 from pydantic_toast._content import CONTENT_VERSION, content_id, verify_content
 from pydantic_toast._errors import (
     CorruptRecordError,
@@ -114,14 +115,13 @@ def register_claim_check(
             raise StorageValidationError(
                 f"register_claim_check: {option} must be a byte count, not {short(value)}"
             )
-    if isinstance(ttl, int | float) and not isinstance(ttl, bool):
-        ttl = timedelta(seconds=ttl)
-    if ttl is not None and (not isinstance(ttl, timedelta) or ttl <= timedelta(0)):
+    lifetime = as_duration(ttl)
+    if lifetime is not None and (not isinstance(lifetime, timedelta) or lifetime <= timedelta(0)):
         raise StorageValidationError(
-            f"register_claim_check: ttl must be a positive duration, not {short(ttl)}"
+            f"register_claim_check: ttl must be a positive duration, not {short(lifetime)}"
         )
     content_type = f"application/x-{name}+json"
-    codec = _ClaimCheck(storage, threshold, ttl, max_size)
+    codec = _ClaimCheck(storage, threshold, lifetime, max_size)
     # kombu's registry is untyped.
     _register_serializer(  # type: ignore[no-untyped-call]
         name, codec.encode, codec.decode, content_type, "utf-8"

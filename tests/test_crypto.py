@@ -158,6 +158,28 @@ def test_a_bad_keyring_is_refused_at_set_up_without_showing_a_key(
     assert not any(text in shown for text in key_texts(K1, K1[:16]))
 
 
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({K1: "k1"}, "invalid key id: a bytes, not a str (are the ids and the keys swapped?)"),
+        (
+            {b64(K1): "k1"},
+            "a key id of 43 characters (not shown: it may be a key) has a str for its key, "
+            "not 32 bytes (are the ids and the keys swapped?)",
+        ),
+        ({"k1": K1}, "primary key (a bytes, not shown) is not in the keyring (it holds 'k1')"),
+    ],
+)
+def test_a_keyring_given_keys_for_ids_does_not_show_them(
+    keys: dict[Any, Any], message: str
+) -> None:
+    primary: Any = K1 if "primary" in message else "k1"
+    with pytest.raises(StorageValidationError, match="^" + re.escape(message) + "$") as caught:
+        Keyring(keys, primary)
+    shown = str(caught.value) + repr(caught.value)
+    assert not any(text in shown for text in key_texts(K1))
+
+
 def test_a_keyring_shows_its_key_ids_and_never_its_keys() -> None:
     ring = Keyring({"old": K1, "new": K2}, "new")
     assert repr(ring) == str(ring) == "Keyring(key_ids=['old', 'new'], primary='new')"
@@ -229,6 +251,14 @@ def test_encryption_without_the_cryptography_package_names_the_extra(
         ({"encrypt": "yes"}, "encrypt and signed_references are booleans"),
         ({"keyring": {"k1": K1}}, "keyring must be a pydantic_toast.Keyring, not dict"),
         ({"signed_references": True, "reference_ttl": -1}, "reference_ttl must be a positive"),
+        (
+            {"signed_references": True, "reference_ttl": float("inf")},
+            "Account: reference_ttl must be a positive duration, not inf",
+        ),
+        (
+            {"signed_references": True, "reference_ttl": 10**20},
+            "Account: reference_ttl must be a positive duration, not 100000000000000000000",
+        ),
         ({"reference_ttl": 60}, "reference_ttl needs signed_references=True"),
     ],
 )
@@ -495,6 +525,23 @@ async def test_rekey_encrypts_records_written_before_encryption_and_reports_fail
     assert await Now.load_external(plain) == Now(email=SECRET)
 
 
+class NotStored(BaseModel):
+    email: str
+
+
+@pytest.mark.parametrize(
+    ("cls", "message"),
+    [
+        (NotStored, "rekey needs an ExternalBaseModel subclass, not NotStored"),
+        ("User", "rekey needs an ExternalBaseModel subclass, not 'User'"),
+    ],
+)
+async def test_rekey_refuses_what_is_no_stored_model_class(cls: Any, message: str) -> None:
+    with pytest.raises(StorageValidationError) as caught:
+        await rekey(cls)
+    assert str(caught.value) == message
+
+
 def test_the_rekey_command_rotates_a_class_given_as_module_and_class(
     sqlite_url: str, tmp_path: Path
 ) -> None:
@@ -562,6 +609,25 @@ def define_signed(storage: str, **config: Any) -> type[ExternalBaseModel]:
     return Invoice
 
 
+@pytest.mark.parametrize(
+    ("config", "required"), [({}, ["sig"]), ({"reference_ttl": 60}, ["sig", "exp"])]
+)
+def test_the_json_schema_of_a_signed_reference_types_and_requires_sig_and_exp(
+    config: dict[str, Any], required: list[str]
+) -> None:
+    """OpenAPI clients are generated from it: they must send a string sig (and integer exp)."""
+    Invoice = define_signed("memory://schema", **config)
+
+    class Order(BaseModel):
+        invoice: External[Invoice]  # type: ignore[valid-type]
+
+    schema = Order.model_json_schema()["$defs"]["InvoiceReference"]
+    assert schema["required"] == ["class_name", "id", *required]
+    assert schema["properties"]["sig"] == {"title": "Sig", "type": "string"}
+    assert schema["properties"]["exp"] == {"title": "Exp", "type": "integer"}
+    assert schema["additionalProperties"] is False
+
+
 async def test_a_signed_reference_carries_sig_and_exp_and_loads(storage: str) -> None:
     Invoice = define_signed(storage, reference_ttl=dt.timedelta(minutes=5))
     before = dt.datetime.now(dt.UTC).timestamp()
@@ -599,6 +665,7 @@ def hostile_references(reference: dict[str, Any], keyring: Keyring) -> list[tupl
         ({**reference, "exp": reference["exp"] + 3600}, "invalid signature: forged"),
         ({k: v for k, v in reference.items() if k != "exp"}, "invalid signature: forged"),
         ({**reference, "exp": "soon"}, "has a malformed expiry"),
+        ({**reference, "exp": 10**5000}, "has a malformed expiry"),  # too long to format
         ({**reference, "sig": ["x"]}, "has a malformed signature"),
         (expired, r"expired at \d+ \(Unix time\)"),
     ]

@@ -369,6 +369,28 @@ async def test_strict_models_validate_json_on_the_native_path(memory_url: str) -
     assert await pydantic_toast.validate(StrictOrder, stored, storage=memory_url) == order
 
 
+async def test_a_reference_shaped_dict_with_an_impossible_class_name_is_not_read(
+    memory_url: str,
+) -> None:
+    """Every reference-shaped dict of the input is read before validation; one whose class
+    name no record can have is left to validation (hostile input, not a storage error)."""
+
+    class Tagged(BaseModel):
+        line: External[Line]
+        extra: dict[str, Any]
+
+    bad = {"class_name": "../../etc", "id": str(uuid4())}
+    value = await pydantic_toast.validate(
+        Tagged, {"line": {"sku": "a", "quantity": 1}, "extra": {"x": bad}}, storage=memory_url
+    )
+    assert value == Tagged(line=Line(sku="a", quantity=1), extra={"x": bad})
+    with pytest.raises(ValidationError) as caught:
+        await pydantic_toast.validate(Tagged, {"line": bad, "extra": {}}, storage=memory_url)
+    [error] = caught.value.errors()
+    assert (error["type"], error["loc"]) == ("literal_error", ("line", "reference", "class_name"))
+    assert error["msg"] == "Input should be 'Line'"
+
+
 def test_json_schema_shows_value_or_reference() -> None:
     for mode in ("validation", "serialization"):
         schema = Order.model_json_schema(mode=mode)  # type: ignore[arg-type]

@@ -364,6 +364,14 @@ def test_a_dangling_reference_is_a_422_naming_its_location(client: httpx.Client)
             "'Line'",
         ),
         ({"class_name": "Line", "id": 12}, "uuid_type", ["id"], "UUID"),
+        # A name no record can have: refused by validation, not by the read before it.
+        (
+            {"class_name": "../etc", "id": str(uuid.uuid4())},
+            "literal_error",
+            ["class_name"],
+            "'Line'",
+        ),
+        ({"class_name": "", "id": str(uuid.uuid4())}, "literal_error", ["class_name"], "'Line'"),
     ],
 )
 def test_a_malformed_reference_is_a_422_naming_its_location(

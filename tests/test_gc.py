@@ -160,6 +160,16 @@ async def test_grace_decides_what_counts_as_recent(memory_url: str) -> None:
     assert not await exists(backend, hour_old)
 
 
+async def test_a_grace_longer_than_the_calendar_keeps_everything(memory_url: str) -> None:
+    """``timedelta.max`` reads as "keep every record": the cutoff is the earliest time."""
+    backend = await get_backend(memory_url)
+    old = await put(backend, "Line", {"sku": "old"}, when=NOW - dt.timedelta(days=3650))
+    report = await collect_garbage(memory_url, grace=dt.timedelta.max)
+    assert (report.scanned, report.recent, report.deleted) == (1, 1, 0)
+    assert report.cutoff == dt.datetime.min.replace(tzinfo=dt.UTC)
+    assert await exists(backend, old)
+
+
 async def test_dumped_values_are_kept_while_a_root_holds_them(memory_url: str) -> None:
     class Line(BaseModel):
         sku: str

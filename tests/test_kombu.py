@@ -305,6 +305,9 @@ def test_registration_is_checked(namespace: str) -> None:
         register_claim_check("memory://x", threshold=-1)
     with pytest.raises(StorageValidationError, match="ttl must be a positive duration, not"):
         register_claim_check("memory://x", ttl=0)
+    with pytest.raises(StorageValidationError) as caught:
+        register_claim_check("memory://x", ttl=float("nan"))
+    assert str(caught.value) == "register_claim_check: ttl must be a positive duration, not nan"
 
 
 def test_without_kombu_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -129,6 +129,19 @@ def test_schema_version_must_be_a_positive_int(version: Any) -> None:
             model_config = ExternalConfigDict(storage="memory://x", schema_version=version)
 
 
+@pytest.mark.parametrize(
+    ("ttl", "shown"),
+    [(float("inf"), "inf"), (float("nan"), "nan"), (10**20, "100000000000000000000")],
+)
+def test_a_ttl_no_timedelta_can_hold_is_refused_naming_the_class(ttl: Any, shown: str) -> None:
+    with pytest.raises(StorageValidationError) as caught:
+
+        class Cached(ExternalBaseModel):
+            model_config = ExternalConfigDict(storage="memory://x", ttl=ttl)
+
+    assert str(caught.value).endswith(f"Cached: ttl must be a positive duration, not {shown}")
+
+
 def test_file_url_with_empty_host_is_accepted(tmp_path: Any) -> None:
     class Note(ExternalBaseModel):
         model_config = ExternalConfigDict(storage=f"file://{tmp_path}/notes")
