@@ -51,6 +51,7 @@ from pydantic_toast._errors import (
     mask_url,
 )
 from pydantic_toast._external import DumpBatch, validate
+from pydantic_toast._model import ExternalBaseModel
 from pydantic_toast._records import expired
 from pydantic_toast._references import reference_id, short
 from pydantic_toast._registry import check_storage_url
@@ -344,6 +345,14 @@ class _Encoder(_KombuJSONEncoder):
 
     def default(self, o: Any) -> Any:
         if isinstance(o, BaseModel):
+            if isinstance(o, ExternalBaseModel) and type(o).__external_settings__.encrypt:
+                name = type(o).__name__
+                raise StorageValidationError(
+                    f"{name} is encrypted at rest (ExternalConfigDict(encrypt=True)): in a "
+                    "message its fields would travel in the clear, on the broker and in the "
+                    f"result backend; send the reference {name}.save_external() returns, or a "
+                    f"model with an External[{name}] field"
+                )
             text = o.model_dump_json(context=self.context, round_trip=True)
             return {"__type__": _MODEL, "__value__": {"class": _class_path(type(o)), "json": text}}
         return super().default(o)  # type: ignore[no-untyped-call]  # kombu is untyped

@@ -31,7 +31,7 @@ from kombu.exceptions import DecodeError, EncodeError
 from kombu.serialization import dumps, loads, registry
 from pydantic import BaseModel
 
-from pydantic_toast import External
+from pydantic_toast import External, ExternalBaseModel, ExternalConfigDict, Keyring
 from pydantic_toast._content import content_id
 from pydantic_toast.kombu import PAYLOAD_CLASS, register_claim_check
 
@@ -292,6 +292,25 @@ def test_a_model_must_be_findable_by_its_name(serializer: Serializer) -> None:
 
     with pytest.raises(EncodeError, match="must be defined at module level"):
         send(name, [Local(x=1)])
+
+
+def test_an_encrypted_model_is_refused_rather_than_sent_in_the_clear(
+    serializer: Serializer,
+) -> None:
+    name = serializer.register()
+
+    class Patient(ExternalBaseModel):
+        model_config = ExternalConfigDict(
+            storage=serializer.storage,
+            encrypt=True,
+            keyring=Keyring({"k1": bytes(range(32))}, primary="k1"),
+        )
+        diagnosis: str
+
+    with pytest.raises(EncodeError, match="Patient is encrypted at rest") as caught:
+        send(name, {"patient": Patient(diagnosis="secret")})
+    assert "secret" not in str(caught.value)
+    assert "send the reference Patient.save_external() returns" in str(caught.value)
 
 
 def test_registration_is_checked(namespace: str) -> None:
