@@ -7,8 +7,8 @@ code and the standard library's SQLite, not the servers.
 A test needs a server when it asks for one of the server fixtures, carries the ``server``
 mark, has a server backend's name as a word of its own name or its module's
 (``test_postgresql_restart``, ``test_redis.py``), or is parametrized with one
-(``"postgresql"``, ``"redis"``, ``"s3"``, or a value starting with one, such as
-``"redis_cache.py"``). A test that reaches a
+(``"postgresql"``, ``"redis"``, ``"s3"``, ``"celery"``, or a value starting with one, such as
+``"redis_cache.py"``, alone or in a tuple). A test that reaches a
 server in another way (``request.getfixturevalue`` inside the test) fails here with a message
 saying so, rather than quietly costing the time this selection is meant to save.
 """
@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import pytest
 
-SERVER_FIXTURES = frozenset({"postgres_server", "redis_server", "s3_endpoint"})
-SERVER_NAMES = ("postgresql", "postgres", "redis", "s3")
+SERVER_FIXTURES = frozenset({"postgres_server", "redis_server", "s3_endpoint", "rabbitmq_url"})
+# Celery's tests and example need its broker (RabbitMQ) and result backend (Redis).
+SERVER_NAMES = ("postgresql", "postgres", "redis", "s3", "celery", "rabbitmq")
 
 
 def needs_server(item: pytest.Item) -> bool:
@@ -32,7 +33,9 @@ def needs_server(item: pytest.Item) -> bool:
         return True
     callspec = getattr(item, "callspec", None)
     params = callspec.params.values() if callspec is not None else ()
-    return any(isinstance(value, str) and value.startswith(SERVER_NAMES) for value in params)
+    # A parameter may be a name or a tuple of names (two storages at once).
+    names = [n for v in params for n in (v if isinstance(v, tuple) else (v,)) if isinstance(n, str)]
+    return any(name.startswith(SERVER_NAMES) for name in names)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
