@@ -9,6 +9,7 @@ import asyncio
 import os
 import sqlite3
 import tempfile
+from contextlib import closing
 from datetime import timedelta
 
 from pydantic_toast import (
@@ -44,7 +45,7 @@ async def main() -> None:
     reference = await Patient(name="Ada Lovelace", diagnosis="fine").save_external()
     print("reference:", sorted(reference))  # class_name, exp, id, sig
 
-    with sqlite3.connect(DATABASE) as connection:
+    with closing(sqlite3.connect(DATABASE)) as connection:
         (stored,) = connection.execute("SELECT data FROM external_models").fetchone()
     assert "Ada" not in stored
     print("stored:", stored[:60], "...")

@@ -478,7 +478,7 @@ async def test_gc_takes_roots_from_other_storages(sqlite_url: str, file_url: str
 def test_gc_reports_corrupt_records_and_fails(tmp_path: Path) -> None:
     database = tmp_path / "gc.db"
     url = f"sqlite:///{database}"
-    with sqlite3.connect(database) as connection:
+    with closing(sqlite3.connect(database)) as connection, connection:
         connection.execute(
             "CREATE TABLE external_models (id TEXT PRIMARY KEY, class_name TEXT NOT NULL,"
             " data TEXT NOT NULL, schema_version INTEGER NOT NULL, created_at TEXT NOT NULL,"

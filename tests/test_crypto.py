@@ -17,6 +17,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import Annotated, Any
 from uuid import UUID, uuid4
@@ -95,7 +96,7 @@ async def raw_store(storage: str) -> bytes:
     if scheme == "dictstore":
         return "".join(DictBackend.stores[storage].values()).encode()
     if scheme == "sqlite":
-        with sqlite3.connect(storage.removeprefix("sqlite:///")) as connection:
+        with closing(sqlite3.connect(storage.removeprefix("sqlite:///"))) as connection:
             rows = connection.execute("SELECT * FROM external_models").fetchall()
         return repr(rows).encode()
     if scheme == "file":

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -208,7 +209,7 @@ def break_a_record(storage: str, backend: StorageBackend, id: UUID) -> None:
     if storage.startswith("sqlite"):
         import sqlite3
 
-        with sqlite3.connect(storage.removeprefix("sqlite:///")) as database:
+        with closing(sqlite3.connect(storage.removeprefix("sqlite:///"))) as database, database:
             database.execute(
                 "UPDATE external_models SET schema_version = 0 WHERE id = ?", [str(id)]
             )
