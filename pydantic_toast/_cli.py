@@ -87,6 +87,15 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def _grace(text: str) -> timedelta:
+    """A duration as for ``--older-than``, or zero (``0s``): nothing is kept for being new, as
+    `collect_garbage` allows."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is not None and match[2].lower() in _UNITS and float(match[1]) == 0:
+        return timedelta(0)
+    return parse_duration(text)
+
+
 class _Parser(argparse.ArgumentParser):
     """An `argparse.ArgumentParser` that masks URLs in what it prints.
 
@@ -181,7 +190,7 @@ def _parser(words: Sequence[str]) -> _Parser:
     )
     gc.add_argument(
         "--grace",
-        type=parse_duration,
+        type=_grace,
         default=timedelta(days=1),
         metavar="AGE",
         help="keep values written within this long (default 1d): 7d, 12h, 90min",
@@ -203,11 +212,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _check(arguments)
         status = asyncio.run(_run(arguments, on_corrupt))
+        sys.stdout.flush()  # here, where a closed pipe can be told apart from a failure
     except (ExternalStorageError, ValueError, RecursionError) as exc:
         print(f"error: {_masked(str(exc), words)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader left (`| head`): stop quietly, and keep the interpreter's own final flush
+        # from failing again on the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return status or (1 if on_corrupt.count else 0)
 
 

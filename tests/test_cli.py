@@ -445,6 +445,10 @@ async def test_gc_against_a_real_store(url: str) -> None:
     kept = cli(url, "--json", "gc", "--grace", "4d")  # everything is newer than that
     assert json.loads(kept.stdout)["recent"] == 4 and json.loads(kept.stdout)["deleted"] == 0
 
+    zero = cli(url, "--json", "gc", "--grace", "0s", "--dry-run")  # as the API allows
+    assert zero.returncode == 0, zero.stderr
+    assert json.loads(zero.stdout)["recent"] == 0
+
     done = cli(url, "gc")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == (
@@ -494,3 +498,15 @@ def test_gc_reports_corrupt_records_and_fails(tmp_path: Path) -> None:
         "is corrupt: updated_at is not a timestamp" in result.stderr or "corrupt" in result.stderr
     )
     assert json.loads(result.stdout)["corrupt"] == 1
+
+
+async def test_a_reader_that_leaves_early_gets_no_traceback(sqlite_url: str) -> None:
+    await populate(sqlite_url)
+    command = [sys.executable, "-m", "pydantic_toast", "--storage", sqlite_url, "ls", "Invoice"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # as `| head -0` does: nobody reads what the tool prints
+    stderr = process.stderr.read().decode()
+    process.stderr.close()
+    assert process.wait(timeout=60) == 1
+    assert stderr == ""
