@@ -40,6 +40,7 @@ from pydantic_toast._crypto import KEYS_VARIABLE, content_secret, seal_data
 from pydantic_toast._errors import mask_url
 from pydantic_toast._gc import _collect
 from pydantic_toast._registry import get_backend
+from pydantic_toast.backends.file import FileBackend
 from pydantic_toast.backends.records import Record
 from tests.dict_backend import DictBackend
 
@@ -358,6 +359,30 @@ async def test_delete_records_updated_before_keeps_what_was_written_since(
         await backend.delete_records("Line", ids, updated_before=dt.datetime(2020, 1, 1))
 
 
+async def test_a_file_record_written_again_after_its_check_is_not_deleted(
+    file_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another thread or process rewrites a record between the backend's first look (stale)
+    and its delete: the record stays, rewritten."""
+    backend = await get_backend(file_url)
+    cutoff = NOW - dt.timedelta(hours=1)
+    reference = await put(backend, "Line", {"n": 1})
+    id = UUID(reference["id"])
+    looked = await FileBackend.get_many(backend, "Line", [id])  # stale, as first seen
+
+    async def first_look(self: FileBackend, class_name: str, ids: Any) -> list[bytes | None]:
+        # ... and, before the delete gets to it, a writer refreshes the record.
+        await FileBackend.put_many(self, [Record(id, "Line", compact({"n": 1}), 1, OLD, NOW)])
+        return looked
+
+    monkeypatch.setattr(FileBackend, "get_many", first_look)
+    assert await backend.delete_records("Line", [id], updated_before=cutoff) == 0
+    monkeypatch.undo()
+    stored = await backend.read_record("Line", id)
+    assert stored is not None and stored.updated_at == NOW
+    assert [name for name in os.listdir(backend.directory / "Line")] == [f"{id}.json"]
+
+
 # --- racing dumps ---------------------------------------------------------------------------
 
 
@@ -370,7 +395,7 @@ class Basket(BaseModel):
     items: list[External[Item]]
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgresql", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "file", "postgresql", "redis"])
 def racing_storage(request: pytest.FixtureRequest) -> str:
     return url_of(request)
 

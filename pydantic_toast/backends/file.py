@@ -13,13 +13,24 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from uuid import UUID, uuid4
 
-from pydantic_toast._errors import StorageOperationError, StorageValidationError
+from pydantic_toast._errors import (
+    CorruptRecordError,
+    StorageOperationError,
+    StorageValidationError,
+)
 from pydantic_toast.backends.base import Capabilities, StorageBackend
 from pydantic_toast.backends.options import BackendOptions
-from pydantic_toast.backends.records import HEAD_BYTES, Record, StoredInfo, encode_envelope
+from pydantic_toast.backends.records import (
+    HEAD_BYTES,
+    Record,
+    StoredInfo,
+    decode_stored,
+    encode_envelope,
+)
 
 __all__ = ["FileBackend"]
 
@@ -41,6 +52,7 @@ class FileBackend(StorageBackend):
         delete=True,
         scan=True,
         put_if_absent=True,
+        conditional_delete=True,
         coalesce_loads=False,  # in-process: a batch would not wait on anything less
         batch_size=1 << 30,
         concurrency=1,
@@ -134,6 +146,33 @@ class FileBackend(StorageBackend):
                 pass
         return deleted
 
+    async def delete_stale(self, class_name: str, ids: Sequence[UUID], before: datetime) -> int:
+        """A record that looks stale is first renamed aside (atomic: a writer after that
+        finds no file and writes a new one), then read again: still stale, it is deleted;
+        written again just before the rename, it is linked back, unless a writer has put a
+        newer one in its place meanwhile. Other processes and threads write here too."""
+        deleted = 0
+        for id, found in zip(ids, await self.get_many(class_name, ids), strict=True):
+            if found is None or not _stale(found, id, class_name, before):
+                continue
+            path = self._path(class_name, id)
+            aside = f"{path}.{uuid4().hex}.gc.tmp"
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                continue  # deleted meanwhile
+            try:
+                with open(aside, "rb") as file:  # noqa: ASYNC230 - inline, as every operation
+                    taken = file.read()
+                if _stale(taken, id, class_name, before):
+                    deleted += 1
+                else:
+                    with contextlib.suppress(FileExistsError):  # a newer one is in place
+                        os.link(aside, path)
+            finally:
+                os.unlink(aside)
+        return deleted
+
     async def scan(self, class_name: str | None) -> AsyncIterator[StoredInfo]:
         if class_name is None:
             directories = sorted(p for p in self.directory.iterdir() if p.is_dir())
@@ -156,3 +195,11 @@ class FileBackend(StorageBackend):
                 except (ValueError, FileNotFoundError):
                     continue  # not a record, or deleted while listing
                 yield StoredInfo(id, directory.name, size, None, head)
+
+
+def _stale(stored: bytes, id: UUID, class_name: str, before: datetime) -> bool:
+    try:
+        record = decode_stored(stored, id, class_name)
+    except CorruptRecordError:
+        return False  # never deleted by a condition it cannot be checked against
+    return record.class_name == class_name and record.updated_at < before
