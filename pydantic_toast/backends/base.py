@@ -438,15 +438,17 @@ class StorageBackend(ABC):
         re-read, then those still stale deleted, which leaves a window between the two (a
         record rewritten in it is lost). A record that cannot be decoded is never deleted.
         """
-        if updated_before is None:
-            return await self.__delete_many(class_name, ids)
-        if not isinstance(updated_before, datetime) or updated_before.tzinfo is None:
+        if updated_before is not None and (
+            not isinstance(updated_before, datetime) or updated_before.tzinfo is None
+        ):
             raise StorageValidationError(
                 f"updated_before must be an aware datetime, not {updated_before!r}"
             )
-        return await self.__delete_stale(class_name, ids, updated_before)
+        return await self.__delete_many(class_name, ids, updated_before)
 
-    async def __delete_many(self, class_name: str, ids: Sequence[UUID]) -> int:
+    async def __delete_many(
+        self, class_name: str, ids: Sequence[UUID], before: datetime | None = None
+    ) -> int:
         check_class_name(class_name)
         for id in ids:
             _check_id(id)
@@ -455,24 +457,10 @@ class StorageBackend(ABC):
                 f"{type(self).__name__} does not support deleting records", self.url
             )
         unique = list(dict.fromkeys(ids))
-        counts = await self.__run_chunks(
-            _doing("delete", unique, class_name),
-            unique,
-            lambda chunk: _one(self.delete_many(class_name, chunk)),
-            size=self.capabilities.delete_batch_size,
-        )
-        return sum(counts)
-
-    async def __delete_stale(self, class_name: str, ids: Sequence[UUID], before: datetime) -> int:
-        check_class_name(class_name)
-        for id in ids:
-            _check_id(id)
-        if not self.capabilities.delete:
-            raise UnsupportedOperationError(
-                f"{type(self).__name__} does not support deleting records", self.url
-            )
-        unique = list(dict.fromkeys(ids))
-        if self.capabilities.conditional_delete:
+        primitive: Callable[[Sequence[UUID]], Awaitable[int]]
+        if before is None:
+            primitive = partial(self.delete_many, class_name)
+        elif self.capabilities.conditional_delete:
             primitive = partial(self.delete_stale, class_name, before=before)
         else:
             primitive = partial(self.__reread_and_delete, class_name, before=before)
