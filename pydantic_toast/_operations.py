@@ -314,7 +314,13 @@ async def _write_back(cls: type[M], migrated: list[Record]) -> None:
     if not settings.save_migrated:
         return
     try:  # best effort: the models were read fine, the next load migrates again
-        await with_backend(settings.storage, lambda b: b.write_records(migrated), settings.retry)
+        # Conditional: a save that landed since the read is newer than the migrated copy.
+        read_at = [record.updated_at for record in migrated]
+        await with_backend(
+            settings.storage,
+            lambda b: b.write_records_if_unchanged(migrated, read_at),
+            settings.retry,
+        )
     except ExternalStorageError as exc:
         _log.warning(
             "could not write back %d migrated %s records: %s",

@@ -13,6 +13,9 @@ the model layer retries). An engine implements a few primitives, each a plain mo
 ``put_many``       upsert records; with ``keeps_created_at``, keep a stored ``created_at`` and
                    return the ``created_at`` each record now has
 ``put_new``        (``put_if_absent``) write only records whose id holds nothing; say which
+``put_unchanged``  (``conditional_write``) write each record only if the one stored under its
+                   id (of its class) still has a given ``updated_at``, each check and write
+                   atomic; say which were written
 ``delete_many``    (``delete``) delete ids of a class; return how many existed
 ``delete_stale``   (``conditional_delete``) delete ids of a class whose ``updated_at`` is still
                    before a moment, each check and delete atomic
@@ -64,6 +67,7 @@ from pydantic_toast.backends.records import (
     check_class_name,
     decode_info,
     decode_stored,
+    holds_unchanged,
 )
 
 __all__ = ["Capabilities", "Record", "RecordInfo", "StorageBackend", "check_class_name"]
@@ -116,6 +120,11 @@ class Capabilities:
     keeps_created_at: bool = False
     #: ``put_new`` is implemented (a conditional create), so a first save costs one write.
     put_if_absent: bool = False
+    #: ``put_unchanged`` is implemented: a write that re-checks the stored ``updated_at``
+    #: atomically (compare-and-set). Otherwise the spine re-reads the records, then writes
+    #: those still unchanged (a record saved between the two is overwritten: weaker, but all
+    #: a plain store can do).
+    conditional_write: bool = False
     #: Concurrent single loads are worth gathering into batches (the store is remote).
     coalesce_loads: bool = True
     #: Ids or records per primitive call.
@@ -235,6 +244,14 @@ class StorageBackend(ABC):
         """Write each record only if nothing is stored under its id; True where written."""
         raise UnsupportedOperationError(f"{type(self).__name__} has no conditional write")
 
+    async def put_unchanged(
+        self, records: Sequence[Record], expected: Sequence[datetime]
+    ) -> Sequence[bool]:
+        """Write each record, whole (its ``created_at`` as given), only if a record of its
+        class is stored under its id and that record's ``updated_at`` equals its
+        ``expected`` one exactly, checked and written atomically; True where written."""
+        raise UnsupportedOperationError(f"{type(self).__name__} has no conditional write", self.url)
+
     async def delete_many(self, class_name: str, ids: Sequence[UUID]) -> int:
         """Delete the records of ``class_name`` with these ids; return how many existed."""
         if type(self).delete is not StorageBackend.delete:
@@ -291,6 +308,24 @@ class StorageBackend(ABC):
         written. The others are stored.
         """
         await self.__write_many(records)
+
+    async def write_records_if_unchanged(
+        self, records: Sequence[Record], updated_at: Sequence[datetime]
+    ) -> list[UUID]:
+        """Write each record only if the record stored under its id, of its class, still has
+        the ``updated_at`` given for it (the one it was read with): a compare-and-set, so that
+        a rewrite of what was read never overwrites a save that landed in between. Return the
+        ids written; the others were changed, deleted or are of another class meanwhile, and
+        are left as they are. Each record is written whole, ``created_at`` included (pass it as
+        read). ``updated_at`` holds one aware datetime per record, compared exactly (to the
+        microsecond, in any timezone).
+
+        Engines with ``conditional_write`` check and write atomically; on the others the
+        records are re-read, then those still unchanged written, which leaves a window between
+        the two (a save in it is overwritten). A failure is raised with ``failed_ids``, as
+        `write_records` does.
+        """
+        return await self.__write_unchanged(records, updated_at)
 
     async def read_records(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
         """The record of ``class_name`` for each id, in order; ``None`` where there is none.
@@ -391,6 +426,65 @@ class StorageBackend(ABC):
         if kept is None or len(kept) != len(records):
             raise TypeError(f"{type(self).__name__}.put_many must return one created_at each")
         return kept
+
+    async def __write_unchanged(
+        self, records: Sequence[Record], expected: Sequence[datetime]
+    ) -> list[UUID]:
+        if len(expected) != len(records):
+            raise StorageValidationError(
+                f"write_records_if_unchanged needs one updated_at per record: "
+                f"{len(records)} records, {len(expected)} updated_at"
+            )
+        checked = None
+        seen: set[UUID] = set()
+        for record, moment in zip(records, expected, strict=True):
+            if record.class_name is not checked:
+                checked = check_class_name(record.class_name)
+            _check_id(record.id)
+            if record.id in seen:
+                raise StorageValidationError(
+                    f"{record.class_name} record {record.id} is given twice to one "
+                    "conditional write"
+                )
+            seen.add(record.id)
+            if not isinstance(moment, datetime) or moment.tzinfo is None:
+                raise StorageValidationError(
+                    f"updated_at of {record.class_name} record {record.id} must be an aware "
+                    f"datetime, not {moment!r}"
+                )
+        if not records:
+            return []
+        primitive = (
+            self.put_unchanged if self.capabilities.conditional_write else self.__reread_and_put
+        )
+        pairs = list(zip(records, expected, strict=True))
+
+        async def chunk(items: Sequence[tuple[Record, datetime]]) -> Sequence[bool]:
+            written = await primitive([r for r, _ in items], [m for _, m in items])
+            if len(written) != len(items):
+                raise TypeError(f"{type(self).__name__}.put_unchanged must answer each record")
+            return written
+
+        written = await self.__run_chunks(_doing("save", records), pairs, chunk, failed=_paired_ids)
+        return [record.id for record, done in zip(records, written, strict=True) if done]
+
+    async def __reread_and_put(
+        self, records: Sequence[Record], expected: Sequence[datetime]
+    ) -> list[bool]:
+        """The conditional write of an engine that has none: read, then write what is still
+        unchanged (not atomic)."""
+        unchanged = [False] * len(records)
+        by_class: dict[str, list[int]] = {}
+        for index, record in enumerate(records):
+            by_class.setdefault(record.class_name, []).append(index)
+        for class_name, indexes in by_class.items():
+            stored = await self.get_many(class_name, [records[i].id for i in indexes])
+            for index, found in zip(indexes, stored, strict=True):
+                unchanged[index] = holds_unchanged(found, records[index], expected[index])
+        todo = [record for record, ok in zip(records, unchanged, strict=True) if ok]
+        if todo:
+            await self.__put_checked(todo)
+        return unchanged
 
     async def __read_one(self, class_name: str, id: UUID) -> Record | None:
         """`__read_many` of one id, without its chunking (the hot path of a single load)."""
@@ -685,6 +779,10 @@ async def _one(count: Awaitable[int]) -> list[int]:
 
 def _ids(records: Sequence[Record]) -> list[UUID]:
     return [record.id for record in records]
+
+
+def _paired_ids(pairs: Sequence[tuple[Record, datetime]]) -> list[UUID]:
+    return [record.id for record, _ in pairs]
 
 
 def _check_id(id: object) -> None:

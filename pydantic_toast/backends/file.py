@@ -30,6 +30,7 @@ from pydantic_toast.backends.records import (
     StoredInfo,
     decode_stored,
     encode_envelope,
+    holds_unchanged,
 )
 
 __all__ = ["FileBackend"]
@@ -53,6 +54,7 @@ class FileBackend(StorageBackend):
         scan=True,
         put_if_absent=True,
         conditional_delete=True,
+        conditional_write=True,
         coalesce_loads=False,  # in-process: a batch would not wait on anything less
         batch_size=1 << 30,
         concurrency=1,
@@ -95,6 +97,42 @@ class FileBackend(StorageBackend):
 
     async def put_new(self, records: Sequence[Record]) -> list[bool]:
         return [self._write(record, only_new=True) for record in records]
+
+    async def put_unchanged(
+        self, records: Sequence[Record], expected: Sequence[datetime]
+    ) -> list[bool]:
+        """As `delete_stale`: a record that looks unchanged is renamed aside (atomic: a save
+        after that finds no file and writes a new one) and read again. Still unchanged, the
+        new record is linked into place, which fails, leaving the newer record, if a save
+        wrote one meanwhile; changed just before the rename, the record is linked back. While
+        it is aside a reader finds no record for a moment."""
+        written = []
+        for record, updated_at in zip(records, expected, strict=True):
+            (found,) = await self.get_many(record.class_name, [record.id])
+            written.append(
+                found is not None
+                and holds_unchanged(found, record, updated_at)
+                and self._swap(record, updated_at)
+            )
+        return written
+
+    def _swap(self, record: Record, updated_at: datetime) -> bool:
+        path = self._path(record.class_name, record.id)
+        aside = f"{path}.{uuid4().hex}.cas.tmp"
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False  # deleted meanwhile
+        try:
+            with open(aside, "rb") as file:
+                taken = file.read()
+            if holds_unchanged(taken, record, updated_at):
+                return self._write(record, only_new=True)  # False: a save came in between
+            with contextlib.suppress(FileExistsError):  # a newer one is in place
+                os.link(aside, path)
+            return False
+        finally:
+            os.unlink(aside)
 
     def _write(self, record: Record, *, only_new: bool) -> bool:
         directory = os.path.join(self._root, record.class_name)

@@ -35,6 +35,7 @@ class MemoryBackend(StorageBackend):
     capabilities = Capabilities(
         delete=True,
         conditional_delete=True,
+        conditional_write=True,
         scan=True,
         keeps_created_at=True,
         coalesce_loads=False,  # in-process: a batch would not wait on anything less
@@ -66,13 +67,34 @@ class MemoryBackend(StorageBackend):
     async def put_many(self, records: Sequence[Record]) -> list[datetime]:
         store = self._store
         kept = []
-        for record in records:
-            existing = store.get(record.id)
-            created_at = record.created_at if existing is None else existing.created_at
-            store[record.id] = copy = record.copy()
-            copy.created_at = created_at
-            kept.append(created_at)
+        with self._stores_lock:  # against a conditional write of the sync bridge's thread
+            for record in records:
+                existing = store.get(record.id)
+                created_at = record.created_at if existing is None else existing.created_at
+                store[record.id] = copy = record.copy()
+                copy.created_at = created_at
+                kept.append(created_at)
         return kept
+
+    async def put_unchanged(
+        self, records: Sequence[Record], expected: Sequence[datetime]
+    ) -> list[bool]:
+        # Check and write under the lock every write of this process takes (the sync
+        # bridge's thread shares the store).
+        store = self._store
+        written = []
+        with self._stores_lock:
+            for record, updated_at in zip(records, expected, strict=True):
+                current = store.get(record.id)
+                ok = (
+                    current is not None
+                    and current.class_name == record.class_name
+                    and current.updated_at == updated_at
+                )
+                if ok:
+                    store[record.id] = record.copy()
+                written.append(ok)
+        return written
 
     async def delete_many(self, class_name: str, ids: Sequence[UUID]) -> int:
         store = self._store

@@ -148,6 +148,7 @@ class PostgreSQLBackend(StorageBackend):
     capabilities = Capabilities(
         delete=True,
         conditional_delete=True,
+        conditional_write=True,
         scan=True,
         purge=True,
         keeps_created_at=True,
@@ -205,6 +206,17 @@ class PostgreSQLBackend(StorageBackend):
         self._select_many = (
             "SELECT class_name, data, schema_version, created_at, updated_at, id"
             f" FROM {quoted} WHERE id = ANY($1::uuid[])"
+        )
+        # A compare-and-set per row: an UPDATE re-checks its WHERE on a row another
+        # transaction changed meanwhile, so a row saved since it was read is passed over.
+        self._replace_many = (
+            f"UPDATE {quoted} AS t SET data = u.data, schema_version = u.schema_version,"
+            " created_at = u.created_at, updated_at = u.updated_at"
+            " FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::integer[],"
+            " $5::timestamptz[], $6::timestamptz[], $7::timestamptz[])"
+            " AS u(id, class_name, data, schema_version, created_at, updated_at, expected)"
+            " WHERE t.id = u.id AND t.class_name = u.class_name AND t.updated_at = u.expected"
+            " RETURNING t.id"
         )
         self._delete_many = f"DELETE FROM {quoted} WHERE id = ANY($1::uuid[]) AND class_name = $2"
         # As the purge below: `FOR UPDATE` re-checks `updated_at` on a row updated since the
@@ -336,6 +348,25 @@ class PostgreSQLBackend(StorageBackend):
         rows = await self._run("fetch", self._upsert_many_returning, *columns)
         kept = {row[0]: row[1] for row in rows}
         return [kept[record.id] for record in records]
+
+    async def put_unchanged(
+        self, records: Sequence[Record], expected: Sequence[datetime]
+    ) -> list[bool]:
+        """One statement; ``timestamptz`` holds microseconds, as `datetime` does, so the
+        comparison is exact."""
+        rows = await self._run(
+            "fetch",
+            self._replace_many,
+            [record.id for record in records],
+            [record.class_name for record in records],
+            [record.data.decode() for record in records],
+            [record.schema_version for record in records],
+            [record.created_at for record in records],
+            [record.updated_at for record in records],
+            list(expected),
+        )
+        written = {row[0] for row in rows}
+        return [record.id in written for record in records]
 
     async def get_many(self, class_name: str, ids: Sequence[UUID]) -> list[Any]:
         """The rows (``StoredRow``'s columns first), as asyncpg returned them."""

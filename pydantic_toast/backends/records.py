@@ -32,6 +32,7 @@ __all__ = [
     "decode_info",
     "decode_stored",
     "encode_envelope",
+    "holds_unchanged",
     "require_zstd",
     "timestamp_text",
 ]
@@ -291,6 +292,19 @@ def _from_dict(stored: dict[str, Any], id: UUID) -> Record:
         _moment(stored.get("created_at"), "created_at"),
         _moment(stored.get("updated_at"), "updated_at"),
     )
+
+
+def holds_unchanged(stored: object, record: Record, updated_at: datetime) -> bool:
+    """Whether ``stored`` (what a store holds under ``record``'s id) is a record of its class
+    last updated at ``updated_at`` exactly: the check of a conditional write. A record that
+    cannot be decoded is never taken for it."""
+    if stored is None:
+        return False
+    try:
+        found = decode_stored(stored, record.id, record.class_name)
+    except CorruptRecordError:
+        return False
+    return found.class_name == record.class_name and found.updated_at == updated_at
 
 
 def decode_info(stored: StoredInfo, class_name: str | None) -> RecordInfo:

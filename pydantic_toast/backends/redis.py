@@ -152,6 +152,32 @@ end
 return deleted
 """
 
+# KEYS: records' keys; ARGV[3i - 2], ARGV[3i - 1], ARGV[3i]: KEYS[i]'s TTL in milliseconds
+# ("0": none), the `updated_at` it must still have (UTC text of the fixed width, then the
+# closing quote) and its new envelope. Writes each record whose stored envelope's `updated_at`
+# is still that one; returns 1 where written, 0 where not, in key order.
+_WRITE_UNCHANGED_SCRIPT = f"""
+local written = {{}}
+for i, key in ipairs(KEYS) do
+  local ttl, expected, value = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+  written[i] = 0
+  local head = redis.pcall('GETRANGE', key, 0, {UPDATED_AT_OFFSET + CREATED_AT_WIDTH})
+  if type(head) == 'string'
+    and string.sub(head, 1, {CREATED_AT_OFFSET}) == [==[{_HEAD.decode()}]==]
+    and string.sub(head, {UPDATED_AT_OFFSET - 15}, {UPDATED_AT_OFFSET}) == '","updated_at":"'
+    and string.sub(head, {UPDATED_AT_OFFSET + 1}) == expected
+  then
+    if ttl == '0' then
+      redis.call('SET', key, value)
+    else
+      redis.call('SET', key, value, 'PX', ttl)
+    end
+    written[i] = 1
+  end
+end
+return written
+"""
+
 # KEYS: records' keys. Returns each key's first `HEAD_BYTES` and its length, flat; a length of
 # -1 for a key of another type, 0 for a key gone since it was listed.
 _HEADS_SCRIPT = f"""
@@ -225,6 +251,7 @@ class RedisBackend(StorageBackend):
     capabilities = Capabilities(
         delete=True,
         conditional_delete=True,
+        conditional_write=True,
         scan=True,
         keeps_created_at=True,
         batch_size=_BATCH_RECORDS,
@@ -560,6 +587,57 @@ class RedisBackend(StorageBackend):
             return int(await script(keys=keys, args=[cutoff], client=client))
         finally:
             self._gate.release()
+
+    async def put_unchanged(
+        self, records: Sequence[Record], expected: Sequence[datetime]
+    ) -> list[bool]:
+        """One script call per slot (one, on a single server) and per `_BATCH_BYTES`,
+        sent in one pipeline (ended by ``WAIT`` when replicas must confirm): Redis runs each
+        call atomically, so a record saved since it was read is passed over. The stored
+        `updated_at` is compared as the fixed-width UTC text every write stores."""
+        groups: dict[int, list[tuple[str, bytes, bytes, bytes]]] = {}
+        for record, updated_at in zip(records, expected, strict=True):
+            key = self._key(record.class_name, record.id)
+            text = timestamp_text(updated_at.astimezone(UTC)).encode() + b'"'
+            value = _envelope(record)
+            groups.setdefault(self._slot(key), []).append(
+                (key, self._ttl_ms_for(record), text, value)
+            )
+        calls: list[list[tuple[str, bytes, bytes, bytes]]] = []
+        for group in groups.values():
+            start = 0
+            while start < len(group):
+                end, size = start, 0
+                while end < len(group) and size < _BATCH_BYTES and end - start < _BATCH_RECORDS:
+                    size += len(group[end][3])
+                    end += 1
+                calls.append(group[start:end])
+                start = end
+        commands = [
+            [
+                [key for key, *_ in call],
+                [
+                    "EVAL",
+                    _WRITE_UNCHANGED_SCRIPT,
+                    len(call),
+                    *(key for key, *_ in call),
+                    *(part for _, *parts in call for part in parts),
+                ],
+            ]
+            for call in calls
+        ]
+        client = await self._acquire()
+        try:
+            replies = await self._pipeline(client, commands)
+        finally:
+            self._gate.release()
+        written: dict[str, bool] = {}
+        for call, reply in zip(calls, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise reply
+            for (key, *_), done in zip(call, reply, strict=True):
+                written[key] = bool(done)
+        return [written[self._key(record.class_name, record.id)] for record in records]
 
     async def scan(self, class_name: str | None) -> AsyncIterator[StoredInfo]:
         """Every record under ``{prefix}:{class_name}:`` (or the whole prefix), by SCAN.

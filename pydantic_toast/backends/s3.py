@@ -28,6 +28,7 @@ import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import replace
+from datetime import datetime
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 from uuid import UUID
@@ -48,6 +49,7 @@ from pydantic_toast.backends.records import (
     StoredInfo,
     check_class_name,
     encode_envelope,
+    holds_unchanged,
 )
 
 __all__ = ["S3Backend"]
@@ -152,6 +154,7 @@ class S3Backend(StorageBackend):
         delete=True,
         scan=True,
         put_if_absent=True,
+        conditional_write=True,
         batch_size=1,
         delete_batch_size=DELETE_CHUNK,
         concurrency=DEFAULT_MAX_CONCURRENCY,
@@ -277,7 +280,24 @@ class S3Backend(StorageBackend):
     async def put_new(self, records: Sequence[Record]) -> list[bool]:
         return [await self._put_object(record, only_new=True) for record in records]
 
-    async def _put_object(self, record: Record, *, only_new: bool = False) -> bool:
+    async def put_unchanged(
+        self, records: Sequence[Record], expected: Sequence[datetime]
+    ) -> list[bool]:
+        """Read the object and its ETag; if it holds the record as expected, put the new
+        one with ``If-Match`` on that ETag, so that S3 refuses it (412) when another save
+        replaced the object in between."""
+        written = []
+        for record, updated_at in zip(records, expected, strict=True):
+            found = await self._get_object(record.class_name, record.id)
+            if found is None or not holds_unchanged(found[0], record, updated_at):
+                written.append(False)
+                continue
+            written.append(await self._put_object(record, if_match=found[1]))
+        return written
+
+    async def _put_object(
+        self, record: Record, *, only_new: bool = False, if_match: str | None = None
+    ) -> bool:
         body = encode_envelope(record)
         request: dict[str, Any] = {
             "Bucket": self.bucket,
@@ -287,9 +307,15 @@ class S3Backend(StorageBackend):
         }
         if only_new:
             request["IfNoneMatch"] = "*"
+        if if_match is not None:
+            request["IfMatch"] = if_match
         try:
             await self._sending(len(body), self._client.put_object(**request))
         except ClientError as exc:
+            # 412: the object changed since it was read; 404: it was deleted; 409: another
+            # conditional write to the key is under way.
+            if if_match is not None and _status(exc) in (404, 409, 412):
+                return False
             # 412: an object is there already; 409: another conditional write to the key is
             # under way. Either way the key is taken: the spine keeps its created_at.
             if only_new and _status(exc) in (409, 412):
@@ -323,6 +349,11 @@ class S3Backend(StorageBackend):
         return [await self._get(class_name, id) for id in ids]
 
     async def _get(self, class_name: str, id: UUID) -> bytes | None:
+        found = await self._get_object(class_name, id)
+        return None if found is None else found[0]
+
+    async def _get_object(self, class_name: str, id: UUID) -> tuple[bytes, str] | None:
+        """The object's bytes and its ETag, or ``None``."""
         try:
             response = await self._client.get_object(
                 Bucket=self.bucket, Key=self._key(class_name, id)
@@ -339,7 +370,7 @@ class S3Backend(StorageBackend):
                     f"more than max_size={self.max_size}"
                 )
             raw: bytes = await body.read()
-        return raw
+        return raw, response["ETag"]
 
     async def delete_many(self, class_name: str, ids: Sequence[UUID]) -> int:
         """Delete every requested object (one DeleteObjects, up to 1,000 keys); return how

@@ -45,6 +45,7 @@ class SQLiteBackend(StorageBackend):
     capabilities = Capabilities(
         delete=True,
         conditional_delete=True,
+        conditional_write=True,
         scan=True,
         purge=True,
         keeps_created_at=True,
@@ -77,6 +78,10 @@ class SQLiteBackend(StorageBackend):
             " schema_version = excluded.schema_version, updated_at = excluded.updated_at"
         )
         self._upsert_returning = self._upsert + " RETURNING created_at"
+        self._replace = (
+            f"UPDATE {quoted} SET data = ?, schema_version = ?, created_at = ?, updated_at = ?"
+            " WHERE id = ? AND class_name = ? AND updated_at = ?"
+        )
         self._created = f"SELECT id, created_at FROM {quoted} WHERE id IN ({{}})"
         # The row's first five columns are what `decode_stored` reads; the id comes last.
         self._select = (
@@ -156,6 +161,31 @@ class SQLiteBackend(StorageBackend):
             record.created_at if row[0] not in found else _created_at(found[row[0]], record)
             for row, record in zip(rows, records, strict=True)
         ]
+
+    async def put_unchanged(
+        self, records: Sequence[Record], expected: Sequence[datetime]
+    ) -> list[bool]:
+        """One transaction of one ``UPDATE ... WHERE updated_at = ?`` per record: SQLite runs
+        one writer at a time, so each check is its write's own. Timestamps are compared as the
+        fixed-width UTC text every write stores."""
+        connection = self._open()
+        rows = _rows(records)
+        written = []
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            for (key, name, data, version, created, updated), moment in zip(
+                rows, expected, strict=True
+            ):
+                cursor = connection.execute(
+                    self._replace,
+                    (data, version, created, updated, key, name, _utc_text(moment)),
+                )
+                written.append(cursor.rowcount == 1)
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+        return written
 
     async def get_many(
         self, class_name: str, ids: Sequence[UUID]
@@ -252,6 +282,10 @@ def _rows(records: Sequence[Record]) -> list[tuple[str, str, str, int, str, str]
         )
         for record in records
     ]
+
+
+def _utc_text(moment: datetime) -> str:
+    return timestamp_text(moment if moment.tzinfo is UTC else moment.astimezone(UTC))
 
 
 def _created_at(stored: object, record: Record) -> datetime:
