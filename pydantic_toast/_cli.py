@@ -388,20 +388,12 @@ async def _rekey(
         print(f"warning: {reason}", file=sys.stderr)
     verb = "would rekey" if arguments.dry_run else "rekeyed"
     if arguments.json:
-        _print_json(
-            {
-                "class_name": report.class_name,
-                "primary": report.primary,
-                "scanned": report.scanned,
-                verb: report.rekeyed,
-                "already_under_primary": report.skipped,
-                "failed": report.failed,
-            }
-        )
+        _print_json(report.model_dump(mode="json"))
     else:
         print(
             f"{verb} {report.rekeyed} of {report.scanned} {report.class_name} records under key "
             f"{report.primary!r}; {report.skipped} already under it or expired"
+            + (f"; {report.changed} saved meanwhile, left as saved" if report.changed else "")
             + (f"; {report.failed} could not be opened" if report.failed else "")
         )
     return 1 if report.failed else 0

@@ -6,17 +6,24 @@ writes it back sealed under the primary key, with its id, timestamps and schema 
 they were. A record already under the primary key is skipped, so a run that was interrupted
 simply continues where it stopped when started again; once a run reports nothing left to
 do, the old keys may leave the keyring.
+
+The write back is conditional (`StorageBackend.write_records_if_unchanged`): a record saved
+between rekey's read and its write keeps that save, and is counted as ``changed``; a save
+through the current keyring is already under the primary key, and any other is picked up by
+the next run.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
 from typing import TypeVar
 from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict
 
 from pydantic_toast._bridge import run_sync
 from pydantic_toast._crypto import open_data, seal_data, sealed_key_id
@@ -36,23 +43,30 @@ T = TypeVar("T")
 _MAX_FAILED_IDS = 100
 
 
-@dataclass(slots=True)
-class RekeyReport:
-    """What a `rekey` run did (or, with ``dry_run``, would do)."""
+class RekeyReport(BaseModel):
+    """What a `rekey` run did (or, with ``dry_run``, would do); ``report.model_dump(mode=
+    "json")`` for JSON. ``on_progress`` is given the report so far after each batch."""
+
+    model_config = ConfigDict(frozen=True)
 
     class_name: str
+    #: The key id records are re-encrypted under.
     primary: str
     dry_run: bool
     #: Records listed.
     scanned: int = 0
     #: Records re-encrypted under the primary key (with ``dry_run``: that need it).
     rekeyed: int = 0
-    #: Records already under the primary key.
+    #: Records already under the primary key, or expired.
     skipped: int = 0
+    #: Records saved by someone else between this run's read and its write: left with that
+    #: save (already under the primary key when the save used the current keyring; otherwise
+    #: the next run re-encrypts them).
+    changed: int = 0
     #: Records that could not be opened (unknown key id, tampered): left as they are.
     failed: int = 0
     #: The first ids of the failed records, with the reason of each.
-    failures: list[tuple[str, str]] = field(default_factory=list)
+    failures: tuple[tuple[str, str], ...] = ()
 
 
 async def rekey(
@@ -91,53 +105,72 @@ async def rekey(
         return [info.id async for info in backend.scan_records(name)]
 
     ids = await on(list_ids)
-    report = RekeyReport(name, keyring.primary, dry_run)
+    counts = {"scanned": 0, "rekeyed": 0, "skipped": 0, "changed": 0, "failed": 0}
+    failures: list[tuple[str, str]] = []
+
+    def so_far() -> RekeyReport:
+        return RekeyReport(
+            class_name=name,
+            primary=keyring.primary,
+            dry_run=dry_run,
+            failures=tuple(failures),
+            **counts,
+        )
+
     for start in range(0, len(ids), batch_size):
         batch = ids[start : start + batch_size]
         stored = await on(partial(_read, name, batch))
         writes: list[Record] = []
+        read_at: list[datetime] = []
         now = datetime.now(UTC)
         for record in stored:
             if record is None:
                 continue  # deleted since it was listed
-            report.scanned += 1
+            counts["scanned"] += 1
             key_id = sealed_key_id(record)
             if key_id == keyring.primary:
-                report.skipped += 1
+                counts["skipped"] += 1
                 continue
             ttl = settings.ttl
             if ttl is not None and expired(record.updated_at, ttl):
-                report.skipped += 1  # purge deletes it; rewriting would revive it on Redis
+                counts["skipped"] += 1  # purge deletes it; rewriting would revive it on Redis
                 continue
             try:
                 plain = record.data if key_id is None else open_data(record, keyring)
                 if key_id is None:
                     _check_plain(record)
             except StorageValidationError as exc:
-                report.failed += 1
-                if len(report.failures) < _MAX_FAILED_IDS:
-                    report.failures.append((str(record.id), str(exc)))
+                counts["failed"] += 1
+                if len(failures) < _MAX_FAILED_IDS:
+                    failures.append((str(record.id), str(exc)))
                 continue
-            report.rekeyed += 1
-            if not dry_run:
-                remaining = None if ttl is None else ttl - (now - record.updated_at)
-                fresh = replace(
-                    record, data=plain, compress_above=settings.compress_above, ttl=remaining
-                )
-                writes.append(seal_data(fresh, keyring))
+            if dry_run:
+                counts["rekeyed"] += 1
+                continue
+            remaining = None if ttl is None else ttl - (now - record.updated_at)
+            fresh = replace(
+                record, data=plain, compress_above=settings.compress_above, ttl=remaining
+            )
+            writes.append(seal_data(fresh, keyring))
+            read_at.append(record.updated_at)
         if writes:
-            await on(partial(_write, writes))
+            written = await on(partial(_write, writes, read_at))
+            counts["rekeyed"] += len(written)
+            counts["changed"] += len(writes) - len(written)
         if on_progress is not None:
-            on_progress(report)
-    return report
+            on_progress(so_far())
+    return so_far()
 
 
 async def _read(name: str, ids: list[UUID], backend: StorageBackend) -> list[Record | None]:
     return await backend.read_records(name, ids)
 
 
-async def _write(records: list[Record], backend: StorageBackend) -> None:
-    await backend.write_records(records)
+async def _write(
+    records: list[Record], read_at: list[datetime], backend: StorageBackend
+) -> list[UUID]:
+    """Write back only what is still as it was read: a save in between stays."""
+    return await backend.write_records_if_unchanged(records, read_at)
 
 
 def _check_plain(record: Record) -> None:

@@ -1,6 +1,6 @@
 """The conditional write (`StorageBackend.write_records_if_unchanged`, a compare-and-set on
 ``updated_at``) on every backend, the four-method one included, and the two rewrites that rely
-on it: the write-back of migrated records, with a save landing between
+on it: key rotation and the write-back of migrated records, each with a save landing between
 its read and its write."""
 
 from __future__ import annotations
@@ -14,13 +14,17 @@ from uuid import UUID, uuid4
 import pytest
 
 import pydantic_toast._operations as operations
+import pydantic_toast._rekey as rekeying
 from pydantic_toast import (
     ExternalBaseModel,
     ExternalConfigDict,
+    Keyring,
     StorageBackend,
     StorageValidationError,
     UnsupportedOperationError,
     register_backend,
+    rekey,
+    use_keyring,
 )
 from pydantic_toast._registry import get_backend
 from pydantic_toast.backends.records import Record
@@ -33,6 +37,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::pydantic_toast.ExternalNameWarn
 T0 = dt.datetime(2024, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
 T1 = T0 + dt.timedelta(hours=1)
 T2 = T0 + dt.timedelta(hours=2)
+K1, K2 = bytes(range(32)), bytes(range(100, 132))
 
 
 def line(id: UUID, n: int, updated_at: dt.datetime = T0, class_name: str = "Line") -> Record:
@@ -174,6 +179,57 @@ async def test_the_capability_is_declared_by_the_engines_that_are_atomic() -> No
     assert DictBackend.capabilities.conditional_write is False
     with pytest.raises(UnsupportedOperationError, match="DictBackend has no conditional write"):
         await DictBackend("dictstore://x").put_unchanged([line(uuid4(), 1)], [T0])
+
+
+# --- rekey with a save landing between its read and its write ----------------------------------
+
+
+@pytest.fixture
+def keyring() -> Any:
+    ring = Keyring({"k1": K1}, "k1")
+    use_keyring(ring)
+    yield ring
+    use_keyring(None)
+
+
+async def test_a_save_during_rekey_is_kept_and_reported_as_changed(
+    storage: str, keyring: Keyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class User(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=storage, encrypt=True)
+        email: str
+
+    users = [User(email=f"user{i}@example.com") for i in range(4)]
+    references = await User.save_external_many(users)
+    if storage.startswith("dictcas:"):  # a four-method backend cannot list its records
+        with pytest.raises(UnsupportedOperationError, match="does not support listing"):
+            await rekey(User)
+        return
+    use_keyring(Keyring({"k1": K1, "k2": K2}, "k2"))
+    read = rekeying._read
+
+    async def read_then_someone_saves(name: str, ids: list[UUID], backend: Any) -> Any:
+        found = await read(name, ids, backend)
+        # ... and before rekey writes its batch back, an application saves one of them.
+        edited = await User.load_external(references[1])
+        edited.email = "edited@example.com"  # type: ignore[attr-defined]
+        await edited.save_external()
+        return found
+
+    monkeypatch.setattr(rekeying, "_read", read_then_someone_saves)
+    report = await rekey(User)
+    monkeypatch.undo()
+    assert (report.scanned, report.rekeyed, report.changed, report.skipped) == (4, 3, 1, 0)
+    use_keyring(Keyring({"k2": K2}, "k2"))  # the save used the primary key: nothing is left
+    loaded = await User.load_external_many(references)
+    assert [user.email for user in loaded] == [  # type: ignore[attr-defined]
+        "user0@example.com",
+        "edited@example.com",
+        "user2@example.com",
+        "user3@example.com",
+    ]
+    again = await rekey(User)
+    assert (again.rekeyed, again.changed, again.skipped) == (0, 0, 4)
 
 
 # --- the write-back of migrated records --------------------------------------------------------

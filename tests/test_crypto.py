@@ -572,10 +572,13 @@ def test_the_rekey_command_rotates_a_class_given_as_module_and_class(
     assert json.loads(dry.stdout) == {
         "class_name": "User",
         "primary": "k2",
+        "dry_run": True,
         "scanned": 5,
-        "would rekey": 5,
-        "already_under_primary": 0,
+        "rekeyed": 5,
+        "skipped": 0,
+        "changed": 0,
         "failed": 0,
+        "failures": [],
     }
     done = cli("--storage", sqlite_url, "rekey", "crypto_models:User")
     assert done.returncode == 0, done.stderr
