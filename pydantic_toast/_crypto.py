@@ -35,7 +35,7 @@ from typing import Any
 from uuid import UUID
 
 from pydantic_toast._errors import StorageValidationError
-from pydantic_toast.backends.records import MAX_DECOMPRESSED_SIZE, Record, require_zstd
+from pydantic_toast.backends.records import MAX_DECOMPRESSED_SIZE, Record, compress, decompress
 
 __all__ = [
     "KEYS_VARIABLE",
@@ -275,10 +275,9 @@ def seal_data(record: Record, keyring: Keyring) -> Record:
     does not compress, so the envelope must not try."""
     key_id = keyring.primary
     plaintext, size = record.data, None
-    limit = record.compress_above
-    if limit is not None and len(plaintext) > limit:
-        size = len(plaintext)
-        plaintext = require_zstd().ZstdCompressor(level=3).compress(plaintext)
+    frame = compress(plaintext, record.compress_above)
+    if frame is not None:
+        plaintext, size = frame, len(plaintext)
     nonce = os.urandom(_NONCE_SIZE)
     sealed = keyring._aead(key_id).encrypt(nonce, plaintext, _associated(record, key_id, size))
     text = binascii.b2a_base64(nonce + sealed, newline=False)
@@ -381,15 +380,11 @@ def open_data(record: Record, keyring: Keyring) -> bytes:
 
 
 def _decompress(frame: bytes, size: int, where: str) -> bytes:
-    zstandard = require_zstd()
     try:
-        with zstandard.ZstdDecompressor().stream_reader(frame) as reader:
-            data: bytes = reader.read(size + 1)
-    except zstandard.ZstdError:
-        data = b""
-    if len(data) != size:
-        raise StorageValidationError(f"stored {where} does not decompress to its declared size")
-    return data
+        return decompress(frame, size)
+    except ValueError:
+        pass  # raised outside the handler: the error keeps no buffer of the decompression
+    raise StorageValidationError(f"stored {where} does not decompress to its declared size")
 
 
 # --- signed references -------------------------------------------------------------------

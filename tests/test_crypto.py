@@ -40,7 +40,7 @@ from pydantic_toast import (
 )
 from pydantic_toast._cli import main
 from pydantic_toast._content import content_id
-from pydantic_toast._crypto import require_cryptography, sign_reference
+from pydantic_toast._crypto import require_cryptography, seal_data, sign_reference
 from pydantic_toast._registry import get_backend
 from pydantic_toast.backends.records import Record
 from tests.conftest import POSTGRES_URL, REDIS_URL
@@ -813,3 +813,39 @@ async def test_references_inside_encrypted_values_resolve_in_one_prefetch(
     await session.prefetch(dumped, storage)
     assert sorted(name for _, name, _ in session.fetched) == ["Line", "Line", "Order"]
     assert await validate(Basket, dumped, storage=storage) == basket
+
+
+# --- one compression codec: the stored forms are those written before it -------------------
+
+PINNED_TIME = dt.datetime(2024, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
+PINNED_DATA = b'{"text":"' + b"toast " * 20 + b'"}'
+
+
+def test_a_compressed_envelope_is_byte_for_byte_the_one_written_before() -> None:
+    from pydantic_toast.backends.records import encode_envelope
+
+    record = Record(UUID(int=7), "Note", PINNED_DATA, 1, PINNED_TIME, PINNED_TIME, 16)
+    assert encode_envelope(record) == (
+        b'{"created_at":"2024-01-02T03:04:05.678901+00:00","updated_at":"2024-01-02T03:04:05.'
+        b'678901+00:00","schema_version":1,"class_name":"Note","codec":"zstd","size":131}\n'
+        b'(\xb5/\xfd \x83\xc5\x00\x00\x88{"text":"toast "}\x01\x00/i\xa9\x03'
+    )
+
+
+def test_a_compressed_sealed_record_written_before_still_opens() -> None:
+    from pydantic_toast._crypto import open_data
+
+    sealed = (
+        b'{"$toast":"A256GCM","kid":"k1","zstd":131,"ct":"UAkJSnHT60XNKWkrHSgBxOQVHEdGiHeazPNia'
+        b'ivYjyw5urg+f1xGQD3X8sUJ/cgEyWN0IjNmeuX6Vc0SoQ=="}'
+    )
+    record = Record(UUID(int=7), "Note", sealed, 1, PINNED_TIME, PINNED_TIME)
+    assert open_data(record, Keyring({"k1": K1}, "k1")) == PINNED_DATA
+    # and a record sealed now has the same layout: the same header, a nonce of its own
+    fresh = seal_data(
+        Record(UUID(int=7), "Note", PINNED_DATA, 1, PINNED_TIME, PINNED_TIME, 16),
+        Keyring({"k1": K1}, "k1"),
+    )
+    assert fresh.data.startswith(b'{"$toast":"A256GCM","kid":"k1","zstd":131,"ct":"')
+    assert len(fresh.data) == len(sealed)
+    assert open_data(fresh, Keyring({"k1": K1}, "k1")) == PINNED_DATA

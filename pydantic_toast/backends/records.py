@@ -28,9 +28,11 @@ __all__ = [
     "StoredInfo",
     "StoredRow",
     "check_class_name",
+    "compress",
     "decode_envelope",
     "decode_info",
     "decode_stored",
+    "decompress",
     "encode_envelope",
     "holds_unchanged",
     "require_zstd",
@@ -369,9 +371,8 @@ def encode_envelope(record: Record) -> bytes:
             _header_end(record.schema_version, record.class_name),
         )
     )
-    limit = record.compress_above
-    if limit is not None and len(record.data) > limit:
-        frame = require_zstd().ZstdCompressor(level=3).compress(record.data)
+    frame = compress(record.data, record.compress_above)
+    if frame is not None:
         return b"".join((header, _CODEC_MARKER, str(len(record.data)).encode(), b"}\n", frame))
     return b"".join((header, _DATA_MARKER, record.data, b"}"))
 
@@ -395,6 +396,22 @@ def _timestamp_bytes(moment: datetime) -> bytes:
 @lru_cache(maxsize=1024)
 def _header_end(schema_version: int, class_name: str) -> bytes:
     return b'","schema_version":%d,"class_name":"%s"' % (schema_version, class_name.encode())
+
+
+# --- the compression codec ------------------------------------------------------------------
+#
+# One codec for every compressed form: the envelope's frame (`encode_envelope`) and the sealed
+# payload's (`pydantic_toast._crypto` compresses before it encrypts). Both store the size of
+# the data next to the frame, which bounds the decompression.
+
+
+def compress(data: bytes, above: int | None) -> bytes | None:
+    """The zstd frame of ``data`` when it is longer than ``above`` bytes; ``None`` (store it
+    as it is) when it is not, or when ``above`` is ``None``."""
+    if above is None or len(data) <= above:
+        return None
+    frame: bytes = require_zstd().ZstdCompressor(level=3).compress(data)
+    return frame
 
 
 def require_zstd() -> Any:
@@ -475,7 +492,7 @@ def _decode_envelope(raw: bytes, id: UUID) -> Record:
     end, compressed = _layout(raw)
     if compressed:
         header, frame = _compressed_header(raw, end)
-        data = _decompress(raw[frame:], _expect(header, "size", int))
+        data = decompress(raw[frame:], _expect(header, "size", int))
     else:
         if not raw.endswith(b"}"):
             raise ValueError("not a pydantic-toast envelope")
@@ -519,7 +536,10 @@ def _fixed_header(raw: bytes, marker: int) -> tuple[str, int, datetime, datetime
     return match[2].decode(), int(match[1]), created, updated
 
 
-def _decompress(frame: bytes, size: int) -> bytes:
+def decompress(frame: bytes, size: int) -> bytes:
+    """The data of a frame `compress` made, which the writer declared to be ``size`` bytes:
+    never expanded past that, nor past `MAX_DECOMPRESSED_SIZE`. Anything else (a size out of
+    bounds, a frame that does not decompress or holds another size) is a `ValueError`."""
     if not 0 <= size <= MAX_DECOMPRESSED_SIZE:
         raise ValueError(f"declared size {size} is beyond the {MAX_DECOMPRESSED_SIZE} byte limit")
     zstandard = require_zstd()
