@@ -31,8 +31,9 @@ from pydantic_toast.backends.records import Record
 from tests.conftest import BACKENDS
 from tests.dict_backend import DictBackend
 
-# Tests define one stored name in several classes on purpose (a model before and after).
-pytestmark = pytest.mark.filterwarnings("ignore::pydantic_toast.ExternalNameWarning")
+# Tests define one stored name in several classes on purpose (a model before and after); marked
+# on each, since the cluster's tests reuse them.
+same_name_twice = pytest.mark.filterwarnings("ignore::pydantic_toast.ExternalNameWarning")
 
 T0 = dt.datetime(2024, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC)
 T1 = T0 + dt.timedelta(hours=1)
@@ -192,6 +193,7 @@ def keyring() -> Any:
     use_keyring(None)
 
 
+@same_name_twice
 async def test_a_save_during_rekey_is_kept_and_reported_as_changed(
     storage: str, keyring: Keyring, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -235,6 +237,7 @@ async def test_a_save_during_rekey_is_kept_and_reported_as_changed(
 # --- the write-back of migrated records --------------------------------------------------------
 
 
+@same_name_twice
 async def test_a_save_during_a_migrated_write_back_is_not_overwritten(
     storage: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -39,7 +39,7 @@ from pydantic_toast import (
 from pydantic_toast._registry import get_backend
 from pydantic_toast.backends.records import Record
 from pydantic_toast.backends.redis_cluster import RedisClusterBackend
-from tests import test_cli, test_contract, test_gc
+from tests import test_cli, test_conditional_write, test_contract, test_gc
 from tests.clusters import RedisCluster, Unavailable, redis_cluster, redis_command
 
 from .conftest import service_missing
@@ -58,6 +58,20 @@ test_a_forged_content_addressed_record_is_never_deleted = (
 test_delete_records_updated_before_keeps_what_was_written_since = (
     test_gc.test_delete_records_updated_before_keeps_what_was_written_since
 )
+# The conditional write runs its script once per slot: its contract on the cluster, and the
+# rewrites that rely on it (rekey, the migrated write-back) with a save landing in between.
+globals().update(
+    {
+        name: value
+        for name, value in vars(test_conditional_write).items()
+        if name.startswith("test_")
+        and "file" not in name
+        and "s3" not in name
+        and "capability" not in name
+        and "bad_arguments" not in name
+    }
+)
+keyring = test_conditional_write.keyring
 
 
 @pytest.fixture(scope="module")
