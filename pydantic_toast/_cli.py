@@ -38,7 +38,6 @@ import asyncio
 import importlib
 import json
 import os
-import re
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -57,43 +56,29 @@ from pydantic_toast._references import parse_id
 from pydantic_toast._registry import backend_class_for
 from pydantic_toast._rekey import rekey
 from pydantic_toast.backends.base import StorageBackend
+from pydantic_toast.backends.options import format_duration, parse_duration
 from pydantic_toast.backends.records import check_class_name
 
 __all__ = ["main"]
 
-_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)([a-z]+)", re.IGNORECASE)
-# No "m": minutes to some, months to others. A purge must not read one as the other.
-_UNITS = {"s": 1, "min": 60, "h": 3600, "d": 86400, "w": 604800}
-_LONGEST = timedelta(days=1000 * 365)  # far past any record, well inside the calendar
+
+def _duration_argument(text: str, *, allow_zero: bool = False) -> timedelta:
+    """`parse_duration`, its error as argparse's (a usage error naming the option)."""
+    try:
+        return parse_duration(text, allow_zero=allow_zero)
+    except StorageValidationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def parse_duration(text: str) -> timedelta:
+def _older_than(text: str) -> timedelta:
     """``30d``, ``12h``, ``90min``, ``45s``, ``2w``, decimals too (``1.5h``); more than zero."""
-    match = _DURATION.fullmatch(text.strip())
-    if match is None or match[2].lower() not in (*_UNITS, "m"):
-        raise argparse.ArgumentTypeError(
-            f"not a duration: {text!r} (use 30d, 12h, 90min, 45s or 2w)"
-        )
-    if match[2].lower() == "m":
-        raise argparse.ArgumentTypeError(
-            f"ambiguous duration {text!r}: write {match[1]}min for minutes, "
-            "or days for months (30d)"
-        )
-    seconds = float(match[1]) * _UNITS[match[2].lower()]
-    if seconds <= 0:
-        raise argparse.ArgumentTypeError(f"a duration must be more than zero: {text!r}")
-    if seconds > _LONGEST.total_seconds():
-        raise argparse.ArgumentTypeError(f"too long a duration: {text!r}")
-    return timedelta(seconds=seconds)
+    return _duration_argument(text)
 
 
 def _grace(text: str) -> timedelta:
     """A duration as for ``--older-than``, or zero (``0s``): nothing is kept for being new, as
     `collect_garbage` allows."""
-    match = _DURATION.fullmatch(text.strip())
-    if match is not None and match[2].lower() in _UNITS and float(match[1]) == 0:
-        return timedelta(0)
-    return parse_duration(text)
+    return _duration_argument(text, allow_zero=True)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -169,7 +154,7 @@ def _parser(words: Sequence[str]) -> _Parser:
     purge.add_argument("class_name")
     purge.add_argument(
         "--older-than",
-        type=parse_duration,
+        type=_older_than,
         required=True,
         metavar="AGE",
         help="not updated for this long: 30d, 12h, 90min, 45s, 2w",
@@ -429,7 +414,7 @@ async def _gc(
     print(f"scanned {report.scanned} records in {report.storage}{elsewhere}")
     print(
         f"kept {report.roots} not content-addressed, {report.recent} written within"
-        f" {_duration(arguments.grace)}, {report.reachable} referenced"
+        f" {format_duration(arguments.grace)}, {report.reachable} referenced"
     )
     if report.refreshed:
         print(f"kept {report.refreshed} written again while collecting")
@@ -438,14 +423,6 @@ async def _gc(
     verb = "would delete" if report.dry_run else "deleted"
     print(f"{verb} {report.deleted} content-addressed records that nothing references")
     return 0
-
-
-def _duration(span: timedelta) -> str:
-    seconds = span.total_seconds()
-    for unit in ("w", "d", "h", "min"):
-        if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
-            return f"{seconds / _UNITS[unit]:g}{unit}"
-    return f"{seconds:g}s"
 
 
 _Command = Callable[[StorageBackend, argparse.Namespace, "_CorruptRecords"], Awaitable[int]]

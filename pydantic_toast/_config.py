@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import os
 import warnings
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -178,7 +179,7 @@ def settings_for(cls: type, config: Mapping[str, Any], bases: tuple[type, ...]) 
             f"not {retries!r} and {backoff!r}"
         )
     encrypt, signed, keyring, reference_ttl = _security(config, owner)
-    _claim_name(storage, class_name, owner)
+    _claim_name(storage, class_name, owner, cls)
     return ModelSettings(
         storage=storage,
         class_name=class_name,
@@ -230,19 +231,22 @@ def _security(
     return encrypt, signed, keyring, ttl
 
 
-# Which class stores under which name in which storage: (storage, class name) -> owner.
-_names: dict[tuple[str, str], str] = {}
+# Which class stores under which name in which storage: (storage, class name) -> its owner
+# ("module.QualName") and the class, held weakly: a class that was garbage collected holds no
+# name, so a new class may take it.
+_names: dict[tuple[str, str], tuple[str, weakref.ref[type]]] = {}
 
 
-def _claim_name(storage: str, class_name: str, owner: str) -> None:
-    """Refuse two different classes storing under one name in one storage.
+def _claim_name(storage: str, class_name: str, owner: str, cls: type) -> None:
+    """Refuse two different live classes storing under one name in one storage.
 
     Redefining the same class (a notebook cell run again, a reloaded module) is no collision;
     classes defined inside functions, as tests do, only get a warning.
     """
     key = (storage, class_name)
-    holder = _names.get(key)
-    _names[key] = owner
+    claim = _names.get(key)
+    holder = None if claim is None or claim[1]() is None else claim[0]
+    _names[key] = (owner, weakref.ref(cls))
     if holder is None or holder == owner:
         return
     message = (
@@ -252,5 +256,6 @@ def _claim_name(storage: str, class_name: str, owner: str) -> None:
     if "<locals>" in owner or "<locals>" in holder:
         warnings.warn(message, ExternalNameWarning, stacklevel=5)
         return
-    _names[key] = holder
+    assert claim is not None
+    _names[key] = claim  # the live holder keeps the name
     raise StorageValidationError(message)

@@ -195,9 +195,29 @@ def _looks_like_signed_reference(data: Any) -> bool:
     )
 
 
-# Every External target by class name, so that the batched path knows which storage an
-# `ExternalBaseModel` reference in the input resolves through.
-_targets: dict[str, list[_Target]] = {}
+# Every live External target by class name, so that the batched path knows which storage an
+# `ExternalBaseModel` reference in the input resolves through. Held weakly: a target lives as
+# long as the schema that uses it (a model class's, an adapter's), so a class defined in a
+# function and dropped is neither kept alive here nor consulted for a later class of its name.
+_targets: dict[str, tuple[weakref.ref[_Target], ...]] = {}
+
+
+def _register_target(target: _Target) -> None:
+    name = target.class_name
+
+    def forget(dead: weakref.ref[_Target]) -> None:
+        left = tuple(ref for ref in _targets.get(name, ()) if ref is not dead)
+        if left:
+            _targets[name] = left
+        else:
+            _targets.pop(name, None)
+
+    _targets[name] = (*_targets.get(name, ()), weakref.ref(target, forget))
+
+
+def _targets_named(class_name: str) -> list[_Target]:
+    """The live External targets storing under ``class_name``."""
+    return [target for ref in _targets.get(class_name, ()) if (target := ref()) is not None]
 
 
 class _Target:
@@ -227,7 +247,7 @@ class _Target:
             self.class_name = re.sub(r"[^A-Za-z0-9_.\-]+", "_", repr(source)).strip("_.-")
         check_class_name(self.class_name)
         self.instance_of = source if is_class else None
-        _targets.setdefault(self.class_name, []).append(self)
+        _register_target(self)
 
     def reference_json_schema(
         self, schema: core_schema.CoreSchema, handler: Callable[[Any], dict[str, Any]]
@@ -524,9 +544,10 @@ class _Session:
             )
             found: list[_Found] = []
             for ((key, class_name), (_, ids)), records in zip(groups.items(), results, strict=True):
+                sealed = _encrypted_target(class_name)
                 for id, record in zip(ids, records, strict=True):
                     self.fetched[(key, class_name, id)] = record
-                    data = b"" if record is None else _readable(class_name, record)
+                    data = b"" if record is None else _readable(sealed, record)
                     if b'"class_name"' in data:
                         found.extend(_references_in(_parse_json(data)))
             pending = self._unfetched(found, default_storage)
@@ -535,8 +556,11 @@ class _Session:
         self, references: list[_Found], default_storage: Storage | None
     ) -> dict[tuple[str | int, str, UUID], Storage]:
         pending: dict[tuple[str | int, str, UUID], Storage] = {}
+        live: dict[str, list[_Target]] = {}  # looked up once per class name, not per reference
         for class_name, id, reference in references:
-            targets = _targets.get(class_name, ())
+            targets = live.get(class_name)
+            if targets is None:
+                targets = live[class_name] = _targets_named(class_name)
             if any(not _signature_holds(t, reference, id) for t in targets):
                 continue  # refused by `resolve`, before any read
             # Resolve as `resolve` will: a model's own storage, else the default one. Two
@@ -572,10 +596,15 @@ def _session_for(context: Any) -> _Session:
 _Found = tuple[str, UUID, dict[str, Any]]
 
 
-def _readable(class_name: str, record: Record) -> bytes:
+def _encrypted_target(class_name: str) -> _Target | None:
+    """A live target that encrypts records of ``class_name``, if any."""
+    return next((t for t in _targets_named(class_name) if t.encrypt), None)
+
+
+def _readable(target: _Target | None, record: Record) -> bytes:
     """A fetched record's JSON, to look for references in: opened when its class is
-    encrypted (as it is when it does not open: validation then reports why)."""
-    target = next((t for t in _targets.get(class_name, ()) if t.encrypt), None)
+    encrypted (``target``, from `_encrypted_target`; as it is when it does not open:
+    validation then reports why)."""
     if target is not None:
         with contextlib.suppress(StorageValidationError):
             return open_data(record, target.keyring())

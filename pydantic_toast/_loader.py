@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import copy
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
 from pydantic_toast._errors import StorageValidationError
 from pydantic_toast.backends.base import Record, StorageBackend
 
-__all__ = ["load_record"]
+__all__ = ["cancel_batch_reads", "load_record"]
 
 _Key = tuple[str, UUID]
 
@@ -149,3 +149,21 @@ async def load_record(backend: StorageBackend, class_name: str, id: UUID) -> Rec
     if loader is None:
         loader = _loaders[backend] = _Loader(backend)
     return await loader.load(class_name, id)
+
+
+async def cancel_batch_reads(backends: Iterable[StorageBackend]) -> None:
+    """Cancel the batch reads under way through ``backends`` and wait until they have ended.
+
+    For a loop that is shutting down: `asyncio.run` cancels the tasks it finds, but a batch
+    read whose turn ended while those were being cancelled starts after that, and nothing
+    would await it (its callers are cancelled): left alone it is still pending, holding a
+    connection, when the loop closes."""
+    serving = [
+        task
+        for backend in backends
+        if (loader := _loaders.get(backend)) is not None
+        for task in loader.serving
+    ]
+    for task in serving:
+        task.cancel()
+    await asyncio.gather(*serving, return_exceptions=True)

@@ -24,6 +24,7 @@ from pydantic_toast._errors import (
     StorageValidationError,
     mask_url,
 )
+from pydantic_toast._loader import cancel_batch_reads
 from pydantic_toast.backends.base import StorageBackend
 
 __all__ = [
@@ -145,10 +146,20 @@ class _LoopBackends:
         self.connecting: dict[str, asyncio.Task[StorageBackend]] = {}
         self.closer: AsyncGenerator[None, None] | None = None
 
-    async def close(self) -> None:
+    async def close(self, *, loop_ending: bool = False) -> None:
         backends, self.backends = self.backends, {}
         for backend in backends.values():
             backend.retired = True  # what is still in flight retries on a fresh backend
+        if loop_ending:
+            # The loop's own tasks are cancelled already; what the library started on it
+            # since (a batch read of coalesced loads, a connection attempt) nobody awaits any
+            # more. Cancelled and waited for here, none is left running, holding or opening a
+            # connection, when the loop closes.
+            attempts = list(self.connecting.values())
+            for attempt in attempts:
+                attempt.cancel()
+            await asyncio.gather(*attempts, return_exceptions=True)
+            await cancel_batch_reads(backends.values())
         errors = await asyncio.gather(
             *(backend.disconnect() for backend in backends.values()), return_exceptions=True
         )
@@ -217,7 +228,7 @@ async def _close_at_shutdown(per_loop: _LoopBackends) -> AsyncGenerator[None, No
     try:
         yield
     finally:
-        await per_loop.close()
+        await per_loop.close(loop_ending=True)
 
 
 async def close_running_loop_backends() -> None:

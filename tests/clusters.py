@@ -5,10 +5,14 @@ Sentinels, and a PostgreSQL primary with a streaming standby: each started from 
 this machine, on free loopback ports, in a temporary directory, and torn down by the pids it
 started (never by name). PostgreSQL refuses to run as root, so when the tests run as root its
 commands run as the ``postgres`` user, in a directory that user owns.
+
+What the failover tests share is here too: `started` for their module fixtures, `delete_keys`
+for the keys a test leaves, and `running` for the workers that save and load while a node dies.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
@@ -18,9 +22,13 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
+
+Setup = TypeVar("Setup")
 
 NODE_TIMEOUT_MS = 1000
 
@@ -55,6 +63,93 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} within {timeout:g}s")
         time.sleep(0.05)
+
+
+def started(
+    start: Callable[[], AbstractContextManager[Setup]],
+    what: str,
+    missing: tuple[type[Exception], ...] = (Unavailable,),
+) -> Iterator[Setup]:
+    """For a module fixture (``yield from started(redis_cluster, "a local Redis Cluster")``):
+    the setup ``start`` makes, torn down after the module; one of ``missing`` raised while
+    starting it skips the tests, or fails them in CI (`tests.conftest.service_missing`)."""
+    from tests.conftest import service_missing
+
+    try:
+        with start() as setup:
+            yield setup
+    except missing as exc:
+        service_missing(what, str(exc))
+
+
+def delete_keys(client: Any, pattern: str) -> None:
+    """Delete the keys matching ``pattern`` through a synchronous redis client (a single
+    server or a cluster), then close it."""
+    try:
+        for key in client.scan_iter(match=pattern, count=1000):
+            client.delete(key)
+    finally:
+        client.close()
+
+
+@dataclass
+class Workload:
+    """Workers repeating ``step`` while a failover happens (`running`).
+
+    ``done`` holds the moment each step finished; a step that raises one of ``tolerated``
+    adds its moment to ``lost`` and the worker goes on; any other exception is kept in
+    ``failures`` and ends its worker.
+    """
+
+    step: Callable[[], Awaitable[None]]
+    tolerated: tuple[type[BaseException], ...] = ()
+    done: list[float] = field(default_factory=list)
+    lost: list[float] = field(default_factory=list)
+    failures: list[BaseException] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _workers: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self.step()
+                self.done.append(time.monotonic())
+            except self.tolerated:
+                self.lost.append(time.monotonic())
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                self.failures.append(exc)
+                return
+
+    def since(self, moment: float) -> list[float]:
+        """The moments steps finished after ``moment``."""
+        return [t for t in self.done if t > moment]
+
+    async def wait_done_since(self, moment: float, count: int, timeout: float) -> list[float]:
+        """Until ``count`` steps finished after ``moment`` (or ``timeout`` seconds); those."""
+        deadline = time.monotonic() + timeout
+        while len(self.since(moment)) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return self.since(moment)
+
+    async def stop(self) -> None:
+        """Let every worker finish its step, and wait for them (again: nothing more)."""
+        self._stop.set()
+        await asyncio.gather(*self._workers)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    step: Callable[[], Awaitable[None]],
+    workers: int,
+    tolerated: tuple[type[BaseException], ...] = (),
+) -> AsyncIterator[Workload]:
+    """``workers`` tasks repeating ``step`` until the block ends (or `Workload.stop`)."""
+    load = Workload(step, tolerated)
+    load._workers = [asyncio.create_task(load._work()) for _ in range(workers)]
+    try:
+        yield load
+    finally:
+        await load.stop()
 
 
 def _binary(name: str) -> str:

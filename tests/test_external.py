@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gc
 import json
+import weakref
 from collections.abc import Sequence
 from typing import Annotated, Any, Generic, TypeVar
 from uuid import UUID, uuid4
@@ -536,3 +538,31 @@ def test_the_plain_path_inside_a_running_loop(memory_url: str) -> None:
         return Order.model_validate(dumped, context={"storage": memory_url})
 
     assert asyncio.run(handler()) == make_order()
+
+
+def test_a_dropped_target_class_is_neither_kept_nor_consulted(memory_url: str) -> None:
+    """The batched path's index of External targets holds them weakly: once the model that
+    uses ``External[Dropped]`` is gone, so is its target, and then the class itself."""
+    from pydantic_toast._external import _targets_named
+
+    def define() -> tuple[weakref.ref[type], weakref.ref[type]]:
+        class Dropped(ExternalBaseModel):
+            model_config = ExternalConfigDict(storage=memory_url)
+            n: int
+
+        class Holder(BaseModel):
+            item: External[Dropped]
+
+        assert [target.model for target in _targets_named("Dropped")] == [Dropped]
+        return weakref.ref(Dropped), weakref.ref(Holder)
+
+    dropped, holder = define()
+    gc.collect()
+    assert holder() is None
+    assert _targets_named("Dropped") == []
+    # typing keeps its last 128 subscriptions (Annotated[Dropped, ...] among them): past those,
+    # nothing of pydantic-toast's keeps the class.
+    for i in range(200):
+        Annotated[int, i]
+    gc.collect()
+    assert dropped() is None

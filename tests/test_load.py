@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import gc
 import itertools
 import json
@@ -31,12 +32,16 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
 
 import pydantic_toast
-from pydantic_toast import ExternalBaseModel, ExternalConfigDict
+from pydantic_toast import ExternalBaseModel, ExternalConfigDict, StorageBackend
+from pydantic_toast._loader import _loaders, load_record
+from pydantic_toast._registry import get_backend, register_backend
+from pydantic_toast.backends.base import Record
+from pydantic_toast.backends.memory import MemoryBackend
 
 T = TypeVar("T")
 
@@ -718,6 +723,41 @@ def test_interpreter_exit_with_work_in_flight_is_quick_and_quiet(
     else:
         # The first warm-up save and the last sync save completed before exit.
         assert {("warm", -1), ("bridge", -1)} <= written
+
+
+class _SlowReads(MemoryBackend):
+    """A store whose reads never answer, and whose single loads are coalesced."""
+
+    capabilities = dataclasses.replace(MemoryBackend.capabilities, coalesce_loads=True)
+
+    async def read_record(self, class_name: str, id: UUID) -> Record | None:
+        await asyncio.sleep(3600)
+        return None
+
+    async def read_records(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
+        await asyncio.sleep(3600)
+        return [None] * len(ids)
+
+
+def test_a_batch_read_started_while_asyncio_run_cancels_ends_with_the_loop() -> None:
+    """Two loads start in the loop's last turn: `asyncio.run` cancels both, and while it does,
+    the turn's batch read for the second starts, a task nobody awaits. Closing the
+    loop's backends ends it; left running, it would be destroyed pending, connection and all
+    (seen on Python 3.12 and 3.13 in the exit test above)."""
+    register_backend("slowreads", _SlowReads)
+    opened: list[StorageBackend] = []
+
+    async def program() -> None:
+        backend = await get_backend("slowreads://exit")
+        opened.append(backend)
+        # Both start in the loop's last turn: the first goes out, the second joins the
+        # batch, which is read when that turn has ended, after asyncio.run cancelled both.
+        for _ in range(2):
+            asyncio.create_task(load_record(backend, "Work", uuid4()))  # noqa: RUF006
+
+    asyncio.run(program())
+    assert _loaders[opened[0]].serving == set()
+    assert opened[0].retired
 
 
 def _exit_script_body(source: str, index: int) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gc
 import warnings
+import weakref
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -100,7 +102,8 @@ async def test_a_record_newer_than_the_code_is_refused(memory_url: str) -> None:
 
 
 async def test_a_missing_or_failing_migration_is_a_clear_error(memory_url: str) -> None:
-    reference = await define_user(memory_url, 1)(name="Ada").save_external()
+    first = define_user(memory_url, 1)  # alive while the next User is defined
+    reference = await first(name="Ada").save_external()
 
     with pytest.warns(ExternalNameWarning):  # another local class named User, same storage
 
@@ -197,12 +200,70 @@ def test_local_classes_with_one_name_only_warn(memory_url: str) -> None:
 
         return Clash
 
-    first()
+    kept = first()  # alive while the second class is defined
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         first()  # the same class again: no warning
     with pytest.warns(ExternalNameWarning, match="both store records as 'Clash'"):
         second()
+    assert kept.__name__ == "Clash"
+
+
+def define_at_top_level(module: str, storage: str) -> type[ExternalBaseModel]:
+    """A class ``Clash`` as module ``module`` would define it (no ``<locals>`` in its name)."""
+    namespace: dict[str, Any] = {
+        "__name__": module,
+        "ExternalBaseModel": ExternalBaseModel,
+        "ExternalConfigDict": ExternalConfigDict,
+        "storage": storage,
+    }
+    exec(
+        "class Clash(ExternalBaseModel):\n"
+        "    model_config = ExternalConfigDict(storage=storage)\n"
+        "    n: int = 0\n",
+        namespace,
+    )
+    return namespace["Clash"]  # type: ignore[no-any-return]
+
+
+def test_a_name_is_free_again_once_its_class_is_garbage_collected(memory_url: str) -> None:
+    billing = define_at_top_level("billing", memory_url)
+    with pytest.raises(StorageValidationError) as caught:
+        define_at_top_level("crm", memory_url)
+    assert str(caught.value) == (
+        f"crm.Clash and billing.Clash both store records as 'Clash' in {memory_url}; "
+        "give one a stable name: ExternalConfigDict(class_name=...)"
+    )
+    gone = weakref.ref(billing)
+    del billing, caught
+    gc.collect()
+    assert gone() is None
+    crm = define_at_top_level("crm", memory_url)  # no error: nothing else stores as Clash
+    assert crm.__external_settings__.class_name == "Clash"
+    with pytest.raises(StorageValidationError) as caught:
+        define_at_top_level("billing", memory_url)  # crm.Clash is alive: a collision again
+    assert str(caught.value).startswith("billing.Clash and crm.Clash both store records")
+
+
+def test_local_classes_do_not_warn_about_a_collected_class_of_their_name(memory_url: str) -> None:
+    def define(field: str) -> type:
+        return type(
+            "Clash",
+            (ExternalBaseModel,),
+            {
+                "__module__": __name__,
+                "__qualname__": f"{field}.<locals>.Clash",
+                "__annotations__": {field: "int"},
+                "model_config": ExternalConfigDict(storage=memory_url),
+            },
+        )
+
+    gone = weakref.ref(define("a"))
+    gc.collect()
+    assert gone() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        define("b")  # no warning: the other Clash is gone
 
 
 # --- deletion and existence -----------------------------------------------------------------------

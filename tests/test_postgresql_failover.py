@@ -16,20 +16,16 @@ import pytest
 from pydantic_toast import ExternalBaseModel, ExternalConfigDict, StorageValidationError
 from pydantic_toast._registry import get_backend
 from pydantic_toast.backends.postgresql import PostgreSQLBackend
-from tests.clusters import PostgresPair, Unavailable, postgres_pair
-
-from .conftest import service_missing
+from tests.clusters import PostgresPair, Unavailable, postgres_pair, running, started
 
 asyncpg = pytest.importorskip("asyncpg")
 
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[PostgresPair]:
-    try:
-        with postgres_pair() as started:
-            yield started
-    except (Unavailable, RuntimeError) as exc:
-        service_missing("a local PostgreSQL primary and standby", str(exc))
+    yield from started(
+        postgres_pair, "a local PostgreSQL primary and standby", (Unavailable, RuntimeError)
+    )
 
 
 def test_a_multi_host_url_reaches_asyncpg_whole() -> None:
@@ -73,39 +69,25 @@ async def test_operations_move_to_the_promoted_standby(pair: PostgresPair, names
     references = await Item.save_external_many(before)
     await _caught_up(pair)
     backend = await get_backend(storage)
-    done: list[float] = []
-    failures: list[BaseException] = []
-    stop = asyncio.Event()
 
-    async def work() -> None:
-        while not stop.is_set():
-            try:
-                item = Item(n=-1)
-                assert await Item.load_external(await item.save_external()) == item
-                batch = [Item(n=i) for i in range(10)]
-                assert await Item.load_external_many(await Item.save_external_many(batch)) == batch
-                done.append(time.monotonic())
-            except BaseException as exc:  # noqa: BLE001 - reported by the test
-                failures.append(exc)
-                return
+    async def step() -> None:
+        item = Item(n=-1)
+        assert await Item.load_external(await item.save_external()) == item
+        batch = [Item(n=i) for i in range(10)]
+        assert await Item.load_external_many(await Item.save_external_many(batch)) == batch
 
-    workers = [asyncio.create_task(work()) for _ in range(3)]
-    await asyncio.sleep(0.3)
-    # The order of a failover that loses nothing: stop the primary (fast: its standby gets
-    # every WAL record first), then promote the standby. Promoting first would leave two
-    # primaries for a moment, and what the old one acknowledged then would be lost.
-    await asyncio.to_thread(pair.stop_primary)
-    await asyncio.to_thread(pair.promote_standby)
-    switched = time.monotonic()
-    try:
-        deadline = time.monotonic() + 30
-        while len([t for t in done if t > switched]) < 10 and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-    finally:
-        stop.set()
-        await asyncio.gather(*workers)
-    assert not failures, [str(failure) for failure in failures]
-    assert len([t for t in done if t > switched]) >= 10
+    async with running(step, workers=3) as load:
+        await asyncio.sleep(0.3)
+        # The order of a failover that loses nothing: stop the primary (fast: its standby
+        # gets every WAL record first), then promote the standby. Promoting first would
+        # leave two primaries for a moment, and what the old one acknowledged then would be
+        # lost.
+        await asyncio.to_thread(pair.stop_primary)
+        await asyncio.to_thread(pair.promote_standby)
+        switched = time.monotonic()
+        await load.wait_done_since(switched, 10, timeout=30)
+    assert not load.failures, [str(failure) for failure in load.failures]
+    assert len(load.since(switched)) >= 10
     assert await Item.load_external_many(references) == before
     assert await get_backend(storage) is backend
 
@@ -116,4 +98,4 @@ async def test_operations_move_to_the_promoted_standby(pair: PostgresPair, names
         rows = await connection.fetchval(f'SELECT count(*) FROM "{namespace}"')
     finally:
         await connection.close()
-    assert rows >= 100 + 11 * len([t for t in done if t > switched])
+    assert rows >= 100 + 11 * len(load.since(switched))

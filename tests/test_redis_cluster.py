@@ -10,6 +10,7 @@ replica confirms fails), database 0 only, and the command-line tool.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -40,9 +41,14 @@ from pydantic_toast._registry import get_backend
 from pydantic_toast.backends.records import Record
 from pydantic_toast.backends.redis_cluster import RedisClusterBackend
 from tests import test_cli, test_conditional_write, test_contract, test_gc
-from tests.clusters import RedisCluster, Unavailable, redis_cluster, redis_command
-
-from .conftest import service_missing
+from tests.clusters import (
+    RedisCluster,
+    delete_keys,
+    redis_cluster,
+    redis_command,
+    running,
+    started,
+)
 
 # The whole contract suite, with `storage` (below) on the cluster.
 globals().update(
@@ -76,23 +82,14 @@ keyring = test_conditional_write.keyring
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RedisCluster]:
-    try:
-        with redis_cluster() as started:
-            yield started
-    except Unavailable as exc:
-        service_missing("a local Redis Cluster", str(exc))
+    yield from started(redis_cluster, "a local Redis Cluster")
 
 
 @pytest.fixture
 def storage(cluster: RedisCluster, namespace: str) -> Iterator[str]:
     """A cluster storage URL with a key prefix of this test's own, deleted afterwards."""
     yield f"{cluster.url}?prefix={namespace}"
-    client = SyncCluster(host="127.0.0.1", port=cluster.primaries()[0])
-    try:
-        for key in client.scan_iter(match=f"{namespace}:*", count=1000):
-            client.delete(key)
-    finally:
-        client.close()
+    delete_keys(SyncCluster(host="127.0.0.1", port=cluster.primaries()[0]), f"{namespace}:*")
 
 
 @pytest.fixture
@@ -306,50 +303,34 @@ async def test_a_killed_primary_is_replaced_without_restarting(
     """Saves and loads run while a primary is SIGKILLed; once its replica is promoted they
     succeed again, the same backend and process, within the model's retries."""
     Item = define_item(storage, retries=8, retry_backoff=0.1)
-    done: list[float] = []
-    lost: list[float] = []
-    failures: list[BaseException] = []
-    stop = asyncio.Event()
+    steps = itertools.count()
 
-    async def work() -> None:
-        while not stop.is_set():
-            try:
-                item = Item(n=len(done))
-                reference = await item.save_external()
-                assert await Item.load_external(reference) == item
-                batch = [Item(n=i) for i in range(20)]
-                assert await Item.load_external_many(await Item.save_external_many(batch)) == batch
-                done.append(time.monotonic())
-            except RecordNotFoundError:
-                # Acknowledged by the primary, killed before its replica had it: what a
-                # failover loses without wait_replicas.
-                lost.append(time.monotonic())
-            except BaseException as exc:  # noqa: BLE001 - reported by the test
-                failures.append(exc)
-                return
+    async def step() -> None:
+        item = Item(n=next(steps))
+        reference = await item.save_external()
+        assert await Item.load_external(reference) == item
+        batch = [Item(n=i) for i in range(20)]
+        assert await Item.load_external_many(await Item.save_external_many(batch)) == batch
 
     backend = await get_backend(storage)
-    workers = [asyncio.create_task(work()) for _ in range(4)]
-    await asyncio.sleep(0.3)
-    victim = cluster.primaries()[0]
-    cluster.nodes.kill(victim)
-    killed = time.monotonic()
-    try:
-        await asyncio.to_thread(cluster.wait_ok, 30)
-        await asyncio.sleep(0.5)
-        recovered = [t for t in done if t > killed]
-        deadline = time.monotonic() + 20
-        while len([t for t in done if t > killed]) < 20 and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        recovered = [t for t in done if t > killed]
-    finally:
-        stop.set()
-        await asyncio.gather(*workers)
-        await asyncio.to_thread(cluster.rejoin, victim)  # a replica of its successor
-    assert not failures, [str(failure) for failure in failures]
+    # A RecordNotFoundError is a record acknowledged by the primary, killed before its
+    # replica had it: what a failover loses without wait_replicas.
+    async with running(step, workers=4, tolerated=(RecordNotFoundError,)) as load:
+        await asyncio.sleep(0.3)
+        victim = cluster.primaries()[0]
+        cluster.nodes.kill(victim)
+        killed = time.monotonic()
+        try:
+            await asyncio.to_thread(cluster.wait_ok, 30)
+            await asyncio.sleep(0.5)
+            recovered = await load.wait_done_since(killed, 20, timeout=20)
+        finally:
+            await load.stop()
+            await asyncio.to_thread(cluster.rejoin, victim)  # a replica of its successor
+    assert not load.failures, [str(failure) for failure in load.failures]
     assert len(recovered) >= 20
     assert victim in cluster.replicas()
-    assert all(killed - 1 < moment < recovered[-1] for moment in lost)
+    assert all(killed - 1 < moment < recovered[-1] for moment in load.lost)
     assert await get_backend(storage) is backend  # the same backend, never reopened
 
 

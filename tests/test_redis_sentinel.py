@@ -27,9 +27,14 @@ from pydantic_toast import (
 from pydantic_toast._registry import get_backend
 from pydantic_toast.backends.redis_sentinel import RedisSentinelBackend
 from tests import test_contract
-from tests.clusters import RedisSentinels, Unavailable, redis_sentinels, wait_until
-
-from .conftest import service_missing
+from tests.clusters import (
+    RedisSentinels,
+    delete_keys,
+    redis_sentinels,
+    running,
+    started,
+    wait_until,
+)
 
 # The whole contract suite, with `storage` (below) behind the Sentinels.
 globals().update(
@@ -39,11 +44,7 @@ globals().update(
 
 @pytest.fixture(scope="module")
 def sentinels() -> Iterator[RedisSentinels]:
-    try:
-        with redis_sentinels() as started:
-            yield started
-    except Unavailable as exc:
-        service_missing("a local Redis with Sentinels", str(exc))
+    yield from started(redis_sentinels, "a local Redis with Sentinels")
 
 
 @pytest.fixture
@@ -51,12 +52,7 @@ def storage(sentinels: RedisSentinels, namespace: str) -> Iterator[str]:
     yield f"{sentinels.url}?prefix={namespace}"
     primary = sentinels.current_primary()
     if primary is not None:
-        client = redis.Redis(port=primary)
-        try:
-            for key in client.scan_iter(match=f"{namespace}:*", count=1000):
-                client.delete(key)
-        finally:
-            client.close()
+        delete_keys(redis.Redis(port=primary), f"{namespace}:*")
 
 
 def define_item(storage: str, **config: Any) -> type[ExternalBaseModel]:
@@ -102,37 +98,22 @@ async def test_a_failover_is_followed_without_restarting(
     references = await Durable.save_external_many(before)
     Item = define_item(f"{storage}&timeout=3", retries=10, retry_backoff=0.1)
     backend = await get_backend(f"{storage}&timeout=3")
-    done: list[float] = []
-    failures: list[BaseException] = []
-    stop = asyncio.Event()
 
-    async def work() -> None:
-        while not stop.is_set():
-            try:
-                item = Item(n=-1)
-                assert await Item.load_external(await item.save_external()) == item
-                done.append(time.monotonic())
-            except BaseException as exc:  # noqa: BLE001 - reported by the test
-                failures.append(exc)
-                return
+    async def step() -> None:
+        item = Item(n=-1)
+        assert await Item.load_external(await item.save_external()) == item
 
-    workers = [asyncio.create_task(work()) for _ in range(3)]
-    await asyncio.sleep(0.2)
-    old = sentinels.primary
-    sentinels.nodes.kill(old)
-    killed = time.monotonic()
-    try:
+    async with running(step, workers=3) as load:
+        await asyncio.sleep(0.2)
+        old = sentinels.primary
+        sentinels.nodes.kill(old)
+        killed = time.monotonic()
         await asyncio.to_thread(
             wait_until, lambda: sentinels.current_primary() == sentinels.replica, 30, "promoted"
         )
-        deadline = time.monotonic() + 20
-        while len([t for t in done if t > killed]) < 20 and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-    finally:
-        stop.set()
-        await asyncio.gather(*workers)
-    assert not failures, [str(failure) for failure in failures]
-    assert len([t for t in done if t > killed]) >= 20
+        await load.wait_done_since(killed, 20, timeout=20)
+    assert not load.failures, [str(failure) for failure in load.failures]
+    assert len(load.since(killed)) >= 20
     assert [item.n for item in await Item.load_external_many(references)] == list(range(200))  # type: ignore[attr-defined]
     assert await get_backend(f"{storage}&timeout=3") is backend
 

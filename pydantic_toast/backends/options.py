@@ -37,6 +37,7 @@ __all__ = [
     "Identifier",
     "Seconds",
     "StorageURL",
+    "format_duration",
     "parse_duration",
     "parse_options",
     "parse_storage_url",
@@ -243,22 +244,42 @@ def _description(annotation: object) -> str | None:
     return None
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(s|sec|min|h|d|w)")
-_SECONDS_PER = {"s": 1, "sec": 1, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)([a-z]+)", re.IGNORECASE)
+# No "m": minutes to some, months to others. A purge must not read one as the other.
+_SECONDS_PER = {"s": 1, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+_LONGEST = timedelta(days=1000 * 365)  # far past any record, well inside the calendar
 
 
-def parse_duration(text: str) -> timedelta:
-    """``45s``, ``90min``, ``12h``, ``30d``, ``2w`` (decimals allowed): a positive duration.
+def parse_duration(text: str, *, allow_zero: bool = False) -> timedelta:
+    """``30d``, ``12h``, ``90min``, ``45s``, ``2w``, decimals too (``1.5h``); more than zero
+    (or zero too with ``allow_zero``), at most 1000 years. Units are case-insensitive.
 
-    ``m`` is refused as ambiguous (a minute or a month?); write ``min``.
+    ``m`` is refused as ambiguous (a minute or a month?): write ``min``, or days for months.
+    Every problem is a `StorageValidationError` whose message names the text.
     """
     match = _DURATION.fullmatch(text.strip())
-    if match is None:
-        hint = " (write 'min' for minutes)" if text.strip().endswith("m") else ""
+    unit = "" if match is None else match[2].lower()
+    if match is None or unit not in (*_SECONDS_PER, "m"):
+        raise StorageValidationError(f"not a duration: {text!r} (use 30d, 12h, 90min, 45s or 2w)")
+    if unit == "m":
         raise StorageValidationError(
-            f"not a duration: {text[:40]!r}{hint}; use 45s, 90min, 12h, 30d or 2w"
+            f"ambiguous duration {text!r}: write {match[1]}min for minutes, "
+            "or days for months (30d)"
         )
-    seconds = float(match[1]) * _SECONDS_PER[match[2]]
-    if not seconds > 0:
-        raise StorageValidationError(f"a duration must be positive, not {text[:40]!r}")
+    seconds = float(match[1]) * _SECONDS_PER[unit]
+    if seconds == 0 and allow_zero:
+        return timedelta(0)
+    if seconds <= 0:
+        raise StorageValidationError(f"a duration must be more than zero: {text!r}")
+    if seconds > _LONGEST.total_seconds():
+        raise StorageValidationError(f"too long a duration: {text!r}")
     return timedelta(seconds=seconds)
+
+
+def format_duration(span: timedelta) -> str:
+    """``span`` in the largest unit `parse_duration` reads that divides it (``2w``, ``90min``)."""
+    seconds = span.total_seconds()
+    for unit in ("w", "d", "h", "min"):
+        if seconds >= _SECONDS_PER[unit] and seconds % _SECONDS_PER[unit] == 0:
+            return f"{seconds / _SECONDS_PER[unit]:g}{unit}"
+    return f"{seconds:g}s"
