@@ -178,6 +178,16 @@ def content_id(class_name: str, data: bytes, key: bytes | None = None) -> UUID:
     """The version-8 UUID of a value of ``class_name`` whose JSON is ``data``; with ``key``
     (an encrypted record's), HMAC-SHA256 under it, so the id reveals nothing of a value to
     whoever could guess it and compute its digest."""
+    return UUID(int=_content_int(class_name, data, key))
+
+
+# The version and variant bits of a content id (RFC 9562), set over the digest's first 128.
+_KEEP = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
+_MARKS = (CONTENT_VERSION << 76) | (0x2 << 62)
+
+
+def _content_int(class_name: str, data: bytes, key: bytes | None = None) -> int:
+    """`content_id` as an integer (a load compares it with the id's, building no UUID)."""
     canonical = _fast_canonical(data)
     if canonical is None:
         canonical = canonical_json(data)
@@ -186,10 +196,7 @@ def content_id(class_name: str, data: bytes, key: bytes | None = None) -> UUID:
         digest = hashlib.sha256(message).digest()
     else:
         digest = hmac.new(key, message, hashlib.sha256).digest()
-    raw = bytearray(digest[:16])
-    raw[6] = (raw[6] & 0x0F) | (CONTENT_VERSION << 4)
-    raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC 9562 variant
-    return UUID(bytes=bytes(raw))
+    return (int.from_bytes(digest[:16]) & _KEEP) | _MARKS
 
 
 def verify_content(class_name: str, id: UUID, data: bytes) -> None:
@@ -197,7 +204,7 @@ def verify_content(class_name: str, id: UUID, data: bytes) -> None:
     if (id.int >> 76) & 0xF != CONTENT_VERSION or id.version != CONTENT_VERSION:
         return  # the version nibble first: `UUID.version` costs a property and a variant
     try:
-        matches = content_id(class_name, data) == id
+        matches = _content_int(class_name, data) == id.int
     except (ValueError, RecursionError):
         matches = False
     if not matches:
