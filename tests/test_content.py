@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import json
+import random
 import subprocess
 import sys
 from typing import Annotated, Any
@@ -23,7 +25,7 @@ from pydantic_toast import (
     StorageValidationError,
     UnsupportedOperationError,
 )
-from pydantic_toast._content import canonical_json, content_id
+from pydantic_toast._content import _fast_canonical, canonical_json, content_id
 from pydantic_toast._registry import get_backend
 from pydantic_toast.backends.records import Record
 from tests.dict_backend import DictBackend
@@ -87,6 +89,195 @@ def test_the_canonical_form_ignores_how_a_store_spells_json() -> None:
     assert content_id("Line", b'{"a":1}') != content_id("Line", b'{"a":2}')
     assert content_id("Line", b'{"a":1}') != content_id("Other", b'{"a":1}')
     assert content_id("Line", b'{"a":1}') != content_id("Line", b'{"a":"1"}')
+
+
+# Ids computed before the fast road existed: records stored under them must still verify.
+PINNED = [
+    (
+        "BenchLine",
+        b'{"sku":"SKU-000001","quantity":2,"price":9.99}',
+        None,
+        "5118d0b5-0434-8e4f-a9e5-6455fa1c3c69",
+    ),
+    (
+        "Line",
+        b'{"sku":"SKU-1","quantity":1,"price":1e+20,"attributes":{"z":1180591620717411303424,'
+        b'"a":[1.5e-7,-0.0,"\\u00e9"],"m":{"y":1,"b":null}}}',
+        None,
+        "ac5e212b-d36e-89ef-87c2-8afe954faa52",
+    ),
+    (
+        "Line",
+        '{"sku": "SKU-1", "price": 100000000000000000000, "quantity": 1, "attributes": '
+        '{"a": [0.00000015, 0, "é"], "m": {"b": null, "y": 1}, '
+        '"z": 1180591620717411303424}}'.encode(),
+        None,
+        "ac5e212b-d36e-89ef-87c2-8afe954faa52",
+    ),
+    (
+        "Line",
+        b'{"sku":"a","quantity":2,"price":0.30000000000000004,"attributes":{}}',
+        None,
+        "fa028f4b-93ef-8b37-80a4-fff9ab05049f",
+    ),
+    (
+        "Line",
+        b'{"sku":"a","quantity":2,"price":0.5,"attributes":{}}',
+        b"k" * 32,
+        "52032ad4-8ab6-897b-95c0-ff9caba9213d",
+    ),
+    ("list_int_", b"[1,2,3,-7,0,100]", None, "948590ec-e822-82ed-aca2-a04abb281694"),
+    (
+        "Note",
+        b'{"text":"a\\"b\\\\c\\n\\u0001\\ud83d\\ude00 \xc3\xa9\\u2028"}',
+        None,
+        "3d25eaef-e718-8556-bafd-e0b301268933",
+    ),
+    (
+        "Odd",
+        b'{"nan":NaN,"inf":Infinity,"t":true,"f":false,"n":null}',
+        None,
+        "0389442a-64bd-80a3-bee8-d3d66f5a040c",
+    ),
+    (
+        "Big",
+        b'{"i":12345678901234567890123456789012345,"f":1.2345678901234567890123456789012345e-5,'
+        b'"s":5e-324,"u":1e-400,"o":1e400}',
+        None,
+        "bf949d13-4226-8bdc-872f-6ddc1dac4f27",
+    ),
+    ("Dup", b'{"a":1,"b":2,"a":3}', None, "1ed9aeda-6ea4-8a1a-a28b-69dafc5912d9"),
+]
+
+
+@pytest.mark.parametrize(("class_name", "data", "key", "pinned"), PINNED)
+def test_ids_never_move(class_name: str, data: bytes, key: bytes | None, pinned: str) -> None:
+    assert content_id(class_name, data, key) == UUID(pinned)
+
+
+def definition_id(class_name: str, data: bytes) -> UUID:
+    """`content_id` spelled out over `canonical_json`, the definition alone."""
+    raw = bytearray(hashlib.sha256(class_name.encode() + b"\0" + canonical_json(data)).digest())
+    raw[6] = (raw[6] & 0x0F) | 0x80
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    return UUID(bytes=bytes(raw[:16]))
+
+
+def random_number(rng: random.Random) -> str:
+    """A JSON number as some writer might spell it: short or long mantissas, exponents of
+    every size, leading and trailing zeros, ints small and large."""
+    kind = rng.randrange(6)
+    if kind == 0:
+        return str(rng.randint(-(10**6), 10**6))
+    if kind == 1:
+        return str(rng.randint(-(10**40), 10**40) // 10 ** rng.randrange(40))
+    if kind == 2:
+        return repr(rng.uniform(-1e6, 1e6) * 10.0 ** rng.randrange(-30, 30))
+    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 20)))
+    point = rng.randint(0, len(digits) - 1)
+    mantissa = (digits[:point] or "0") + ("." + digits[point:] if kind != 3 else "")
+    mantissa = mantissa.lstrip("0") or "0"
+    if mantissa.startswith("."):
+        mantissa = "0" + mantissa
+    exponent = rng.choice(
+        [
+            "",
+            "",
+            f"e{rng.randint(-40, 40)}",
+            f"E+{rng.randint(0, 999)}",
+            f"e-{rng.randint(290, 400)}",
+            f"e{rng.randint(280, 330)}",
+        ]
+    )
+    return rng.choice(["", "-"]) + mantissa + exponent
+
+
+def random_json(rng: random.Random, depth: int = 0) -> str:
+    kind = rng.randrange(9 if depth < 3 else 5)
+    if kind <= 1:
+        return random_number(rng)
+    if kind == 2:
+        text = "".join(
+            rng.choice(
+                [
+                    "a",
+                    "1",
+                    "é",
+                    "😀",
+                    '\\"',
+                    "\\\\",
+                    "\\n",
+                    "\\u0001",
+                    "\\u00e9",
+                    "\\ud83d\\ude00",
+                    "1234567890123456",
+                    "e400",
+                ]
+            )
+            for _ in range(rng.randrange(4))
+        )
+        return f'"{text}"'
+    if kind == 3:
+        return rng.choice(["true", "false", "null", "NaN", "-Infinity"])
+    if kind == 4:
+        return "0.0" if rng.randrange(2) else "-0"
+    if kind <= 6:
+        items = [random_json(rng, depth + 1) for _ in range(rng.randrange(4))]
+        return "[" + rng.choice([",", ", "]).join(items) + "]"
+    keys = rng.sample(["a", "b", "sku", "é", "B", "a1", "price", "z"], rng.randrange(5))
+    pairs = [f'"{key}"{rng.choice([":", ": "])}{random_json(rng, depth + 1)}' for key in keys]
+    return "{" + ",".join(pairs) + "}"
+
+
+def test_the_fast_road_writes_the_definitions_bytes() -> None:
+    rng = random.Random(20261201)
+    fast = 0
+    for _ in range(20000):
+        data = random_json(rng).encode()
+        canonical = _fast_canonical(data)
+        if canonical is not None:
+            fast += 1
+            assert canonical == canonical_json(data), data
+    assert fast > 10000  # most records take it
+    for class_name, data, key, pinned in PINNED:
+        if key is None:
+            assert definition_id(class_name, data) == UUID(pinned)
+
+
+def test_the_fast_road_takes_what_pydantic_writes() -> None:
+    line = Line(sku="SKU-1", quantity=3, price=9.99, attributes={"a": [1, "x", None, 2.5e-7]})
+    data = line.model_dump_json().encode()
+    assert _fast_canonical(data) == canonical_json(data)
+    assert content_id("Line", data) == definition_id("Line", data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"price":0.10000000000000001}',  # parses to 0.1, which is another number
+        b'{"price":1.0000000000000002,"n":1}',
+        b'{"price":0.0,"tiny":1e-400}',  # underflows to zero
+        b"[1e400]",
+        b"[5e-324]",
+        b"[NaN]",
+        b'{"id":12345678901234567890123456789012345}',  # beyond 28 digits: rounded
+        b'"\\ud800"',  # a lone surrogate: the definition refuses it
+        b"\xef\xbb\xbf{}",
+    ],
+)
+def test_numbers_the_fast_road_cannot_vouch_for_take_the_definition(data: bytes) -> None:
+    canonical = _fast_canonical(data)
+    if canonical is not None:
+        assert canonical == canonical_json(data)
+    try:
+        expected: UUID | type[Exception] = definition_id("Line", data)
+    except ValueError as exc:
+        expected = type(exc)
+    if isinstance(expected, UUID):
+        assert content_id("Line", data) == expected
+    else:
+        with pytest.raises(expected):
+            content_id("Line", data)
 
 
 async def test_an_unchanged_order_dumped_again_writes_no_new_record(storage: str) -> None:
