@@ -723,6 +723,41 @@ def test_sync_calls_in_the_main_thread_and_in_a_running_loop_share_the_store(
     assert result == [Note(text="main thread")]
 
 
+def test_a_main_thread_sync_call_returns_raises_and_is_cancelled_when_interrupted() -> None:
+    from pydantic_toast._bridge import run_sync
+
+    async def answer() -> int:
+        await asyncio.sleep(0)
+        return 42
+
+    async def fail() -> None:
+        await asyncio.sleep(0)
+        raise ValueError("from the coroutine")
+
+    assert threading.current_thread() is threading.main_thread()
+    assert run_sync(answer()) == 42
+    with pytest.raises(ValueError, match="from the coroutine"):
+        run_sync(fail())
+
+    cancelled: list[bool] = []
+
+    async def interrupted() -> None:
+        def ctrl_c() -> None:
+            raise KeyboardInterrupt
+
+        asyncio.get_running_loop().call_later(0.01, ctrl_c)
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sync(interrupted())
+    assert cancelled == [True]  # not left half-run on the loop
+    assert run_sync(answer()) == 42  # and the loop serves the next call
+
+
 async def test_a_failed_first_save_and_a_retry_write_one_record(flaky: type[Flaky]) -> None:
     class Row(ExternalBaseModel):
         model_config = ExternalConfigDict(storage="flaky://orphans", retries=0)
