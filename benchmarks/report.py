@@ -156,10 +156,21 @@ def _concurrency(rows: list[Row]) -> str:
 
 def _sync(rows: list[Row]) -> str:
     return table(
-        "Sync twins against the async API: median ms per operation (200 B;"
+        "Sync twins against the async API: median ms per operation (200 B; bridge thread:"
+        " called inside a running loop; main thread: a plain script's, no loop running;"
         " (bridge) is a coroutine doing nothing, run through the sync bridge)",
-        ["backend", "op", "async", "sync", "sync/async"],
-        [[r["backend"], r["op"], r["async_ms"], r["sync_ms"], r["ratio"]] for r in rows],
+        ["backend", "caller", "op", "async", "sync", "sync/async"],
+        [
+            [
+                r["backend"],
+                r.get("caller", "bridge thread"),
+                r["op"],
+                r["async_ms"],
+                r["sync_ms"],
+                r["ratio"],
+            ]
+            for r in rows
+        ],
     )
 
 
@@ -363,7 +374,8 @@ def evaluate_targets(sections: dict[str, list[Row]]) -> list[Row]:
     for r in sections.get("sync", []):
         if r["backend"].startswith("("):
             continue
-        _check(checks, "sync vs async", f"{r['backend']} {r['op']}", r["ratio"], 1.2, True)
+        case = f"{r['backend']} {r['op']} ({r.get('caller', 'bridge thread')})"
+        _check(checks, "sync vs async", case, r["ratio"], 1.2, True)
     memory_rows = [r for r in sections.get("memory", []) if r["side"] == "library"]
     if memory_rows:
         largest = max(r["payload_bytes"] for r in memory_rows)
@@ -400,7 +412,7 @@ def evaluate_floor_targets(sections: dict[str, list[Row]]) -> list[Row]:
             _check(checks, "concurrent loads vs raw pool", case, r["ratio"], 2, False)
     for r in sections.get("sync", []):
         if not r["backend"].startswith("("):
-            case = f"{r['backend']} {r['op']} (bridge thread)"
+            case = f"{r['backend']} {r['op']} ({r.get('caller', 'bridge thread')})"
             _check(checks, "sync vs async", case, r["ratio"], 1.1, True)
     external: dict[str, list[Row]] = {}
     for r in sections.get("external", []):

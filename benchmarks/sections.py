@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
+import json
+import sys
 import tracemalloc
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -259,7 +262,31 @@ async def concurrency(target: Target, settings: Settings) -> list[Row]:
 
 
 async def sync_api(target: Target, settings: Settings) -> list[Row]:
-    """The sync twins, called from this thread (they run on the library's bridge loop)."""
+    """The sync twins against the async API: called from this thread, inside the suite's
+    running loop (so they go through the library's bridge thread), and from a plain script's
+    main thread, where no loop runs (`benchmarks.sync_main`, in a subprocess)."""
+    return [*await _sync_in_loop(target, settings), *await _sync_in_main_thread(target, settings)]
+
+
+async def _sync_in_main_thread(target: Target, settings: Settings) -> list[Row]:
+    blocks, block_size = settings.sync
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "benchmarks.sync_main",
+        target.url,
+        str(blocks),
+        str(block_size),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    if process.returncode:
+        raise RuntimeError(f"benchmarks.sync_main failed: {err.decode(errors='replace')[-2000:]}")
+    return [{"backend": target.name, "caller": "main thread", **row} for row in json.loads(out)]
+
+
+async def _sync_in_loop(target: Target, settings: Settings) -> list[Row]:
     cls = target.model
     async_model = make_doc(cls, "200B", seed=1)
     sync_model = make_doc(cls, "200B", seed=2)
@@ -280,6 +307,7 @@ async def sync_api(target: Target, settings: Settings) -> list[Row]:
         rows.append(
             {
                 "backend": target.name,
+                "caller": "bridge thread",
                 "op": op,
                 "samples": len(samples["async"]),
                 "async_ms": _ms(async_time),
@@ -306,6 +334,7 @@ async def bridge_floor(settings: Settings) -> list[Row]:
     return [
         {
             "backend": "(bridge)",
+            "caller": "bridge thread",
             "op": "no-op",
             "samples": len(samples["async"]),
             "async_ms": _ms(async_time),

@@ -76,12 +76,24 @@ def _outlive_exit() -> NoReturn:
 
 def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run ``coroutine`` to completion for a synchronous caller and return its result."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        if threading.current_thread() is threading.main_thread():
-            return _run_on_main_loop(coroutine)
+    # (`_get_running_loop` answers None where `get_running_loop` would raise and catch.)
+    main = threading.current_thread() is threading.main_thread()
+    if main and asyncio._get_running_loop() is None:
+        return _run_on_main_loop(coroutine)
     return _run_on_bridge(coroutine)
+
+
+async def _then_stop(
+    coroutine: Coroutine[Any, Any, T], loop: asyncio.AbstractEventLoop, stopping: list[bool]
+) -> T:
+    """``coroutine``, then stop ``loop`` in the same step (while ``stopping[0]``):
+    `run_until_complete` stops it from a done callback instead, which costs one more loop
+    iteration (and a poll) on every call."""
+    try:
+        return await coroutine
+    finally:
+        if stopping[0]:
+            loop.stop()
 
 
 def _run_on_main_loop(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -89,11 +101,16 @@ def _run_on_main_loop(coroutine: Coroutine[Any, Any, T]) -> T:
     loop = _main_loop
     if loop is None or loop.is_closed():
         loop = _main_loop = asyncio.new_event_loop()
-    task = loop.create_task(coroutine)
+    stopping = [True]
+    task = loop.create_task(_then_stop(coroutine, loop, stopping))
     try:
-        return loop.run_until_complete(task)
+        loop.run_forever()
+        return task.result()  # done: only its end stops the loop
     finally:
         if not task.done():  # interrupted (Ctrl-C): do not leave the operation half-run
+            # Stopped by `run_until_complete` alone now (stopped twice, the loop would keep
+            # a stop for the next call).
+            stopping[0] = False
             task.cancel()
             with contextlib.suppress(BaseException):
                 loop.run_until_complete(task)

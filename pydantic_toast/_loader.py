@@ -1,10 +1,15 @@
 """Coalescing of single loads: the DataLoader pattern.
 
-Loads that different tasks issue against the same backend in the same event-loop turn are
-sent as one batch read; each caller gets its own record (or ``None``) back. The first load of
-a turn goes out at once, by itself, so a lone load pays nothing for coalescing; the loads
-issued after it in the same turn gather, and a task reads them as one batch as soon as the
-turn ends. There is no timer.
+Loads that different tasks issue against the same backend while others are under way are
+sent as one batch read; each caller gets its own record (or ``None``) back. A load issued
+when nothing else is being read through the backend goes out at once, by itself, so a lone
+load pays nothing for coalescing (no callback, no task, no future). Any load issued while a
+read is in flight joins the loads of its loop turn, and a task reads them as one batch as
+soon as the turn ends. There is no timer.
+
+So 64 tasks loading at once send one single read (the first) and one batch (the 63 behind
+it), and go on sending batches while they keep loading, instead of each round's first load
+going out alone and splitting them into ever more, smaller reads.
 """
 
 from __future__ import annotations
@@ -35,37 +40,44 @@ _Waiters = dict[_Key, list["asyncio.Future[Record | None]"]]
 
 
 class _Loader:
-    __slots__ = ("_backend", "gathering", "serving")
+    __slots__ = ("_backend", "gathering", "in_flight", "serving")
 
     def __init__(self, backend: StorageBackend) -> None:
         self._backend = weakref.ref(backend)
+        #: The loads of this loop turn waiting for its end, once one has joined.
         self.gathering: _Waiters | None = None
+        #: Reads under way: lone loads, and batches flushed (counted until their task ends).
+        self.in_flight = 0
         self.serving: set[asyncio.Task[None]] = set()
 
     async def load(self, class_name: str, id: UUID) -> Record | None:
         gathering = self.gathering
-        if gathering is not None:  # a load of this turn went out already: join the batch
-            future: asyncio.Future[Record | None] = asyncio.get_running_loop().create_future()
-            gathering.setdefault((class_name, id), []).append(future)
-            return await future
-        self.gathering = gathering = {}
-        asyncio.get_running_loop().call_soon(self._flush, gathering)
-        try:
-            return await self.backend().read_record(class_name, id)
-        finally:
-            if self.gathering is gathering and not gathering:
-                # Done within its turn, and nothing joined: a load the caller awaits next is
-                # the first of a turn again (a store that answers without waiting).
-                self.gathering = None
+        if gathering is None and not self.in_flight:  # nothing else under way: go at once
+            self.in_flight += 1
+            try:
+                return await self.backend().read_record(class_name, id)
+            finally:
+                self.in_flight -= 1
+        loop = asyncio.get_running_loop()
+        if gathering is None:  # the first to join in this turn: read them all at its end
+            self.gathering = gathering = {}
+            loop.call_soon(self._flush, gathering)
+        future: asyncio.Future[Record | None] = loop.create_future()
+        gathering.setdefault((class_name, id), []).append(future)
+        return await future
 
     def _flush(self, gathering: _Waiters) -> None:
         """The turn ended: read what gathered in it, in a task of its own."""
         if self.gathering is gathering:
             self.gathering = None
-        if gathering:
-            task = asyncio.get_running_loop().create_task(self._serve_quietly(gathering))
-            self.serving.add(task)
-            task.add_done_callback(self.serving.discard)
+        self.in_flight += 1  # counted from now, so the loads of the next turns gather too
+        task = asyncio.get_running_loop().create_task(self._serve_quietly(gathering))
+        self.serving.add(task)
+        task.add_done_callback(self._served)
+
+    def _served(self, task: asyncio.Task[None]) -> None:
+        self.in_flight -= 1
+        self.serving.discard(task)
 
     async def _serve(self, waiters: _Waiters) -> None:
         """Read every waiter's record, one batch per class, and give each its result."""

@@ -131,6 +131,14 @@ def test_quick_benchmark_runs(postgres_server: str, redis_server: str, tmp_path:
     assert {row["backend"] for row in sections["single"]} == BACKENDS
     assert {row["backend"] for row in sections["memory"]} == BACKENDS
     assert {row["backend"] for row in sections["sync"]} >= {"sqlite", "postgresql", "redis"}
+    # The sync twins are measured from both kinds of caller, each op of each backend.
+    assert {
+        (row["backend"], row["caller"], row["op"])
+        for row in sections["sync"]
+        if row["backend"] == "redis"
+    } == set(_SYNC_CASES)
+    floor_cases = {row["case"] for row in results["floor_targets"]}
+    assert {"redis save (main thread)", "redis load (bridge thread)"} <= floor_cases
     assert {row["backend"] for row in sections["external"]} >= {"sqlite", "postgresql", "redis"}
     assert {(row["op"], row["side"]) for row in sections["memory"]} == {
         ("save", "library"),
@@ -144,6 +152,11 @@ def test_quick_benchmark_runs(postgres_server: str, redis_server: str, tmp_path:
     dumps = {row["threshold"]: row for row in sections["toast"] if row["kind"] == "threshold"}
     assert dumps[1024]["references"] < dumps[0]["references"]
     assert results["targets"], "no target was checked"
+
+
+_SYNC_CASES = [
+    ("redis", caller, op) for caller in ("bridge thread", "main thread") for op in ("save", "load")
+]
 
 
 def test_the_garbage_collection_benchmark_runs_tiny(

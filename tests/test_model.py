@@ -555,6 +555,29 @@ async def test_loads_in_one_loop_turn_go_out_as_one_batch(
     assert batch_counting.batch_reads == [1, 63, 1]
 
 
+async def test_tasks_that_keep_loading_keep_going_out_as_batches(
+    batch_counting: type[BatchCounting],
+) -> None:
+    class Row(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage="batchcounting://rounds")
+        index: int
+
+    references = await Row.save_external_many([Row(index=i) for i in range(64)])
+    batch_counting.pause = True
+
+    async def keep_loading(index: int) -> list[Row]:
+        return [await Row.load_external(references[index]) for _ in range(5)]
+
+    loaded = await asyncio.gather(*(keep_loading(i) for i in range(64)))
+    assert loaded == [[Row(index=i)] * 5 for i in range(64)]
+    # Each round's loads are issued while the previous reads are under way, so they gather:
+    # the very first load alone, then batches (not a lone first load in every round, which
+    # split the tasks into ever more, smaller reads).
+    assert batch_counting.single_reads == 1
+    assert sum(batch_counting.batch_reads) == 64 * 5
+    assert len(batch_counting.batch_reads) <= 10, batch_counting.batch_reads
+
+
 async def test_a_failed_batch_fails_every_caller_and_the_next_one_works(
     batch_counting: type[BatchCounting],
 ) -> None:
@@ -698,6 +721,41 @@ def test_sync_calls_in_the_main_thread_and_in_a_running_loop_share_the_store(
     worker.start()
     worker.join(timeout=30)
     assert result == [Note(text="main thread")]
+
+
+def test_a_main_thread_sync_call_returns_raises_and_is_cancelled_when_interrupted() -> None:
+    from pydantic_toast._bridge import run_sync
+
+    async def answer() -> int:
+        await asyncio.sleep(0)
+        return 42
+
+    async def fail() -> None:
+        await asyncio.sleep(0)
+        raise ValueError("from the coroutine")
+
+    assert threading.current_thread() is threading.main_thread()
+    assert run_sync(answer()) == 42
+    with pytest.raises(ValueError, match="from the coroutine"):
+        run_sync(fail())
+
+    cancelled: list[bool] = []
+
+    async def interrupted() -> None:
+        def ctrl_c() -> None:
+            raise KeyboardInterrupt
+
+        asyncio.get_running_loop().call_later(0.01, ctrl_c)
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sync(interrupted())
+    assert cancelled == [True]  # not left half-run on the loop
+    assert run_sync(answer()) == 42  # and the loop serves the next call
 
 
 async def test_a_failed_first_save_and_a_retry_write_one_record(flaky: type[Flaky]) -> None:

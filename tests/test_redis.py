@@ -455,6 +455,28 @@ async def test_a_burst_beyond_the_pool_waits_for_free_connections(
         await backend.read_record("Burst", records[0].id)
 
 
+async def test_a_waiter_cancelled_as_it_is_handed_a_connection_passes_it_on() -> None:
+    from pydantic_toast.backends.redis import _Gate
+
+    gate = _Gate(1)
+    assert gate.take() and not gate.take()
+    first, second = asyncio.ensure_future(gate.wait()), asyncio.ensure_future(gate.wait())
+    await asyncio.sleep(0)  # both queue
+    gate.release()  # the place goes to the first waiter...
+    first.cancel()  # ...cancelled before it resumes: the second gets it
+    await asyncio.wait_for(second, timeout=1)
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert not gate.take()  # the second holds it
+    cancelled = asyncio.ensure_future(gate.wait())
+    await asyncio.sleep(0)
+    cancelled.cancel()  # cancelled while queued: it leaves the queue
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    gate.release()
+    assert gate._value == 1 and gate.take()
+
+
 # --- listing and purge ----------------------------------------------------------------------
 
 

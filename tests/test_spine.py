@@ -629,3 +629,74 @@ def test_a_record_copy_keeps_every_field() -> None:
     copied = record.copy()
     assert copied is not record
     assert {name: getattr(copied, name) for name in values} == values
+
+
+# --- the envelope read by position -----------------------------------------------------------
+
+_HEADER = (
+    b'{"created_at":"2024-01-02T03:04:05.678901+00:00","updated_at":"2024-01-02T03:04:06.'
+    b'000001+05:00","schema_version":%s,"class_name":"%s","data":{"n":1}}'
+)
+
+
+def _by_json(raw: bytes, id: UUID) -> Record:
+    """What the envelope says, read by a JSON parser: what the positional read must match."""
+    stored = json.loads(raw)
+    return Record(
+        id,
+        stored["class_name"],
+        json.dumps(stored["data"], separators=(",", ":")).encode(),
+        stored["schema_version"],
+        dt.datetime.fromisoformat(stored["created_at"]),
+        dt.datetime.fromisoformat(stored["updated_at"]),
+    )
+
+
+@pytest.mark.parametrize(
+    ("version", "name"),
+    [(b"1", b"Doc"), (b"2147483647", b"_a.b-C9"), (b"12", b"N" * 200), (b" 3", b"Doc")],
+)
+def test_an_envelope_decodes_as_its_json_says(version: bytes, name: bytes) -> None:
+    from pydantic_toast.backends.records import decode_stored
+
+    id = uuid4()
+    raw = _HEADER % (version, name)
+    for _ in range(2):  # the second read finds name and moments already read
+        assert decode_stored(raw, id, name.decode()) == _by_json(raw, id)
+
+
+@pytest.mark.parametrize(
+    ("version", "name"),
+    [
+        (b"0", b"Doc"),
+        (b"01", b"Doc"),
+        (b"-1", b"Doc"),
+        (b"2147483648", b"Doc"),
+        (b"1", b"9Doc"),
+        (b"1", b"Do c"),
+        (b"1", b"N" * 201),
+        (b"1", b""),
+    ],
+)
+def test_an_envelope_with_a_bad_header_is_corrupt(version: bytes, name: bytes) -> None:
+    from pydantic_toast._errors import CorruptRecordError
+    from pydantic_toast.backends.records import decode_stored
+
+    id = uuid4()
+    with pytest.raises(CorruptRecordError, match=f"stored Doc record {id} is corrupt"):
+        decode_stored(_HEADER % (version, name), id, "Doc")
+
+
+def test_an_envelope_with_a_naive_or_broken_timestamp_is_corrupt() -> None:
+    from pydantic_toast._errors import CorruptRecordError
+    from pydantic_toast.backends.records import decode_stored
+
+    id = uuid4()
+    good = _HEADER % (b"1", b"Doc")
+    for broken in (
+        good.replace(b"+00:00", b"      ", 1),  # same width, no zone
+        good.replace(b"03:04:05", b"03:04:65", 1),
+        good.replace(b"+05:00", b"+05:0x", 1),
+    ):
+        with pytest.raises(CorruptRecordError, match=f"stored Doc record {id} is corrupt"):
+            decode_stored(broken, id, "Doc")

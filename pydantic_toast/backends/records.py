@@ -489,6 +489,9 @@ def _decode_envelope(raw: bytes, id: UUID) -> Record:
     """Only the small metadata header is parsed here; the model's JSON is validated later by
     the model itself. A compressed record is expanded only up to the size its header
     declares, and never past `MAX_DECOMPRESSED_SIZE`."""
+    fast = _fixed_envelope(raw, id)
+    if fast is not None:
+        return fast
     end, compressed = _layout(raw)
     if compressed:
         header, frame = _compressed_header(raw, end)
@@ -497,9 +500,6 @@ def _decode_envelope(raw: bytes, id: UUID) -> Record:
         if not raw.endswith(b"}"):
             raise ValueError("not a pydantic-toast envelope")
         data = raw[end + len(_DATA_MARKER) : -1]
-        fast = _fixed_header(raw, end)
-        if fast is not None:
-            return Record(id, fast[0], data, fast[1], fast[2], fast[3])
         header = json.loads(raw[:end] + b"}")
     return Record(
         id=id,
@@ -511,29 +511,79 @@ def _decode_envelope(raw: bytes, id: UUID) -> Record:
     )
 
 
-_UPDATED_AT_AT = CREATED_AT_OFFSET + CREATED_AT_WIDTH + len(b'","updated_at":"')
+_UPDATED_KEY = b'","updated_at":"'
+_VERSION_KEY = b'","schema_version":'
+_UPDATED_AT_AT = CREATED_AT_OFFSET + CREATED_AT_WIDTH + len(_UPDATED_KEY)
 #: Where an envelope's ``updated_at`` starts (its ``created_at`` in the fixed UTC width).
 UPDATED_AT_OFFSET = _UPDATED_AT_AT
-_VERSION_AT = _UPDATED_AT_AT + CREATED_AT_WIDTH + len(b'","schema_version":')
-_FIXED_HEADER = re.compile(rb'([1-9]\d{0,8}),"class_name":"([A-Za-z_][A-Za-z0-9_.\-]{0,199})"')
+_VERSION_AT = _UPDATED_AT_AT + CREATED_AT_WIDTH + len(_VERSION_KEY)
+_CREATED_END = _UPDATED_AT_AT - len(_UPDATED_KEY)
+_UPDATED_END = _VERSION_AT - len(_VERSION_KEY)
+_NAME_CHARACTERS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+
+# Class names and timestamps already read from envelopes, by their bytes: the records of a
+# batch (and every load of one record) repeat them, and a lookup costs a fraction of a check
+# or a parse. Both hold only what the checks accepted; bounded, cleared when full.
+_read_names: dict[bytes, str] = {}
+_read_moments: dict[bytes, datetime] = {}
 
 
-def _fixed_header(raw: bytes, marker: int) -> tuple[str, int, datetime, datetime] | None:
-    """Read the header `encode_envelope` writes by position, without a JSON parser (the
-    common case); ``None`` sends anything unusual to the general path."""
-    if raw[_UPDATED_AT_AT - 16 : _UPDATED_AT_AT] != b'","updated_at":"':
+def _fixed_envelope(raw: bytes, id: UUID) -> Record | None:
+    """Read the uncompressed envelope `encode_envelope` writes by position, without a JSON
+    parser (the common case); ``None`` sends anything unusual to the general path."""
+    if not (
+        raw.startswith(_ENVELOPE_START)
+        and raw.startswith(_UPDATED_KEY, _CREATED_END)
+        and raw.startswith(_VERSION_KEY, _UPDATED_END)
+        and raw.endswith(b"}")
+    ):
         return None
-    match = _FIXED_HEADER.fullmatch(raw, _VERSION_AT, marker)
-    if match is None or raw[_VERSION_AT - 19 : _VERSION_AT] != b'","schema_version":':
+    comma = raw.find(b",", _VERSION_AT, _VERSION_AT + 11)
+    digits = raw[_VERSION_AT:comma]
+    if comma < 0 or not digits.isdigit() or digits[0] == 48:  # no sign, space or leading 0
         return None
-    try:
-        created = datetime.fromisoformat(raw[CREATED_AT_OFFSET : _UPDATED_AT_AT - 16].decode())
-        updated = datetime.fromisoformat(raw[_UPDATED_AT_AT : _VERSION_AT - 19].decode())
-    except ValueError:
+    version = int(digits)
+    start = comma + len(_CLASS_NAME_KEY)
+    close = raw.find(b'"', start, start + 201)
+    if (
+        close < 0
+        or version >= 2**31
+        or not raw.startswith(_CLASS_NAME_KEY, comma)
+        or not raw.startswith(_DATA_MARKER, close + 1)
+    ):
         return None
-    if created.tzinfo is None or updated.tzinfo is None:
+    name = _read_name(raw[start:close])
+    created = _read_moment(raw[CREATED_AT_OFFSET:_CREATED_END])
+    updated = _read_moment(raw[_UPDATED_AT_AT:_UPDATED_END])
+    if name is None or created is None or updated is None:
         return None
-    return match[2].decode(), int(match[1]), created, updated
+    return Record(id, name, raw[close + 1 + len(_DATA_MARKER) : -1], version, created, updated)
+
+
+def _read_name(text: bytes) -> str | None:
+    name = _read_names.get(text)
+    if name is None:
+        if not text or text[0] in b"0123456789.-" or not _NAME_CHARACTERS.issuperset(text):
+            return None
+        if len(_read_names) >= 1024:
+            _read_names.clear()
+        name = _read_names[text] = text.decode()
+    return name
+
+
+def _read_moment(text: bytes) -> datetime | None:
+    moment = _read_moments.get(text)
+    if moment is None:
+        try:
+            moment = datetime.fromisoformat(text.decode())
+        except ValueError:
+            return None
+        if moment.tzinfo is None:
+            return None
+        if len(_read_moments) >= 1024:
+            _read_moments.clear()
+        _read_moments[text] = moment
+    return moment
 
 
 def decompress(frame: bytes, size: int) -> bytes:

@@ -20,9 +20,11 @@ make their own client and, for a cluster, route batches by slot; the primitives 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import math
 import re
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from functools import cache
@@ -291,7 +293,7 @@ class RedisBackend(StorageBackend):
         # redis-py's plain pool fails when all connections are busy and its blocking pool
         # costs a condition variable per command; this gate makes a burst wait its turn (at
         # most `timeout` seconds) and costs nothing while a connection is free.
-        self._gate = asyncio.Semaphore(self.max_connections)
+        self._gate = _Gate(self.max_connections)
         self._suspect_idle = False
 
     def _driver_query(self, options: dict[str, Any]) -> str:
@@ -378,17 +380,15 @@ class RedisBackend(StorageBackend):
             # finding a dead connection one failure at a time.
             self._suspect_idle = False
             await self._drop_idle(client)
-        if self._gate.locked():
+        if not self._gate.take():
             try:
                 async with asyncio.timeout(self.timeout):
-                    await self._gate.acquire()
+                    await self._gate.wait()
             except TimeoutError:
                 raise TimeoutError(
                     f"none of {self.max_connections} busy connections was free within "
                     f"{self.timeout:g}s"
                 ) from None
-        else:
-            await self._gate.acquire()  # returns at once
         return client
 
     async def _drop_idle(self, client: Any) -> None:
@@ -709,6 +709,48 @@ class RedisBackend(StorageBackend):
         if isinstance(exc, redis_errors.ConnectionError):
             self._suspect_idle = True
         return isinstance(exc, (*_TRANSIENT, NotReplicatedError)) or super().is_transient(exc)
+
+
+class _Gate:
+    """At most ``size`` holders at once, first come first served: `take` is a plain test
+    while one is free (`asyncio.Semaphore` costs a coroutine and two scans of its waiters per
+    command); `wait` queues, and `release` hands the freed place to the first waiter."""
+
+    __slots__ = ("_value", "_waiters")
+
+    def __init__(self, size: int) -> None:
+        self._value = size  # free places
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def take(self) -> bool:
+        if self._value > 0 and not self._waiters:
+            self._value -= 1
+            return True
+        return False
+
+    async def wait(self) -> None:
+        """Queue for a place; on return the caller holds one."""
+        if self.take():
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        try:
+            await future
+        except BaseException:
+            if future.done() and not future.cancelled():
+                self.release()  # handed a place, then cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(future)
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            future = self._waiters.popleft()
+            if not future.done():
+                future.set_result(None)  # the place goes to it directly
+                return
+        self._value += 1
 
 
 class NotReplicatedError(Exception):
