@@ -18,8 +18,7 @@ is its text's exact number when the text has at most 15 significant digits and a
 the normal range (``DBL_DIG``: two such decimals never round to one double, so the float's
 shortest repr is that number). A record with a float and a run of 16 digits anywhere, a
 zero float and a three-digit exponent, a float near the ends of the range, ``NaN`` or an
-infinity, a decimal context narrower than 17 digits, or JSON that pydantic-core refuses
-takes the definition.
+infinity, or JSON that pydantic-core refuses takes the definition.
 """
 
 from __future__ import annotations
@@ -47,25 +46,35 @@ CONTENT_VERSION = 8
 def canonical_json(data: bytes) -> bytes:
     """``data`` (JSON text) in the canonical form the digest is taken over."""
     value = _DECODER.decode(data.decode())
-    return _text(value).encode()
+    return _text(value, _EXACT).encode()
+
+
+# Numbers are spelled exactly, whatever the caller's decimal context: two values that differ
+# only in a far digit are two values, with two ids.
+_EXACT = decimal.Context(prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN)
+# Ids were once spelled under the default context, which rounds numbers to 28 significant
+# digits; a record stored under such an id still verifies (see `verify_content`).
+_ROUNDED = decimal.Context()
 
 
 # One decoder for every digest: `json.loads` with options builds a new one per call.
 _DECODER = json.JSONDecoder(parse_float=Decimal, parse_int=Decimal)
 
 
-def _text(value: Any) -> str:
-    """``value``'s canonical JSON (recursively: stored JSON is bounded by the size limits,
-    and a record nested deeper than Python's recursion limit is refused as corrupt)."""
+def _text(value: Any, context: decimal.Context) -> str:
+    """``value``'s canonical JSON, its numbers spelled under ``context`` (recursively: stored
+    JSON is bounded by the size limits, and a record nested deeper than Python's recursion
+    limit is refused as corrupt)."""
     kind = type(value)
     if kind is str:
         return _string(value)
     if kind is Decimal:
-        return _number(value)
+        return _number(value, context)
     if kind is dict:
-        return "{" + ",".join(_string(key) + ":" + _text(value[key]) for key in sorted(value)) + "}"
+        items = (_string(key) + ":" + _text(value[key], context) for key in sorted(value))
+        return "{" + ",".join(items) + "}"
     if kind is list:
-        return "[" + ",".join(_text(item) for item in value) + "]"
+        return "[" + ",".join(_text(item, context) for item in value) + "]"
     return "true" if value is True else "false" if value is False else "null"
 
 
@@ -73,9 +82,9 @@ def _text(value: Any) -> str:
 _string: Callable[[str], str] = json.encoder.encode_basestring
 
 
-def _number(value: Decimal) -> str:
+def _number(value: Decimal, context: decimal.Context = _EXACT) -> str:
     """A number's one spelling: ``100``, ``1e2`` and ``100.0`` are all ``1E+2``."""
-    normalized = value.normalize()
+    normalized = value.normalize(context)
     if normalized.is_zero():
         return "0"  # -0, 0.0 and 0E+3 are one number to JSON readers
     return format(normalized, "E")
@@ -96,9 +105,6 @@ _LONG_EXPONENT = re.compile(rb"[eE][+-]?[0-9]{3}")
 
 def _fast_canonical(data: bytes) -> bytes | None:
     """`canonical_json(data)`, or ``None`` where only the definition may answer."""
-    context = decimal.getcontext()
-    if context.prec < 17 or context.Emax < 400 or context.Emin > -400:
-        return None  # the definition may round what is spelled here exactly
     try:
         value = from_json(data)
     except ValueError:
@@ -164,7 +170,7 @@ _SMALL = 10**15
 
 
 def _int_text(value: int) -> str:
-    spelled = _number(Decimal(value))  # exact: the definition's own steps, in its context
+    spelled = _number(Decimal(value))  # exact: the definition's own steps
     if -_SMALL < value < _SMALL:
         _remember(_INTS, value, spelled)
     return spelled
@@ -209,13 +215,24 @@ def _content_int(class_name: str, data: bytes, key: bytes | None = None) -> int:
     return (int.from_bytes(digest[:16]) & _KEEP) | _MARKS
 
 
+def _rounded_int(class_name: str, data: bytes) -> int:
+    """The id ``data`` had when numbers were rounded to 28 digits (`_ROUNDED`), which
+    differs from its exact id only when one of its numbers has more digits than that."""
+    value = _DECODER.decode(data.decode())
+    canonical = _text(value, _ROUNDED).encode()
+    digest = hashlib.sha256(class_name.encode() + b"\0" + canonical).digest()
+    return (int.from_bytes(digest[:16]) & _KEEP) | _MARKS
+
+
 def verify_content(class_name: str, id: UUID, data: bytes) -> None:
     """Refuse a content-addressed record whose content is not what its id names."""
     if (id.int >> 76) & 0xF != CONTENT_VERSION or id.version != CONTENT_VERSION:
         return  # the version nibble first: `UUID.version` costs a property and a variant
     try:
-        matches = _content_int(class_name, data) == id.int
-    except (ValueError, RecursionError):
+        matches = (
+            _content_int(class_name, data) == id.int or _rounded_int(class_name, data) == id.int
+        )
+    except (ValueError, RecursionError, ArithmeticError):
         matches = False
     if not matches:
         raise StorageValidationError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import decimal
 import hashlib
 import json
 import random
@@ -25,7 +26,7 @@ from pydantic_toast import (
     StorageValidationError,
     UnsupportedOperationError,
 )
-from pydantic_toast._content import _fast_canonical, canonical_json, content_id
+from pydantic_toast._content import _fast_canonical, canonical_json, content_id, verify_content
 from pydantic_toast._registry import get_backend
 from pydantic_toast.backends.records import Record
 from tests.dict_backend import DictBackend
@@ -144,7 +145,7 @@ PINNED = [
         b'{"i":12345678901234567890123456789012345,"f":1.2345678901234567890123456789012345e-5,'
         b'"s":5e-324,"u":1e-400,"o":1e400}',
         None,
-        "bf949d13-4226-8bdc-872f-6ddc1dac4f27",
+        "96bb1a5f-6efd-8de1-92c1-a81a6f4e1ef1",  # exact: its numbers have 35 digits
     ),
     ("Dup", b'{"a":1,"b":2,"a":3}', None, "1ed9aeda-6ea4-8a1a-a28b-69dafc5912d9"),
 ]
@@ -153,6 +154,52 @@ PINNED = [
 @pytest.mark.parametrize(("class_name", "data", "key", "pinned"), PINNED)
 def test_ids_never_move(class_name: str, data: bytes, key: bytes | None, pinned: str) -> None:
     assert content_id(class_name, data, key) == UUID(pinned)
+
+
+BIG = (
+    b'{"i":12345678901234567890123456789012345,"f":1.2345678901234567890123456789012345e-5,'
+    b'"s":5e-324,"u":1e-400,"o":1e400}'
+)
+
+
+def test_numbers_that_differ_in_a_far_digit_get_different_ids() -> None:
+    near = b'{"n":1234567890123456789012345678901}'
+    far = b'{"n":1234567890123456789012345678902}'
+    assert content_id("X", near) != content_id("X", far)
+    assert content_id("X", b'{"f":1.00000000000000000000000000001}') != content_id(
+        "X", b'{"f":1.00000000000000000000000000002}'
+    )
+
+
+def test_ids_do_not_depend_on_the_callers_decimal_context() -> None:
+    expected = [content_id(class_name, data, key) for class_name, data, key, _ in PINNED]
+    with decimal.localcontext(decimal.Context(prec=5, Emax=10, Emin=-10)):
+        assert [content_id(class_name, data, key) for class_name, data, key, _ in PINNED] == (
+            expected
+        )
+        verify_content("Big", content_id("Big", BIG), BIG)
+
+
+def test_a_record_stored_under_its_once_rounded_id_still_verifies() -> None:
+    # The id BIG had when numbers were rounded to 28 digits, before they were spelled exactly.
+    verify_content("Big", UUID("bf949d13-4226-8bdc-872f-6ddc1dac4f27"), BIG)
+    with pytest.raises(StorageValidationError, match="does not hold the content its id names"):
+        verify_content("Big", UUID("bf949d13-4226-8bdc-872f-6ddc1dac4f27"), BIG[:-2] + b"1}")
+
+
+class Huge(BaseModel):
+    n: int
+
+
+class Holder(BaseModel):
+    values: list[External[Huge]]
+
+
+async def test_values_that_differ_in_a_far_digit_are_two_records(storage: str) -> None:
+    values = Holder(values=[Huge(n=10**40 + 1), Huge(n=10**40 + 2)])
+    dumped = await pydantic_toast.dump(values, storage=storage)
+    assert dumped["values"][0]["id"] != dumped["values"][1]["id"]
+    assert await pydantic_toast.validate(Holder, dumped, storage=storage) == values
 
 
 def definition_id(class_name: str, data: bytes) -> UUID:
@@ -260,7 +307,7 @@ def test_the_fast_road_takes_what_pydantic_writes() -> None:
         b"[1e400]",
         b"[5e-324]",
         b"[NaN]",
-        b'{"id":12345678901234567890123456789012345}',  # beyond 28 digits: rounded
+        b'{"id":12345678901234567890123456789012345}',  # beyond 28 digits
         b'"\\ud800"',  # a lone surrogate: the definition refuses it
         b"\xef\xbb\xbf{}",
     ],
