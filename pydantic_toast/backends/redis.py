@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from functools import cache
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, TypeVar, cast
 from urllib.parse import quote, urlencode, urlunsplit
 from uuid import UUID
 
@@ -424,21 +424,14 @@ class RedisBackend(StorageBackend):
         client = await self._acquire()
         try:
             for ttl_ms, group in by_ttl.items():  # one group, unless classes with TTLs mix
-                values = [_envelope(record) for record in group]
-                start = 0
-                while start < len(group):
-                    end, size = start, 0
-                    while end < len(group) and size < _BATCH_BYTES:
-                        size += len(values[end])
-                        end += 1
-                    keys = [self._key(r.class_name, r.id) for r in group[start:end]]
-                    reply = await self._evalsha(client, keys, (ttl_ms, *values[start:end]))
-                    replies = [reply] if end - start == 1 else reply
-                    for record, value, old in zip(
-                        group[start:end], values[start:end], replies, strict=True
-                    ):
+                pairs = [(record, _envelope(record)) for record in group]
+                for call in _script_calls(pairs):
+                    keys = [self._key(record.class_name, record.id) for record, _ in call]
+                    values = [value for _, value in call]
+                    reply = await self._evalsha(client, keys, (ttl_ms, *values))
+                    replies = [reply] if len(call) == 1 else reply
+                    for (record, value), old in zip(call, replies, strict=True):
                         kept[record.id] = _kept_created_at(record, value, old)
-                    start = end
         finally:
             self._gate.release()
         return [kept[record.id] for record in records]
@@ -454,16 +447,9 @@ class RedisBackend(StorageBackend):
             key = self._key(record.class_name, record.id)
             group = groups.setdefault((self._ttl_ms_for(record), self._slot(key)), [])
             group.append((record, key, _envelope(record)))
-        calls: list[tuple[list[tuple[Record, str, bytes]], bytes]] = []
-        for (ttl_ms, _), group in groups.items():
-            start = 0
-            while start < len(group):
-                end, size = start, 0
-                while end < len(group) and size < _BATCH_BYTES and end - start < _BATCH_RECORDS:
-                    size += len(group[end][2])
-                    end += 1
-                calls.append((group[start:end], ttl_ms))
-                start = end
+        calls = [
+            (call, ttl_ms) for (ttl_ms, _), group in groups.items() for call in _script_calls(group)
+        ]
         commands = [
             [
                 [key for _, key, _ in call],
@@ -603,16 +589,7 @@ class RedisBackend(StorageBackend):
             groups.setdefault(self._slot(key), []).append(
                 (key, self._ttl_ms_for(record), text, value)
             )
-        calls: list[list[tuple[str, bytes, bytes, bytes]]] = []
-        for group in groups.values():
-            start = 0
-            while start < len(group):
-                end, size = start, 0
-                while end < len(group) and size < _BATCH_BYTES and end - start < _BATCH_RECORDS:
-                    size += len(group[end][3])
-                    end += 1
-                calls.append(group[start:end])
-                start = end
+        calls = [call for group in groups.values() for call in _script_calls(group)]
         commands = [
             [
                 [key for key, *_ in call],
@@ -769,6 +746,25 @@ def _parse_driver_url(url: str) -> dict[str, Any]:
 def _glob_escape(text: str) -> str:
     """``text`` as a literal in a SCAN MATCH pattern."""
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+_Item = TypeVar("_Item", bound=tuple[Any, ...])
+
+
+def _script_calls(items: Sequence[_Item]) -> list[Sequence[_Item]]:
+    """``items`` (tuples ending with the value to store) cut into the runs one script call
+    takes: at most `_BATCH_RECORDS` of them and about `_BATCH_BYTES` of values, so that no
+    call blocks the server for long or outgrows its query buffer."""
+    calls: list[Sequence[_Item]] = []
+    start = 0
+    while start < len(items):
+        end, size = start, 0
+        while end < len(items) and size < _BATCH_BYTES and end - start < _BATCH_RECORDS:
+            size += len(items[end][-1])
+            end += 1
+        calls.append(items[start:end])
+        start = end
+    return calls
 
 
 def _envelope(record: Record) -> bytes:
