@@ -91,6 +91,14 @@ class BenchOrder(BaseModel):
     lines: list[External[BenchLine]]
 
 
+class RandomIdOrder(BaseModel):
+    """`BenchOrder` with lines under random ids: no content digest on dump, no verification
+    on load (what `External` cost before content addressing)."""
+
+    number: int
+    lines: list[Annotated[BenchLine, ExternalField(content_addressed=False)]]
+
+
 class InlineOrder(BaseModel):
     """`BenchOrder` without `External`: what plain Pydantic costs for the same data."""
 

@@ -178,9 +178,21 @@ def _external(rows: list[Row]) -> str:
     return table(
         "External[T]: median ms for an order of N External lines"
         " (inline: no storage; pydantic: the same model without External;"
-        " batched: pydantic_toast.dump/validate; plain: model_dump/model_validate with context;"
+        " batched: pydantic_toast.dump/validate; random ids: the same with"
+        " content_addressed=False; plain: model_dump/model_validate with context;"
         " raw: the raw driver writing or reading the same N lines in one batch)",
-        ["backend", "op", "N", "inline", "pydantic", "batched", "plain", "raw", "batched/inline"],
+        [
+            "backend",
+            "op",
+            "N",
+            "inline",
+            "pydantic",
+            "batched",
+            "random ids",
+            "plain",
+            "raw",
+            "batched/inline",
+        ],
         [
             [
                 r["backend"],
@@ -189,6 +201,7 @@ def _external(rows: list[Row]) -> str:
                 r["inline_ms"],
                 r["pydantic_ms"],
                 r["batched_ms"],
+                r.get("random_ids_ms"),
                 r["plain_ms"],
                 r.get("raw_batch_ms"),
                 r["batched_vs_inline"],

@@ -24,6 +24,7 @@ from benchmarks.models import (
     BenchOrder,
     Doc,
     InlineOrder,
+    RandomIdOrder,
     ThresholdOrder,
     doc_class,
     json_size,
@@ -348,13 +349,16 @@ async def bridge_floor(settings: Settings) -> list[Row]:
 
 
 async def external(target: Target, settings: Settings) -> list[Row]:
-    """An order with N ``External`` lines: batched API, plain Pydantic path, and inline."""
+    """An order with N ``External`` lines: batched API (content-addressed lines, and lines
+    under random ids), plain Pydantic path, and inline."""
     items = settings.external_items
     url = target.url
     order = make_order(items)
     inline = order.model_dump()
     plain_order = InlineOrder.model_validate(inline)
     references = await pydantic_toast.dump(order, storage=url)
+    random_order = RandomIdOrder.model_validate(inline)
+    random_references = await pydantic_toast.dump(random_order, storage=url)
     context = {"storage": url}
     assert len(references["lines"]) == items
     # The floor: the raw driver writing the same lines in one batch and reading them back.
@@ -370,6 +374,7 @@ async def external(target: Target, settings: Settings) -> list[Row]:
             "inline": order.model_dump,
             "pydantic": plain_order.model_dump,
             "batched": partial(pydantic_toast.dump, order, storage=url),
+            "random ids": partial(pydantic_toast.dump, random_order, storage=url),
             "plain": partial(order.model_dump, context=context),
             "raw": partial(raw.save_many, lines, raw_ids),
         },
@@ -377,6 +382,9 @@ async def external(target: Target, settings: Settings) -> list[Row]:
             "inline": partial(BenchOrder.model_validate, inline),
             "pydantic": partial(InlineOrder.model_validate, inline),
             "batched": partial(pydantic_toast.validate, BenchOrder, references, storage=url),
+            "random ids": partial(
+                pydantic_toast.validate, RandomIdOrder, random_references, storage=url
+            ),
             "plain": partial(BenchOrder.model_validate, references, context=context),
             "raw": partial(raw.load_many, raw_ids),
         },
@@ -393,6 +401,7 @@ async def external(target: Target, settings: Settings) -> list[Row]:
                 "inline_ms": _ms(times["inline"]),
                 "pydantic_ms": _ms(times["pydantic"]),
                 "batched_ms": _ms(times["batched"]),
+                "random_ids_ms": _ms(times["random ids"]),
                 "plain_ms": _ms(times["plain"]),
                 "raw_batch_ms": _ms(times["raw"]),
                 "batched_us_per_item": round(times["batched"] / items * 1e6, 2),
