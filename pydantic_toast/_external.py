@@ -556,23 +556,37 @@ class _Session:
         self, references: list[_Found], default_storage: Storage | None
     ) -> dict[tuple[str | int, str, UUID], Storage]:
         pending: dict[tuple[str | int, str, UUID], Storage] = {}
-        live: dict[str, list[_Target]] = {}  # looked up once per class name, not per reference
+        # Worked out once per class name, not per reference: the live targets that sign
+        # their references, and the storages a reference of that name is read from.
+        plans: dict[str, tuple[list[_Target], list[tuple[str | int, Storage]]]] = {}
         for class_name, id, reference in references:
-            targets = live.get(class_name)
-            if targets is None:
-                targets = live[class_name] = _targets_named(class_name)
-            if any(not _signature_holds(t, reference, id) for t in targets):
+            plan = plans.get(class_name)
+            if plan is None:
+                plan = plans[class_name] = _fetch_plan(class_name, default_storage)
+            signers, storages = plan
+            if signers and any(not _signature_holds(t, reference, id) for t in signers):
                 continue  # refused by `resolve`, before any read
-            # Resolve as `resolve` will: a model's own storage, else the default one. Two
-            # models may share a name in different storages: read from each.
-            owners = {t.own_storage for t in targets} or {None}
-            for storage in {own or default_storage for own in owners}:
-                if storage is None:
-                    continue  # validation reports it, naming the field
-                key = (_storage_key(storage), class_name, id)
+            for storage_key, storage in storages:
+                key = (storage_key, class_name, id)
                 if key not in self.fetched:
                     pending[key] = storage
         return pending
+
+
+def _fetch_plan(
+    class_name: str, default_storage: Storage | None
+) -> tuple[list[_Target], list[tuple[str | int, Storage]]]:
+    """For references named ``class_name``: the live targets that check signatures, and
+    the storages to read them from, as `resolve` will: a model's own storage, else the
+    default one (two models may share a name in different storages: read from each; with
+    no storage at all, validation reports it, naming the field)."""
+    targets = _targets_named(class_name)
+    owners = {t.own_storage for t in targets} or {None}
+    storages = {own or default_storage for own in owners}
+    return (
+        [t for t in targets if t.signed],
+        [(_storage_key(storage), storage) for storage in storages if storage is not None],
+    )
 
 
 _plain_session: contextvars.ContextVar[_Session | None] = contextvars.ContextVar(
