@@ -59,6 +59,9 @@ def test_parse_duration_takes_zero_only_when_allowed() -> None:
     assert parse_duration("0.000001s") == timedelta(microseconds=1)
 
 
-@pytest.mark.parametrize("text", ["2w", "3d", "5h", "90min", "45s", "1.5s"])
+@pytest.mark.parametrize(
+    "text",
+    ["2w", "3d", "5h", "90min", "45s", "1.5s", "1234567s", "1234567.5s", "0.000001s", "1000000h"],
+)
 def test_format_duration_writes_what_parse_duration_reads(text: str) -> None:
     assert format_duration(parse_duration(text)) == text

@@ -282,8 +282,12 @@ def parse_duration(text: str, *, allow_zero: bool = False) -> timedelta:
 
 def format_duration(span: timedelta) -> str:
     """``span`` in the largest unit `parse_duration` reads that divides it (``2w``, ``90min``)."""
-    seconds = span.total_seconds()
+    micros = span // timedelta(microseconds=1)  # exact, where a float's digits may run out
+    if micros < 0:
+        return "-" + format_duration(-span)
     for unit in ("w", "d", "h", "min"):
-        if seconds >= _SECONDS_PER[unit] and seconds % _SECONDS_PER[unit] == 0:
-            return f"{seconds / _SECONDS_PER[unit]:g}{unit}"
-    return f"{seconds:g}s"
+        size = _SECONDS_PER[unit] * 1_000_000
+        if micros >= size and micros % size == 0:
+            return f"{micros // size}{unit}"
+    whole, fraction = divmod(micros, 1_000_000)
+    return f"{whole}.{fraction:06d}".rstrip("0").rstrip(".") + "s"
