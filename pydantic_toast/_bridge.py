@@ -114,6 +114,10 @@ def _run_on_main_loop(coroutine: Coroutine[Any, Any, T]) -> T:
             task.cancel()
             with contextlib.suppress(BaseException):
                 loop.run_until_complete(task)
+        elif not task.cancelled():
+            # Ended by what is propagating now (a Ctrl-C raised in the coroutine's own step):
+            # retrieved, so that the loop does not log it again when the task is collected.
+            task.exception()
 
 
 def _run_on_bridge(coroutine: Coroutine[Any, Any, T]) -> T:

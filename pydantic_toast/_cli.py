@@ -462,14 +462,27 @@ def _model_class(path: str) -> Any:
     module_name, colon, qualname = path.partition(":")
     if not colon or not module_name or not qualname:
         raise ValueError(f"give the model as module:Class, not {path[:80]!r}")
+    if module_name.startswith("."):  # importlib would take it as relative, to no package
+        raise ValueError(
+            f"cannot import {path[:80]!r}: give the module's absolute name, "
+            f"not {module_name[:80]!r}"
+        )
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         found: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            found = getattr(found, part)
-    except (ImportError, AttributeError) as exc:
+    except ImportError as exc:
         raise ValueError(f"cannot import {path[:80]!r}: {exc}") from None
+    walked: list[str] = []
+    for part in qualname.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            where = ":".join([module_name, ".".join(walked)]) if walked else module_name
+            raise ValueError(
+                f"cannot import {path[:80]!r}: {where[:80]} has no attribute {part[:80]!r}"
+            ) from None
+        walked.append(part)
     if not isinstance(found, type) or not issubclass(found, ExternalBaseModel):
         raise ValueError(f"{path[:80]!r} is not an ExternalBaseModel subclass")
     return found

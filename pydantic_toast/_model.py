@@ -400,13 +400,14 @@ class ExternalBaseModel(BaseModel):
         upgraded = None
         if data is not record.data and record.id.version != CONTENT_VERSION:
             # Write back what the migration produced (references stay references), with this
-            # class's own ttl and compression, as a save would; never a content-addressed
-            # record, whose id names the content it has.
+            # class's compression, as a save would, and its timestamps, so with the time it
+            # has left under the class's ttl; never a content-addressed record, whose id
+            # names the content it has.
             upgraded = replace(
                 record,
                 data=data,
                 schema_version=current,
-                ttl=settings.ttl,
+                ttl=_records.time_left(record.updated_at, settings.ttl),
                 compress_above=settings.compress_above,
             )
             model._remember(upgraded)

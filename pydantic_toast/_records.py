@@ -291,6 +291,18 @@ def expired(updated_at: datetime, ttl: timedelta) -> bool:
         return False
 
 
+def time_left(updated_at: datetime, ttl: timedelta | None) -> timedelta | None:
+    """How long a record last updated at ``updated_at`` has left under ``ttl`` (``None``
+    without one): the ttl of a rewrite that keeps the record's timestamps (a migrated
+    write-back, a rekey), so that the store expires it when it would have anyway."""
+    if ttl is None:
+        return None
+    try:
+        return ttl - (datetime.now(UTC) - updated_at)
+    except OverflowError:  # a record at the edge of time: it has all of its ttl left
+        return ttl
+
+
 def migrate(settings: ModelSettings, migrations: Mapping[int, Migration], record: Record) -> bytes:
     """The JSON of an older record, upgraded step by step to the current schema version."""
     current, name = settings.schema_version, settings.class_name

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import partial
 from typing import TypeVar
 from uuid import UUID
@@ -29,7 +29,7 @@ from pydantic_toast._bridge import run_sync
 from pydantic_toast._crypto import open_data, seal_data, sealed_key_id
 from pydantic_toast._errors import StorageValidationError
 from pydantic_toast._model import ExternalBaseModel
-from pydantic_toast._records import expired, keyring_of
+from pydantic_toast._records import expired, keyring_of, time_left
 from pydantic_toast._references import short
 from pydantic_toast._retry import with_backend
 from pydantic_toast.backends.base import StorageBackend
@@ -122,7 +122,6 @@ async def rekey(
         stored = await on(partial(_read, name, batch))
         writes: list[Record] = []
         read_at: list[datetime] = []
-        now = datetime.now(UTC)
         for record in stored:
             if record is None:
                 continue  # deleted since it was listed
@@ -147,9 +146,11 @@ async def rekey(
             if dry_run:
                 counts["rekeyed"] += 1
                 continue
-            remaining = None if ttl is None else ttl - (now - record.updated_at)
             fresh = replace(
-                record, data=plain, compress_above=settings.compress_above, ttl=remaining
+                record,
+                data=plain,
+                compress_above=settings.compress_above,
+                ttl=time_left(record.updated_at, ttl),
             )
             writes.append(seal_data(fresh, keyring))
             read_at.append(record.updated_at)

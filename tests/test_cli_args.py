@@ -249,6 +249,19 @@ NAME_RULE = (
         (["get", '{"class_name": "Invoice"}'], 'a reference is {"class_name": ..., "id": ...}'),
         (["get", '{"class_name": 5, "id": "x"}'], f"invalid class name 5: {NAME_RULE}"),
         (["get", '{"class_name": "Invoice", "id": 7}'], "not a UUID: '7'"),
+        (
+            ["rekey", "../models:User"],
+            "cannot import '../models:User': give the module's absolute name, not '../models'",
+        ),
+        (
+            ["rekey", "pydantic_toast:ExternalBaseModel.nope"],
+            "cannot import 'pydantic_toast:ExternalBaseModel.nope': "
+            "pydantic_toast:ExternalBaseModel has no attribute 'nope'",
+        ),
+        (
+            ["rekey", "pydantic_toast:nope"],
+            "cannot import 'pydantic_toast:nope': pydantic_toast has no attribute 'nope'",
+        ),
     ],
 )
 @pytest.mark.parametrize("storage", ["file", "unreachable"])

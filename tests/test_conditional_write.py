@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import resource
+import signal
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -20,6 +22,7 @@ from pydantic_toast import (
     ExternalConfigDict,
     Keyring,
     StorageBackend,
+    StorageOperationError,
     StorageValidationError,
     UnsupportedOperationError,
     register_backend,
@@ -303,6 +306,31 @@ async def test_a_file_saved_after_the_first_look_is_not_overwritten(
     assert await backend.write_records_if_unchanged([line(id, 3, T2)], [T0]) == []
     monkeypatch.undo()
     assert await stored_n(backend, id) == 2
+    assert sorted(os.listdir(backend.directory / "Line")) == [f"{id}.json"]
+
+
+async def test_a_file_write_that_fails_leaves_the_record_as_it_was(file_url: str) -> None:
+    """The file backend moves the record aside to check it; when writing the new one fails
+    (here the file size limit, as a full disk would), the old one goes back in place."""
+    backend = await get_backend(file_url)
+    id = uuid4()
+    await backend.write_record(line(id, 1))
+    big = Record(id, "Line", json.dumps({"n": 2, "pad": "x" * 100_000}).encode(), 1, T0, T1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not the signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, hard))
+    try:
+        with pytest.raises(StorageOperationError) as caught:
+            await backend.write_records_if_unchanged([big], [T0])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert str(caught.value) == (
+        f"directory {backend.directory} could not save Line record {id}: "
+        f"OSError: [Errno 27] File too large ({file_url})"
+    )
+    assert caught.value.failed_ids == [str(id)]
+    assert await stored_n(backend, id) == 1
     assert sorted(os.listdir(backend.directory / "Line")) == [f"{id}.json"]
 
 

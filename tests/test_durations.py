@@ -36,6 +36,9 @@ def test_parse_duration_reads_s_min_h_d_w(text: str, span: timedelta) -> None:
         ("10sec", "not a duration: '10sec' (use 30d, 12h, 90min, 45s or 2w)"),
         ("1 h", "not a duration: '1 h' (use 30d, 12h, 90min, 45s or 2w)"),
         ("99999999999w", "too long a duration: '99999999999w'"),
+        # Under a microsecond, a timedelta is zero: `purge --older-than` would delete all.
+        ("0.0000001s", "too short a duration: '0.0000001s' (less than a microsecond)"),
+        ("0.0000000001h", "too short a duration: '0.0000000001h' (less than a microsecond)"),
     ],
 )
 def test_parse_duration_refuses_with_a_storage_validation_error(text: str, message: str) -> None:
@@ -50,8 +53,15 @@ def test_parse_duration_takes_zero_only_when_allowed() -> None:
     with pytest.raises(StorageValidationError) as caught:
         parse_duration("-1s", allow_zero=True)
     assert str(caught.value) == "a duration must be more than zero: '-1s'"
+    with pytest.raises(StorageValidationError) as caught:
+        parse_duration("0.0000001s", allow_zero=True)  # not zero: too short to hold
+    assert str(caught.value) == "too short a duration: '0.0000001s' (less than a microsecond)"
+    assert parse_duration("0.000001s") == timedelta(microseconds=1)
 
 
-@pytest.mark.parametrize("text", ["2w", "3d", "5h", "90min", "45s", "1.5s"])
+@pytest.mark.parametrize(
+    "text",
+    ["2w", "3d", "5h", "90min", "45s", "1.5s", "1234567s", "1234567.5s", "0.000001s", "1000000h"],
+)
 def test_format_duration_writes_what_parse_duration_reads(text: str) -> None:
     assert format_duration(parse_duration(text)) == text

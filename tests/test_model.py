@@ -4,6 +4,8 @@ lifecycle of backends (one per URL and loop, connected once, closed on request a
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import subprocess
 import sys
 import textwrap
@@ -756,6 +758,29 @@ def test_a_main_thread_sync_call_returns_raises_and_is_cancelled_when_interrupte
         run_sync(interrupted())
     assert cancelled == [True]  # not left half-run on the loop
     assert run_sync(answer()) == 42  # and the loop serves the next call
+
+
+def test_a_ctrl_c_inside_a_main_thread_sync_call_is_raised_and_not_logged_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Ctrl-C landing while the coroutine's own code runs ends its task with the interrupt;
+    the caller gets it raised, and the loop does not log it later as never retrieved."""
+    from pydantic_toast._bridge import run_sync
+
+    async def busy() -> None:
+        await asyncio.sleep(0)
+        raise KeyboardInterrupt  # what the signal handler raises in the coroutine's step
+
+    async def answer() -> int:
+        return 42
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        with pytest.raises(KeyboardInterrupt):
+            run_sync(busy())
+        gc.collect()  # a task's unretrieved exception is logged when it is collected
+        assert run_sync(answer()) == 42
+        gc.collect()
+    assert [record.getMessage() for record in caplog.records] == []
 
 
 async def test_a_failed_first_save_and_a_retry_write_one_record(flaky: type[Flaky]) -> None:

@@ -41,6 +41,7 @@ from pydantic_toast import (
     StorageOperationError,
     StorageValidationError,
 )
+from pydantic_toast._registry import get_backend
 from pydantic_toast.backends.records import Record, decode_envelope, encode_envelope
 from pydantic_toast.backends.redis import RedisBackend
 
@@ -282,6 +283,34 @@ async def test_a_model_ttl_is_applied_natively_and_wins_over_the_urls(
     many = await Session.save_external_many([Session(token="a"), Session(token="b")])
     for other in many:
         assert 299_000 < await raw.pttl(f"{prefix_of(redis_url)}:Session:{other['id']}") <= 300_000
+
+
+async def test_a_migrated_write_back_keeps_the_records_expiry(
+    redis_url: str, raw: aioredis.Redis
+) -> None:
+    """The write-back keeps the record's timestamps, so it keeps its time left too: the class's
+    whole ttl again would keep the key for up to twice as long as the record lives."""
+    backend = await get_backend(redis_url)
+    id, saved = uuid4(), datetime.now(UTC) - timedelta(seconds=200)
+    old = Record(id, "Visit", b'{"page":"/"}', 1, saved, saved, ttl=timedelta(seconds=100))
+    await backend.write_record(old)  # saved 200s ago under a ttl of 300s: 100s left
+
+    class Visit(ExternalBaseModel):
+        model_config = ExternalConfigDict(
+            storage=redis_url, ttl=300, schema_version=2, save_migrated=True
+        )
+        path: str
+
+    @Visit.migration(from_version=1)
+    def rename(data: dict[str, Any]) -> dict[str, Any]:
+        return {"path": data["page"]}
+
+    loaded = await Visit.load_external({"class_name": "Visit", "id": str(id)})
+    assert loaded == Visit(path="/")
+    stored = await backend.read_record("Visit", id)
+    assert stored is not None
+    assert (stored.schema_version, stored.updated_at) == (2, saved)  # written back
+    assert 98_000 < await raw.pttl(f"{prefix_of(redis_url)}:Visit:{id}") <= 100_000
 
 
 async def test_sub_second_ttl_expires_and_batches_get_it_too(

@@ -104,8 +104,9 @@ class FileBackend(StorageBackend):
         """As `delete_stale`: a record that looks unchanged is renamed aside (atomic: a save
         after that finds no file and writes a new one) and read again. Still unchanged, the
         new record is linked into place, which fails, leaving the newer record, if a save
-        wrote one meanwhile; changed just before the rename, the record is linked back. While
-        it is aside a reader finds no record for a moment."""
+        wrote one meanwhile; changed just before the rename, or the new record not written (a
+        full disk), the record is linked back. While it is aside a reader finds no record for
+        a moment."""
         written = []
         for record, updated_at in zip(records, expected, strict=True):
             (found,) = await self.get_many(record.class_name, [record.id])
@@ -123,15 +124,17 @@ class FileBackend(StorageBackend):
             os.rename(path, aside)
         except FileNotFoundError:
             return False  # deleted meanwhile
+        written = False
         try:
             with open(aside, "rb") as file:
                 taken = file.read()
             if holds_unchanged(taken, record, updated_at):
-                return self._write(record, only_new=True)  # False: a save came in between
-            with contextlib.suppress(FileExistsError):  # a newer one is in place
-                os.link(aside, path)
-            return False
+                written = self._write(record, only_new=True)  # False: a save came in between
+            return written
         finally:
+            if not written:  # changed, or the write failed: the record goes back
+                with contextlib.suppress(FileExistsError):  # a newer one is in place
+                    os.link(aside, path)
             os.unlink(aside)
 
     def _write(self, record: Record, *, only_new: bool) -> bool:

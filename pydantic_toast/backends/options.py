@@ -251,8 +251,9 @@ _LONGEST = timedelta(days=1000 * 365)  # far past any record, well inside the ca
 
 
 def parse_duration(text: str, *, allow_zero: bool = False) -> timedelta:
-    """``30d``, ``12h``, ``90min``, ``45s``, ``2w``, decimals too (``1.5h``); more than zero
-    (or zero too with ``allow_zero``), at most 1000 years. Units are case-insensitive.
+    """``30d``, ``12h``, ``90min``, ``45s``, ``2w``, decimals too (``1.5h``); at least a
+    microsecond (or zero too with ``allow_zero``), at most 1000 years. Units are
+    case-insensitive.
 
     ``m`` is refused as ambiguous (a minute or a month?): write ``min``, or days for months.
     Every problem is a `StorageValidationError` whose message names the text.
@@ -273,13 +274,20 @@ def parse_duration(text: str, *, allow_zero: bool = False) -> timedelta:
         raise StorageValidationError(f"a duration must be more than zero: {text!r}")
     if seconds > _LONGEST.total_seconds():
         raise StorageValidationError(f"too long a duration: {text!r}")
-    return timedelta(seconds=seconds)
+    span = timedelta(seconds=seconds)
+    if not span:  # rounded to whole microseconds: a zero no one wrote
+        raise StorageValidationError(f"too short a duration: {text!r} (less than a microsecond)")
+    return span
 
 
 def format_duration(span: timedelta) -> str:
     """``span`` in the largest unit `parse_duration` reads that divides it (``2w``, ``90min``)."""
-    seconds = span.total_seconds()
+    micros = span // timedelta(microseconds=1)  # exact, where a float's digits may run out
+    if micros < 0:
+        return "-" + format_duration(-span)
     for unit in ("w", "d", "h", "min"):
-        if seconds >= _SECONDS_PER[unit] and seconds % _SECONDS_PER[unit] == 0:
-            return f"{seconds / _SECONDS_PER[unit]:g}{unit}"
-    return f"{seconds:g}s"
+        size = _SECONDS_PER[unit] * 1_000_000
+        if micros >= size and micros % size == 0:
+            return f"{micros // size}{unit}"
+    whole, fraction = divmod(micros, 1_000_000)
+    return f"{whole}.{fraction:06d}".rstrip("0").rstrip(".") + "s"
