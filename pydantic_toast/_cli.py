@@ -378,7 +378,7 @@ async def _rekey(
         print(
             f"{verb} {report.rekeyed} of {report.scanned} {report.class_name} records under key "
             f"{report.primary!r}; {report.skipped} already under it or expired"
-            + (f"; {report.changed} saved meanwhile, left as saved" if report.changed else "")
+            + (f"; {report.changed} changed meanwhile, left as they are" if report.changed else "")
             + (f"; {report.failed} could not be opened" if report.failed else "")
         )
     return 1 if report.failed else 0

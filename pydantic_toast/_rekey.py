@@ -8,7 +8,8 @@ simply continues where it stopped when started again; once a run reports nothing
 do, the old keys may leave the keyring.
 
 The write back is conditional (`StorageBackend.write_records_if_unchanged`): a record saved
-between rekey's read and its write keeps that save, and is counted as ``changed``; a save
+(or deleted) between rekey's read and its write keeps that save (or stays deleted), and is
+counted as ``changed``; a save
 through the current keyring is already under the primary key, and any other is picked up by
 the next run.
 """
@@ -59,9 +60,9 @@ class RekeyReport(BaseModel):
     rekeyed: int = 0
     #: Records already under the primary key, or expired.
     skipped: int = 0
-    #: Records saved by someone else between this run's read and its write: left with that
-    #: save (already under the primary key when the save used the current keyring; otherwise
-    #: the next run re-encrypts them).
+    #: Records saved or deleted by someone else between this run's read and its write: left
+    #: as they are (a save through the current keyring is already under the primary key;
+    #: any other is re-encrypted by the next run).
     changed: int = 0
     #: Records that could not be opened (unknown key id, tampered): left as they are.
     failed: int = 0
