@@ -334,14 +334,7 @@ class PostgreSQLBackend(StorageBackend):
                 return [await self._run("fetchval", self._upsert_returning, *arguments)]
             await self._run("execute", self._upsert, *arguments)
             return [record.created_at]
-        columns = (
-            [record.id for record in records],
-            [record.class_name for record in records],
-            [record.data.decode() for record in records],
-            [record.schema_version for record in records],
-            [record.created_at for record in records],
-            [record.updated_at for record in records],
-        )
+        columns = _columns(records)
         if not first_save:
             await self._run("execute", self._upsert_many, *columns)
             return [record.created_at for record in records]
@@ -354,17 +347,7 @@ class PostgreSQLBackend(StorageBackend):
     ) -> list[bool]:
         """One statement; ``timestamptz`` holds microseconds, as `datetime` does, so the
         comparison is exact."""
-        rows = await self._run(
-            "fetch",
-            self._replace_many,
-            [record.id for record in records],
-            [record.class_name for record in records],
-            [record.data.decode() for record in records],
-            [record.schema_version for record in records],
-            [record.created_at for record in records],
-            [record.updated_at for record in records],
-            list(expected),
-        )
+        rows = await self._run("fetch", self._replace_many, *_columns(records), list(expected))
         written = {row[0] for row in rows}
         return [record.id in written for record in records]
 
@@ -468,3 +451,15 @@ def _index_name(table: str) -> str:
     if len(name) <= 63:
         return name
     return f"{table[:48]}_{zlib.crc32(table.encode()):08x}_cu"
+
+
+def _columns(records: Sequence[Record]) -> tuple[list[Any], ...]:
+    """The records as the arrays an ``unnest`` statement takes, one per column."""
+    return (
+        [record.id for record in records],
+        [record.class_name for record in records],
+        [record.data.decode() for record in records],
+        [record.schema_version for record in records],
+        [record.created_at for record in records],
+        [record.updated_at for record in records],
+    )
