@@ -8,6 +8,7 @@ import datetime as dt
 import decimal
 import json
 import os
+import re
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -328,11 +329,17 @@ def expected_is_reference(data: Any, class_name: str | None = None) -> bool:
         return False
     if not isinstance(data["class_name"], str) or not isinstance(data["id"], str):
         return False
-    try:
-        UUID(data["id"])
-    except ValueError:
+    if UUID_SPELLING.fullmatch(data["id"]) is None:
         return False
     return class_name is None or data["class_name"] == class_name
+
+
+# The spellings of a UUID an id may have: hyphenated (also in braces or as a URN) or plain hex.
+_HEX = "[0-9a-fA-F]"
+_HYPHENATED = f"{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}"
+UUID_SPELLING = re.compile(
+    f"{_HEX}{{32}}|{_HYPHENATED}|\\{{{_HYPHENATED}\\}}|urn:uuid:{_HYPHENATED}"
+)
 
 
 FUZZED_ID = "7b0f5a52-3a57-4c43-9a0e-4a3cb0f1c2d4"
@@ -354,6 +361,10 @@ FUZZED_ID = "7b0f5a52-3a57-4c43-9a0e-4a3cb0f1c2d4"
 @example(data={"class_name": "Fuzzed", "id": FUZZED_ID, "sig": "x" * 43})  # signed shape
 @example(data={"class_name": "Fuzzed", "id": FUZZED_ID, "sig": "x", "exp": True})
 @example(data={"class_name": "Fuzzed", "id": "not-a-uuid"})
+@example(data={"class_name": "Fuzzed", "id": FUZZED_ID.upper()})  # uppercase: a UUID
+@example(data={"class_name": "Fuzzed", "id": " " + FUZZED_ID[1:]})  # UUID() would take it
+@example(data={"class_name": "Fuzzed", "id": FUZZED_ID[:-1] + "\u0661"})  # an Arabic 1
+@example(data={"class_name": "Fuzzed", "id": "7b0f5a523a57-4c43-9a0e-4a3c-b0f1c2d4"})
 @example(data=["class_name", "id"])
 def test_fuzzed_references_raise_only_the_librarys_errors(data: Any) -> None:
     assert ExternalBaseModel.is_external_reference(data) is expected_is_reference(data)
