@@ -687,6 +687,19 @@ def test_an_envelope_with_a_bad_header_is_corrupt(version: bytes, name: bytes) -
         decode_stored(_HEADER % (version, name), id, "Doc")
 
 
+def test_envelopes_sharing_a_header_keep_their_own_data_and_ends() -> None:
+    from pydantic_toast._errors import CorruptRecordError
+    from pydantic_toast.backends.records import decode_stored
+
+    first, second, broken = uuid4(), uuid4(), uuid4()
+    raw = _HEADER % (b"1", b"Doc")
+    assert decode_stored(raw, first, "Doc") == _by_json(raw, first)
+    other = raw.replace(b'{"n":1}', b'{"n":2,"data":3}')  # the header read before, other data
+    assert decode_stored(other, second, "Doc") == _by_json(other, second)
+    with pytest.raises(CorruptRecordError, match=f"stored Doc record {broken} is corrupt"):
+        decode_stored(raw + b" ", broken, "Doc")  # the same header, not ended by a brace
+
+
 def test_an_envelope_with_a_naive_or_broken_timestamp_is_corrupt() -> None:
     from pydantic_toast._errors import CorruptRecordError
     from pydantic_toast.backends.records import decode_stored

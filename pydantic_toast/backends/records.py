@@ -521,43 +521,64 @@ _CREATED_END = _UPDATED_AT_AT - len(_UPDATED_KEY)
 _UPDATED_END = _VERSION_AT - len(_VERSION_KEY)
 _NAME_CHARACTERS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
 
-# Class names and timestamps already read from envelopes, by their bytes: the records of a
-# batch (and every load of one record) repeat them, and a lookup costs a fraction of a check
-# or a parse. Both hold only what the checks accepted; bounded, cleared when full.
+# Class names, timestamps and whole headers already read from envelopes, by their bytes: the
+# records of a batch repeat them (a batch save gives its records one timestamp), and a lookup
+# costs a fraction of a check or a parse. They hold only what the checks accepted; bounded,
+# cleared when full.
 _read_names: dict[bytes, str] = {}
 _read_moments: dict[bytes, datetime] = {}
+_read_headers: dict[bytes, tuple[str, int, datetime, datetime]] = {}
+# Where the data marker of a fixed envelope can be at the latest: after a version of up to
+# 10 digits and a class name of up to 200 characters.
+_MARKER_BY = _VERSION_AT + 10 + len(_CLASS_NAME_KEY) + 200 + 1 + len(_DATA_MARKER)
 
 
 def _fixed_envelope(raw: bytes, id: UUID) -> Record | None:
     """Read the uncompressed envelope `encode_envelope` writes by position, without a JSON
-    parser (the common case); ``None`` sends anything unusual to the general path."""
+    parser (the common case); ``None`` sends anything unusual to the general path.
+
+    The header is everything before the first data marker: a class name holds no quote, so
+    that is where a well-formed one ends, and the same header bytes always read the same."""
+    end = raw.find(_DATA_MARKER, _VERSION_AT, _MARKER_BY)
+    if end < 0 or not raw.endswith(b"}"):
+        return None
+    header = raw[:end]
+    known = _read_headers.get(header)
+    if known is None:
+        known = _read_header(header)
+        if known is None:
+            return None
+        if len(_read_headers) >= 1024:
+            _read_headers.clear()
+        _read_headers[header] = known
+    name, version, created, updated = known
+    return Record(id, name, raw[end + len(_DATA_MARKER) : -1], version, created, updated)
+
+
+def _read_header(header: bytes) -> tuple[str, int, datetime, datetime] | None:
+    """The class name, schema version and timestamps of a fixed envelope's header."""
+    end = len(header) - 1  # the quote that closes the class name
     if not (
-        raw.startswith(_ENVELOPE_START)
-        and raw.startswith(_UPDATED_KEY, _CREATED_END)
-        and raw.startswith(_VERSION_KEY, _UPDATED_END)
-        and raw.endswith(b"}")
+        header.startswith(_ENVELOPE_START)
+        and header.startswith(_UPDATED_KEY, _CREATED_END)
+        and header.startswith(_VERSION_KEY, _UPDATED_END)
+        and header.endswith(b'"')
     ):
         return None
-    comma = raw.find(b",", _VERSION_AT, _VERSION_AT + 11)
-    digits = raw[_VERSION_AT:comma]
+    comma = header.find(b",", _VERSION_AT, _VERSION_AT + 11)
+    digits = header[_VERSION_AT:comma]
     if comma < 0 or not digits.isdigit() or digits[0] == 48:  # no sign, space or leading 0
         return None
     version = int(digits)
     start = comma + len(_CLASS_NAME_KEY)
-    close = raw.find(b'"', start, start + 201)
-    if (
-        close < 0
-        or version >= 2**31
-        or not raw.startswith(_CLASS_NAME_KEY, comma)
-        or not raw.startswith(_DATA_MARKER, close + 1)
-    ):
+    if version >= 2**31 or not header.startswith(_CLASS_NAME_KEY, comma) or end - start > 200:
         return None
-    name = _read_name(raw[start:close])
-    created = _read_moment(raw[CREATED_AT_OFFSET:_CREATED_END])
-    updated = _read_moment(raw[_UPDATED_AT_AT:_UPDATED_END])
+    name = _read_name(header[start:end])
+    created = _read_moment(header[CREATED_AT_OFFSET:_CREATED_END])
+    updated = _read_moment(header[_UPDATED_AT_AT:_UPDATED_END])
     if name is None or created is None or updated is None:
         return None
-    return Record(id, name, raw[close + 1 + len(_DATA_MARKER) : -1], version, created, updated)
+    return name, version, created, updated
 
 
 def _read_name(text: bytes) -> str | None:
