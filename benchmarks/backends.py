@@ -5,6 +5,9 @@ The raw side gets the same JSON bytes from Pydantic's serializer, sends the same
 command the library sends, and validates what it reads with ``model_validate_json``; it skips
 only what a hand-written program would skip (reference checks, records, error mapping):
 
+Each raw client is configured as the library configures its own by default (pool size,
+timeouts, retries, hiredis when installed).
+
 - PostgreSQL: the library's upsert and select through an asyncpg pool of the same size, once
   with the pool's default reset on release and once with a no-op ``reset=`` (the tuned floor,
   which the library itself uses). Batches: one ``unnest`` upsert, ``WHERE id = ANY($1)``.
@@ -218,8 +221,11 @@ class RawPostgres(RawStore):
         import asyncpg  # type: ignore[import-untyped]
 
         options: dict[str, Any] = {"reset": _no_reset} if self.tuned else {}
-        # The library's pool size: min 1, max 10.
-        self.pool = await asyncpg.create_pool(POSTGRES_URL, min_size=1, max_size=10, **options)
+        # Configured as the library's pool is by default: min 1, max 10 connections, 10 s to
+        # connect, 30 s per statement.
+        self.pool = await asyncpg.create_pool(
+            POSTGRES_URL, min_size=1, max_size=10, timeout=10.0, command_timeout=30.0, **options
+        )
 
     async def close(self) -> None:
         if self.pool is not None:
@@ -264,8 +270,18 @@ class RawRedis(RawStore):
 
     async def open(self) -> None:
         from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
-        self.client = Redis.from_url(REDIS_URL)
+        # Configured as the library's client is by default: 10 s to connect and per reply,
+        # no retries inside redis-py, at most 50 connections.
+        self.client = Redis.from_url(
+            REDIS_URL,
+            socket_timeout=10.0,
+            socket_connect_timeout=10.0,
+            retry=Retry(NoBackoff(), 0),
+            max_connections=50,
+        )
 
     async def close(self) -> None:
         if self.client is not None:
