@@ -759,3 +759,32 @@ async def test_concurrent_purges_share_the_work(
         await asyncio.gather(*(other.disconnect() for other in others))
     assert sum(counts) == 1100  # each record counted by the purge that deleted it
     assert await sql.fetchval(f'SELECT count(*) FROM "{namespace}"') == 0
+
+
+async def test_a_busy_pool_bounds_the_wait_and_counts_its_connections_back(
+    postgresql_url: str,
+) -> None:
+    backend = PostgreSQLBackend(postgresql_url, min_size=1, max_size=1, timeout=0.3)
+    await backend.connect()
+    try:
+        slow = asyncio.create_task(backend._run("execute", "SELECT pg_sleep(1)"))
+        await asyncio.sleep(0.1)  # the one connection is taken
+        started = time.monotonic()
+        with pytest.raises(
+            StorageConnectionError,
+            match=r"no pooled connection \(max_size=1\) free or opened within 0.3s",
+        ):
+            await backend.read_record("Busy", uuid4())
+        assert time.monotonic() - started < 0.9
+        await slow
+        slow = asyncio.create_task(backend._run("execute", "SELECT pg_sleep(10)"))
+        await asyncio.sleep(0.1)
+        slow.cancel()  # a statement cancelled gives its connection back too
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        # Every connection is back: loads go out at once, one after another, without a bound.
+        for _ in range(3):
+            assert await backend.read_record("Busy", uuid4()) is None
+        assert backend._taken == 0
+    finally:
+        await backend.disconnect()

@@ -184,6 +184,7 @@ class PostgreSQLBackend(StorageBackend):
 
         self._pool: Any = None
         self._releases: set[asyncio.Task[None]] = set()  # hand-backs finishing after a cancel
+        self._taken = 0  # connections `_run` holds or waits for (only it takes them)
         quoted = f'"{self.table}"'
         self._index = _index_name(self.table)
         update = (
@@ -395,14 +396,19 @@ class PostgreSQLBackend(StorageBackend):
 
         Waiting for a free connection is bounded by `timeout`, as a statement is by
         `command_timeout` (asyncpg's pool would wait without end: a burst against a stalled
-        server queued behind every earlier caller's timeout). With a connection idle there is
-        no wait, and the bound is left out: asyncpg would spend a task on it.
+        server queued behind every earlier caller's timeout). While fewer than ``max_size``
+        connections are taken, one is free and there is no wait, so the bound is left out:
+        asyncpg would spend a task on it.
         """
         pool = self._open()
-        wait = None if pool.get_idle_size() else self.timeout
+        wait = None if self._taken < self.max_size else self.timeout
+        self._taken += 1
         try:
             connection = await pool.acquire(timeout=wait)
-        except TimeoutError:
+        except BaseException as exc:
+            self._taken -= 1
+            if wait is None or not isinstance(exc, TimeoutError):
+                raise
             raise TimeoutError(
                 f"no pooled connection (max_size={self.max_size}) free or opened within {wait:g}s"
             ) from None
@@ -415,11 +421,20 @@ class PostgreSQLBackend(StorageBackend):
                 # The loop is shutting down (or the caller was cancelled) while asyncpg hands
                 # the connection back. Finish the hand-back in a task of our own, created after
                 # shutdown chose what to cancel, or closing the pool waits `timeout` for a
-                # connection it still believes in use.
+                # connection it still believes in use; the connection counts as taken until
+                # it is back.
                 task = asyncio.get_running_loop().create_task(pool.release(connection))
                 self._releases.add(task)
-                task.add_done_callback(self._releases.discard)
+                task.add_done_callback(self._released)
                 raise
+            except BaseException:
+                self._taken -= 1
+                raise
+            self._taken -= 1
+
+    def _released(self, task: asyncio.Task[None]) -> None:
+        self._releases.discard(task)
+        self._taken -= 1
 
     def _open(self) -> Any:
         if self._pool is None:
