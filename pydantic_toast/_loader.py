@@ -50,21 +50,16 @@ class _Loader:
         self.in_flight = 0
         self.serving: set[asyncio.Task[None]] = set()
 
-    async def load(self, class_name: str, id: UUID) -> Record | None:
+    def join(self, class_name: str, id: UUID) -> asyncio.Future[Record | None]:
+        """The record's future, set by the batch read of this loop turn."""
         gathering = self.gathering
-        if gathering is None and not self.in_flight:  # nothing else under way: go at once
-            self.in_flight += 1
-            try:
-                return await self.backend().read_record(class_name, id)
-            finally:
-                self.in_flight -= 1
         loop = asyncio.get_running_loop()
         if gathering is None:  # the first to join in this turn: read them all at its end
             self.gathering = gathering = {}
             loop.call_soon(self._flush, gathering)
         future: asyncio.Future[Record | None] = loop.create_future()
         gathering.setdefault((class_name, id), []).append(future)
-        return await future
+        return future
 
     def _flush(self, gathering: _Waiters) -> None:
         """The turn ended: read what gathered in it, in a task of its own."""
@@ -160,7 +155,13 @@ async def load_record(backend: StorageBackend, class_name: str, id: UUID) -> Rec
     loader = _loaders.get(backend)
     if loader is None:
         loader = _loaders[backend] = _Loader(backend)
-    return await loader.load(class_name, id)
+    if loader.gathering is None and not loader.in_flight:  # nothing else under way: go at once
+        loader.in_flight += 1
+        try:
+            return await backend.read_record(class_name, id)
+        finally:
+            loader.in_flight -= 1
+    return await loader.join(class_name, id)
 
 
 async def cancel_batch_reads(backends: Iterable[StorageBackend]) -> None:

@@ -299,7 +299,22 @@ class StorageBackend(ABC):
 
     async def read_record(self, class_name: str, id: UUID) -> Record | None:
         """The record of ``class_name`` stored for ``id``, or ``None``."""
-        return await self.__read_one(class_name, id)
+        # `__read_many` of one id, written out: the hot path of a single load, without its
+        # chunking and with the primitive awaited here, one coroutine frame instead of three.
+        check_class_name(class_name)
+        _check_id(id)
+        ids = (id,)
+        try:
+            (found,) = await self.get_many(class_name, ids)
+        except Exception as exc:
+            failure = self.__failure(exc, _doing("load", ids, class_name))
+            if failure is exc:
+                raise
+            raise failure from exc
+        if found is None:
+            return None
+        record = decode_stored(found, id, class_name)
+        return record if record.class_name == class_name else None
 
     async def write_records(self, records: Sequence[Record]) -> None:
         """Store many records; each one keeps a stored ``created_at`` and is given it.
@@ -485,19 +500,6 @@ class StorageBackend(ABC):
         if todo:
             await self.__put_checked(todo)
         return unchanged
-
-    async def __read_one(self, class_name: str, id: UUID) -> Record | None:
-        """`__read_many` of one id, without its chunking (the hot path of a single load)."""
-        check_class_name(class_name)
-        _check_id(id)
-        ids = (id,)
-        (found,) = await self.__run_primitive(
-            _doing("load", ids, class_name), self.get_many(class_name, ids)
-        )
-        if found is None:
-            return None
-        record = decode_stored(found, id, class_name)
-        return record if record.class_name == class_name else None
 
     async def __read_many(self, class_name: str, ids: Sequence[UUID]) -> list[Record | None]:
         check_class_name(class_name)
@@ -705,19 +707,26 @@ class StorageBackend(ABC):
         and ``failed`` are only looked at then: on the way through they cost nothing)."""
         try:
             return await operation
-        except (StorageConnectionError, StorageOperationError) as exc:
-            if failed is not None and not exc.failed_ids:
-                exc.failed_ids = [str(id) for id in failed()]
-            raise
-        except ExternalStorageError:
-            raise
         except Exception as exc:
-            failure = self.map_error(exc, doing)
-            if failed is not None and isinstance(
-                failure, StorageConnectionError | StorageOperationError
-            ):
-                failure.failed_ids = [str(id) for id in failed()]
+            failure = self.__failure(exc, doing, failed)
+            if failure is exc:
+                raise
             raise failure from exc
+
+    def __failure(
+        self, exc: Exception, doing: object, failed: Callable[[], Sequence[UUID]] | None = None
+    ) -> Exception:
+        """What a failed primitive raises: the library's own errors as they are, any other
+        mapped by `map_error`; a connection or operation error is given the ids ``failed``
+        names (those it may have left unwritten) unless it names some already."""
+        failure = exc if isinstance(exc, ExternalStorageError) else self.map_error(exc, doing)
+        if (
+            failed is not None
+            and isinstance(failure, StorageConnectionError | StorageOperationError)
+            and not (failure is exc and failure.failed_ids)
+        ):
+            failure.failed_ids = [str(id) for id in failed()]
+        return failure
 
     def map_error(self, exc: Exception, doing: object) -> ExternalStorageError:
         """Our error for a driver's: transient, refused data, or a permanent failure. The
