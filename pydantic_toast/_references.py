@@ -24,7 +24,7 @@ _MAX_ID_LENGTH = 64
 # Pydantic's UUID parser: a third of the cost of `UUID(text)` (every loaded reference pays it),
 # and stricter: it takes the hyphenated, plain, braced and URN spellings, and refuses what
 # `UUID` lets through, such as hyphens out of place, spaces or non-ASCII digits.
-_UUID_TEXT = TypeAdapter(UUID)
+_UUID_TEXT = TypeAdapter(UUID).validator
 
 
 class ExternalReference(TypedDict):
@@ -49,9 +49,10 @@ def parse_id(value: object) -> UUID | None:
     if not isinstance(value, str) or len(value) > _MAX_ID_LENGTH:
         return None
     try:
-        return _UUID_TEXT.validate_python(value)
+        parsed: UUID = _UUID_TEXT.validate_python(value)
     except ValidationError:
         return None
+    return parsed
 
 
 _PLAIN_KEYS = frozenset({"class_name", "id"})

@@ -295,7 +295,21 @@ class StorageBackend(ABC):
     async def write_record(self, record: Record) -> None:
         """Store a record, keeping the stored ``created_at`` when one exists (the record is
         given it)."""
-        await self.__write_many((record,))
+        if not self.capabilities.keeps_created_at:
+            await self.__write_many((record,))
+            return
+        # `__write_many` of one record on an engine that keeps created_at itself, written
+        # out: the hot path of a single save, one coroutine frame instead of four.
+        check_class_name(record.class_name)
+        _check_id(record.id)
+        records = (record,)
+        try:
+            (record.created_at,) = self.__kept(records, await self.put_many(records))
+        except Exception as exc:
+            failure = self.__failure(exc, _doing("save", records), lambda: [record.id])
+            if failure is exc:
+                raise
+            raise failure from exc
 
     async def read_record(self, class_name: str, id: UUID) -> Record | None:
         """The record of ``class_name`` stored for ``id``, or ``None``."""
@@ -362,12 +376,6 @@ class StorageBackend(ABC):
                 checked = check_class_name(record.class_name)
             if type(record.id) is not UUID:
                 _check_id(record.id)
-        if len(records) == 1 and self.capabilities.keeps_created_at:  # the hot path
-            (record,) = records
-            (record.created_at,) = await self.__run_primitive(
-                _doing("save", records), self.__put_checked(records), lambda: [record.id]
-            )
-            return
         if len(records) > 1:
             unique = list({record.id: record for record in records}.values())
             if len(unique) < len(records):  # a store may not upsert one id twice at once
@@ -438,6 +446,12 @@ class StorageBackend(ABC):
         kept = await self.put_many(records)
         if not self.capabilities.keeps_created_at:
             return [record.created_at for record in records]
+        return self.__kept(records, kept)
+
+    def __kept(
+        self, records: Sequence[Record], kept: Sequence[datetime] | None
+    ) -> Sequence[datetime]:
+        """The ``created_at`` of each record that `put_many` says it kept, checked."""
         if kept is None or len(kept) != len(records):
             raise TypeError(f"{type(self).__name__}.put_many must return one created_at each")
         return kept
