@@ -5,8 +5,8 @@ The raw side gets the same JSON bytes from Pydantic's serializer, sends the same
 command the library sends, and validates what it reads with ``model_validate_json``; it skips
 only what a hand-written program would skip (reference checks, records, error mapping):
 
-Each raw client is configured as the library configures its own by default (pool size,
-timeouts, retries, hiredis when installed).
+Each raw client is configured as the library configures its own by default (timeouts,
+retries, hiredis when installed; the asyncpg pool's size too).
 
 - PostgreSQL: the library's upsert and select through an asyncpg pool of the same size, once
   with the pool's default reset on release and once with a no-op ``reset=`` (the tuned floor,
@@ -274,13 +274,10 @@ class RawRedis(RawStore):
         from redis.backoff import NoBackoff
 
         # Configured as the library's client is by default: 10 s to connect and per reply,
-        # no retries inside redis-py, at most 50 connections.
+        # no retries inside redis-py. Its pool is left unbounded: redis-py's bounded pool
+        # fails the 65th concurrent command, where the library's makes it wait its turn.
         self.client = Redis.from_url(
-            REDIS_URL,
-            socket_timeout=10.0,
-            socket_connect_timeout=10.0,
-            retry=Retry(NoBackoff(), 0),
-            max_connections=50,
+            REDIS_URL, socket_timeout=10.0, socket_connect_timeout=10.0, retry=Retry(NoBackoff(), 0)
         )
 
     async def close(self) -> None:
