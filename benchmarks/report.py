@@ -102,7 +102,8 @@ def _single(rows: list[Row]) -> str:
 def _batch(rows: list[Row]) -> str:
     return table(
         "Batches: median ms per batch of n 200 B models (n singles: n awaited single operations;"
-        " raw speedup: the raw driver's n singles against its best batch)",
+        " raw speedup: the raw driver's n singles against its best batch; CPU us/record: this"
+        " process's CPU per record beyond the best raw batch's)",
         [
             "backend",
             "op",
@@ -115,6 +116,7 @@ def _batch(rows: list[Row]) -> str:
             "lib/raw",
             "raw n singles",
             "raw speedup",
+            "CPU us/record",
         ],
         [
             [
@@ -129,6 +131,7 @@ def _batch(rows: list[Row]) -> str:
                 r["ratio"],
                 r["raw_sequential_ms"],
                 r["raw_speedup"],
+                r["cpu_us_per_record"],
             ]
             for r in rows
         ],
@@ -415,10 +418,10 @@ def evaluate_floor_targets(sections: dict[str, list[Row]]) -> list[Row]:
         case = f"{r['backend']} {r['op']} x{r['batch_size']}"
         _check(checks, "batch vs best raw batch", case, r["ratio"], 1.25, True)
         _check(checks, "batch speedup over singles", case, r["speedup"], 25, False)
-        # Wall time per record beyond the raw driver's best batch (its script's work on the
-        # Redis server included): what the library costs on top of the driver and Pydantic.
-        extra_us = (r["library_batch_ms"] - r["raw_best_ms"]) * 1000 / r["batch_size"]
-        _check(checks, "library us per record beyond raw", case, round(extra_us, 2), 2, True)
+        # This process's CPU per record beyond the raw driver's best batch: what the library
+        # costs on top of the driver and Pydantic (the servers' work, such as the Redis
+        # script's, is not in it; the lib/raw ratio above counts it).
+        _check(checks, "library CPU us per record", case, r["cpu_us_per_record"], 2, True)
     for r in sections.get("concurrency", []):
         if r["backend"] in ("postgresql", "redis") and r["op"] == "load":
             case = f"{r['backend']} {r['op']} x{r['tasks']} tasks"

@@ -163,8 +163,10 @@ async def batch(target: Target, settings: Settings) -> list[Row]:
 
     rows: list[Row] = []
     for op, ops in (("save", savers), ("load", loaders)):
-        samples = await interleaved_runs(ops, rounds=rounds, warmup=1)
+        cpu_samples: dict[str, list[float]] = {}
+        samples = await interleaved_runs(ops, rounds=rounds, warmup=1, cpu=cpu_samples)
         times = {name: median(values) for name, values in samples.items()}
+        cpu = {name: median(values) for name, values in cpu_samples.items()}
         raw_sequential = times.pop("raw sequential")
         raws = {name: time for name, time in times.items() if name.startswith("raw")}
         best = min(raws, key=raws.__getitem__)
@@ -183,6 +185,10 @@ async def batch(target: Target, settings: Settings) -> list[Row]:
                 "raw_ms": {name: _ms(time) for name, time in raws.items()},
                 "raw_sequential_ms": _ms(raw_sequential),
                 "raw_speedup": _ratio(raw_sequential, raws[best]),
+                # This process's CPU per batch: the library's, and the best raw batch's.
+                "library_cpu_ms": _ms(cpu["library"]),
+                "raw_best_cpu_ms": _ms(cpu[best]),
+                "cpu_us_per_record": round((cpu["library"] - cpu[best]) * 1e6 / size, 2),
             }
         )
     return rows

@@ -27,37 +27,54 @@ async def call(op: Op) -> Any:
 
 
 async def interleaved(
-    ops: dict[str, Op], *, blocks: int, block_size: int, warmup: int = 1
+    ops: dict[str, Op],
+    *,
+    blocks: int,
+    block_size: int,
+    warmup: int = 1,
+    cpu: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each op, run in alternating blocks of ``block_size`` calls.
+    """Seconds per call of each op, run in alternating blocks of ``block_size`` calls; with
+    ``cpu``, each call's CPU seconds in this thread too (the servers' work left out, which
+    makes it the steadier measure of what the Python side costs).
 
     Block ``b`` starts with op ``b mod n`` and goes round, so no op always runs first (or
     right after another one's garbage). The first ``warmup`` rounds are not recorded.
     """
     names = list(ops)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    clock = time.perf_counter
+    if cpu is not None:
+        cpu.update({name: [] for name in names})
+    clock, cpu_clock = time.perf_counter, time.thread_time
     for block in range(warmup + blocks):
         shift = block % len(names)
         for name in names[shift:] + names[:shift]:
             op = ops[name]
-            times = []
+            times, cpu_times = [], []
             for _ in range(block_size):
-                start = clock()
+                start, cpu_start = clock(), cpu_clock()
                 result = op()
                 if inspect.isawaitable(result):
                     await result
                 times.append(clock() - start)
+                cpu_times.append(cpu_clock() - cpu_start)
             if block >= warmup:
                 samples[name].extend(times)
+                if cpu is not None:
+                    cpu[name].extend(cpu_times)
     return samples
 
 
 async def interleaved_runs(
-    ops: dict[str, Op], *, rounds: int, warmup: int = 0
+    ops: dict[str, Op],
+    *,
+    rounds: int,
+    warmup: int = 0,
+    cpu: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
-    """Seconds of each op (a whole batch, say), one run of each per round."""
-    return await interleaved(ops, blocks=rounds, block_size=1, warmup=warmup)
+    """Seconds of each op (a whole batch, say), one run of each per round (CPU seconds in
+    ``cpu`` too, when given)."""
+    return await interleaved(ops, blocks=rounds, block_size=1, warmup=warmup, cpu=cpu)
 
 
 def median(samples: list[float]) -> float:

@@ -32,7 +32,7 @@ from pydantic_toast._records import keyring_of
 from pydantic_toast._references import ExternalReference, ReferenceLike, reference_id
 from pydantic_toast._retry import with_backend
 from pydantic_toast.backends.base import StorageBackend
-from pydantic_toast.backends.records import Record
+from pydantic_toast.backends.records import Record, id_texts
 
 if TYPE_CHECKING:
     from pydantic_toast._model import ExternalBaseModel
@@ -98,9 +98,14 @@ async def save_many(cls: type[M], models: Iterable[M]) -> list[ExternalReference
                 raise StorageValidationError(
                     f"save_external_many of {cls.__name__} got {type(model).__name__}"
                 )
-            if id(model) not in records:
-                record = records[id(model)] = model._to_record(now)
-                batches.setdefault(type(model).__external_settings__.storage, []).append(record)
+            key = id(model)
+            if key not in records:
+                record = records[key] = model._to_record(now)
+                storage = type(model).__external_settings__.storage
+                batch = batches.get(storage)
+                if batch is None:
+                    batch = batches[storage] = []
+                batch.append(record)
         groups = list(batches.items())
         for index, (storage, batch) in enumerate(groups):
             writer = _BatchWriter(batch)
@@ -119,11 +124,18 @@ async def save_many(cls: type[M], models: Iterable[M]) -> list[ExternalReference
                     if str(records[id(model)].id) not in unconfirmed:
                         model._remember(records[id(model)])
                 raise
-        for model in models:
-            model._remember(records[id(model)])
+        saved = [records[id(model)] for model in models]
+        for model, record in zip(models, saved, strict=True):
+            model._remember(record)
         if op is not None:
             op.records = records.values()
-    return [_reference(settings, records[id(model)]) for model in models]
+    if settings.signed_references:
+        return [_reference(settings, record) for record in saved]
+    texts = id_texts([record.id for record in saved])
+    return [
+        {"class_name": record.class_name, "id": text}
+        for record, text in zip(saved, texts, strict=True)
+    ]
 
 
 class _BatchWriter:

@@ -57,6 +57,7 @@ from pydantic_toast.backends.records import (
     StoredInfo,
     check_class_name,
     encode_envelope,
+    id_texts,
     timestamp_text,
 )
 
@@ -369,6 +370,10 @@ class RedisBackend(StorageBackend):
     def _key(self, class_name: str, id: UUID) -> str:
         return f"{self.prefix}:{class_name}:{id}"
 
+    def _keys(self, class_name: str, ids: Sequence[UUID]) -> list[str]:
+        start = f"{self.prefix}:{class_name}:"
+        return [start + text for text in id_texts(ids)]
+
     async def _acquire(self) -> Redis:
         """The client, once a connection is free; release `_gate` after the command."""
         client = self._client
@@ -426,7 +431,11 @@ class RedisBackend(StorageBackend):
             for ttl_ms, group in by_ttl.items():  # one group, unless classes with TTLs mix
                 pairs = [(record, _envelope(record)) for record in group]
                 for call in _script_calls(pairs):
-                    keys = [self._key(record.class_name, record.id) for record, _ in call]
+                    texts = id_texts([record.id for record, _ in call])
+                    keys = [
+                        f"{self.prefix}:{record.class_name}:{text}"
+                        for (record, _), text in zip(call, texts, strict=True)
+                    ]
                     values = [value for _, value in call]
                     reply = await self._evalsha(client, keys, (ttl_ms, *values))
                     replies = [reply] if len(call) == 1 else reply
@@ -529,7 +538,7 @@ class RedisBackend(StorageBackend):
         return _kept_created_at(record, value, old)
 
     async def get_many(self, class_name: str, ids: Sequence[UUID]) -> list[bytes | None]:
-        keys = [self._key(class_name, id) for id in ids]
+        keys = self._keys(class_name, ids)
         client = await self._acquire()
         try:
             if len(keys) == 1:
@@ -555,7 +564,7 @@ class RedisBackend(StorageBackend):
             self._gate.release()
 
     async def delete_many(self, class_name: str, ids: Sequence[UUID]) -> int:
-        keys = [self._key(class_name, id) for id in ids]
+        keys = self._keys(class_name, ids)
         client = await self._acquire()
         try:
             return int(await client.execute_command("UNLINK", *keys))  # type: ignore[no-untyped-call]
@@ -565,7 +574,7 @@ class RedisBackend(StorageBackend):
     async def delete_stale(self, class_name: str, ids: Sequence[UUID], before: datetime) -> int:
         """One script call: Redis runs it atomically, so a record written again since the
         caller looked (its `updated_at` refreshed) is never deleted."""
-        keys = [self._key(class_name, id) for id in ids]
+        keys = self._keys(class_name, ids)
         cutoff = timestamp_text(before.astimezone(UTC)).encode()
         client = await self._acquire()
         try:

@@ -231,7 +231,7 @@ class RedisClusterBackend(RedisBackend):
         if len(ids) == 1:
             return await super().get_many(class_name, ids)
         by_slot: dict[int, list[int]] = {}
-        keys = [self._key(class_name, id) for id in ids]
+        keys = self._keys(class_name, ids)
         for index, key in enumerate(keys):
             by_slot.setdefault(self._slot(key), []).append(index)
         client = await self._cluster()
@@ -270,7 +270,7 @@ class RedisClusterBackend(RedisBackend):
     async def delete_stale(self, class_name: str, ids: Sequence[UUID], before: datetime) -> int:
         """The single server's script, once per slot: a script's keys must share one."""
         cutoff = timestamp_text(before.astimezone(UTC)).encode()
-        by_slot = self._by_slot([self._key(class_name, id) for id in ids])
+        by_slot = self._by_slot(self._keys(class_name, ids))
         replies = await self._per_slot(
             [[keys, ["EVAL", _DELETE_STALE_SCRIPT, len(keys), *keys, cutoff]] for keys in by_slot]
         )
