@@ -29,7 +29,12 @@ from pydantic_toast._errors import (
 )
 from pydantic_toast._loader import load_record
 from pydantic_toast._records import keyring_of
-from pydantic_toast._references import ExternalReference, ReferenceLike, reference_id
+from pydantic_toast._references import (
+    ExternalReference,
+    ReferenceLike,
+    reference_id,
+    reference_ids,
+)
 from pydantic_toast._retry import with_backend
 from pydantic_toast.backends.base import StorageBackend
 from pydantic_toast.backends.records import Record, id_texts
@@ -195,7 +200,7 @@ async def load_many(
     operation = _telemetry.start(_telemetry.LOAD_MANY, settings.storage, name, len(references))
     with operation or _telemetry.NOTHING as op:
         signer = _signer(settings)
-        ids = [reference_id(reference, name, signer) for reference in references]
+        ids = reference_ids(references, name, signer)
         unique = list(dict.fromkeys(ids))
         stored = await with_backend(
             settings.storage, lambda b: b.read_records(name, unique), settings.retry, op
@@ -230,7 +235,7 @@ async def delete_many(
     operation = _telemetry.start(_telemetry.DELETE_MANY, settings.storage, name, len(references))
     with operation or _telemetry.NOTHING as op:
         signer = _signer(settings)
-        ids = list(dict.fromkeys(reference_id(reference, name, signer) for reference in references))
+        ids = list(dict.fromkeys(reference_ids(references, name, signer)))
         missing: list[str] = []
         if not missing_ok:  # one read first, to name the missing ids
             found = await with_backend(

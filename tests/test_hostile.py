@@ -385,3 +385,25 @@ class Fuzzed(ExternalBaseModel):
 def test_json_dumps_of_references_is_plain() -> None:
     reference = Fuzzed(value=1).save_external_sync()
     assert json.loads(json.dumps(reference)) == reference
+
+
+def test_a_batch_of_references_is_checked_as_each_one_is() -> None:
+    from pydantic_toast._references import reference_ids
+
+    texts = [FUZZED_ID, FUZZED_ID.upper(), "{" + FUZZED_ID + "}", FUZZED_ID.replace("-", "")]
+    batch = [{"class_name": "Fuzzed", "id": text} for text in texts]
+    assert reference_ids(batch, "Fuzzed") == [UUID(FUZZED_ID)] * 4
+    mixed = [*batch, {"class_name": "Fuzzed", "id": UUID(FUZZED_ID)}]  # a UUID, not a string
+    assert reference_ids(mixed, "Fuzzed") == [UUID(FUZZED_ID)] * 5
+    assert reference_ids([], "Fuzzed") == []
+    for bad, message in [
+        ({"class_name": "Fuzzed", "id": " " + FUZZED_ID[1:]}, "Fuzzed: invalid id ' b0f5a52-"),
+        ({"class_name": "Fuzzed", "id": "x" * 65}, "Fuzzed: invalid id 'xxxxxxxx"),
+        ({"class_name": "Other", "id": FUZZED_ID}, "reference is for class 'Other', not Fuzzed"),
+        ({"class_name": "Fuzzed", "id": FUZZED_ID, "x": 1}, "a reference has only"),
+        ({"class_name": "Fuzzed"}, "Fuzzed: invalid id None: not a UUID"),
+    ]:
+        with pytest.raises(StorageValidationError, match=re.escape(message)):
+            reference_ids([*batch, bad, *batch], "Fuzzed")
+        with pytest.raises(StorageValidationError, match=re.escape(message)):
+            run_sync(Fuzzed.load_external_many([*batch, bad]))
