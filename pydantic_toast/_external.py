@@ -455,6 +455,9 @@ class _Session:
         self.staged: dict[str | int, tuple[Storage, list[Record]]] = {}
         self.fetched: dict[tuple[str | int, str, UUID], Record | None] = {}
         self.resolving: list[tuple[str | int, str, UUID]] = []
+        # The moment of a batched dump's writes, one for all of them (as a batch save has):
+        # formatted once, and one envelope header shared by every record read back.
+        self.written_at: datetime | None = None
 
     def store(self, target: _Target, value: Any, storage: Storage, context: Any) -> Any:
         if self.batched:
@@ -462,7 +465,9 @@ class _Session:
             if known is not None:
                 record = known[1]
             else:
-                record = self._record(target, value, context, None)
+                if self.written_at is None:
+                    self.written_at = datetime.now(UTC)
+                record = self._record(target, value, context, None, self.written_at)
                 self.stored[id(value)] = (value, record)
                 self.staged.setdefault(_storage_key(storage), (storage, []))[1].append(record)
         else:
@@ -471,7 +476,7 @@ class _Session:
             # cannot be weakly referenced is simply written again under a new id.
             seen = self.seen.get(id(value))
             earlier = seen[1] if seen is not None and seen[0]() is value else None
-            record = self._record(target, value, context, earlier)
+            record = self._record(target, value, context, earlier, datetime.now(UTC))
             with contextlib.suppress(TypeError):
                 key = id(value)
                 self.seen[key] = (weakref.ref(value, lambda _: self.seen.pop(key, None)), record)
@@ -481,8 +486,9 @@ class _Session:
         return target.reference_to(record)
 
     @staticmethod
-    def _record(target: _Target, value: Any, context: Any, earlier: Record | None) -> Record:
-        now = datetime.now(UTC)
+    def _record(
+        target: _Target, value: Any, context: Any, earlier: Record | None, now: datetime
+    ) -> Record:
         if isinstance(value, ExternalBaseModel):
             return value._to_record(now, context=context)
         try:
