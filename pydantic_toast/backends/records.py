@@ -227,6 +227,10 @@ def _json_bytes(value: object) -> bytes:
 def decode_stored(stored: object, id: UUID, class_name: str) -> Record:
     """Decode what a store returned for ``id``: an envelope (bytes), a `StoredRow`, a
     four-method backend's dict or a `Record`. Anything wrong is a `CorruptRecordError`."""
+    if type(stored) is bytes:  # the common envelope, read by position (it never raises)
+        record = _fixed_envelope(stored, id)
+        if record is not None:
+            return record
     try:
         return _decode(stored, id)
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
