@@ -97,9 +97,10 @@ _QUOTE_AT = CREATED_AT_OFFSET + CREATED_AT_WIDTH  # index of the quote closing `
 assert len(_HEAD) == CREATED_AT_OFFSET, "the envelope layout changed"
 
 # KEYS: the records' keys; ARGV[1]: TTL in milliseconds ("0": none); ARGV[i + 1]: KEYS[i]'s
-# envelope. Returns the `created_at` kept from the stored record (false: none), as a list
-# when there are several keys. A re-save usually sends the stored `created_at` back: found
-# equal, it is kept without matching the pattern. SETRANGE runs only when it differs.
+# envelope. Returns the `created_at` kept from the stored record where it differs from the
+# one written (false: none stored, or the same), as a list when there are several keys. A
+# re-save usually sends the stored `created_at` back: found equal, it is kept without
+# matching the pattern, and the reply stays small. SETRANGE runs only when it differs.
 _WRITE_SCRIPT = f"""
 local ttl = ARGV[1]
 local kept = {{}}
@@ -114,7 +115,7 @@ for i, key in ipairs(KEYS) do
   kept[i] = false
   local mine = string.sub(value, {CREATED_AT_OFFSET + 1}, {_QUOTE_AT + 1})
   if string.sub(old, {CREATED_AT_OFFSET + 1}) == mine then
-    kept[i] = string.sub(mine, 1, {CREATED_AT_WIDTH})
+    -- the same created_at: nothing to report
   elseif string.sub(old, 1, {CREATED_AT_OFFSET}) == [==[{_HEAD.decode()}]==] then
     local created = string.sub(old, {CREATED_AT_OFFSET + 1})
     if string.find(created, [==[{_TIMESTAMP}]==]) then
@@ -788,8 +789,8 @@ def _envelope(record: Record) -> bytes:
 
 
 def _kept_created_at(record: Record, value: bytes, kept: bytes | None) -> datetime:
-    """The ``created_at`` the script kept (``None``: nothing was stored, so the record's
-    own); parsed only when it differs from the one just written."""
+    """The ``created_at`` the script kept (``None``: nothing was stored, or the record's own
+    was, so the record's own); parsed only when it differs from the one just written."""
     if kept is None or kept == value[CREATED_AT_OFFSET:_QUOTE_AT]:
         return record.created_at
     try:
