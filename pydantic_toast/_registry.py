@@ -32,6 +32,7 @@ __all__ = [
     "check_storage_url",
     "close_running_loop_backends",
     "get_backend",
+    "live_backend",
     "register_backend",
 ]
 
@@ -173,15 +174,19 @@ _live: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopBackends] = (
 )
 
 
+def live_backend(url: str) -> StorageBackend | None:
+    """The connected backend for ``url`` in the running loop, if there is one (no await:
+    every operation asks, and nearly always finds it)."""
+    per_loop = _live.get(asyncio.get_running_loop())
+    return None if per_loop is None else per_loop.backends.get(url)
+
+
 async def get_backend(url: str) -> StorageBackend:
     """The connected backend for ``url`` in the running loop, connecting it on first use."""
-    loop = asyncio.get_running_loop()
-    per_loop = _live.get(loop)
-    if per_loop is not None:
-        backend = per_loop.backends.get(url)
-        if backend is not None:
-            return backend
-    return await _connect(loop, url)
+    backend = live_backend(url)
+    if backend is not None:
+        return backend
+    return await _connect(asyncio.get_running_loop(), url)
 
 
 async def _connect(loop: asyncio.AbstractEventLoop, url: str) -> StorageBackend:

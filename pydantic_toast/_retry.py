@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from pydantic_toast._errors import StorageConnectionError
-from pydantic_toast._registry import get_backend
+from pydantic_toast._registry import get_backend, live_backend
 from pydantic_toast.backends.base import StorageBackend
 
 if TYPE_CHECKING:
@@ -53,7 +53,10 @@ async def with_backend(
     attempt = 0
     while True:
         try:
-            return await operation(await get_backend(storage))
+            backend = live_backend(storage)
+            if backend is None:
+                backend = await get_backend(storage)
+            return await operation(backend)
         except StorageConnectionError:
             if attempt >= policy.retries:
                 raise
