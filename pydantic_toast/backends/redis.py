@@ -539,10 +539,11 @@ class RedisBackend(StorageBackend):
         return _kept_created_at(record, value, old)
 
     async def get_many(self, class_name: str, ids: Sequence[UUID]) -> list[bytes | None]:
-        keys = self._keys(class_name, ids)
+        one = len(ids) == 1
+        keys = [self._key(class_name, ids[0])] if one else self._keys(class_name, ids)
         client = await self._acquire()
         try:
-            if len(keys) == 1:
+            if one:
                 try:
                     return [await client.execute_command("GET", keys[0])]  # type: ignore[no-untyped-call]
                 except redis_errors.ResponseError as exc:
