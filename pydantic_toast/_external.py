@@ -529,6 +529,7 @@ class _Session:
     async def flush(self) -> None:
         """Write everything staged, one batch per backend, then give models their metadata."""
         staged, self.staged = self.staged, {}
+        self.written_at = None  # what a reused session stores later is stamped afresh
         await asyncio.gather(
             *(_write_many(storage, records) for storage, records in staged.values())
         )

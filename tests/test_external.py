@@ -566,3 +566,28 @@ def test_a_dropped_target_class_is_neither_kept_nor_consulted(memory_url: str) -
         Annotated[int, i]
     gc.collect()
     assert dropped() is None
+
+
+async def test_a_batched_dump_stamps_its_records_once_and_a_reused_batch_afresh(
+    memory_url: str,
+) -> None:
+    from pydantic_toast._external import DumpBatch
+
+    class Pair(BaseModel):
+        lines: list[External[Line]]
+
+    async def stamps(dumped: dict[str, Any]) -> list[dt.datetime]:
+        backend = await get_backend(memory_url)
+        records = await backend.read_records("Line", [UUID(r["id"]) for r in dumped["lines"]])
+        return [record.updated_at for record in records if record is not None]
+
+    batch = DumpBatch(memory_url)
+    first = Pair(lines=[Line(sku="a", quantity=1), Line(sku="b", quantity=2)])
+    dumped = first.model_dump(context=batch.context)
+    await batch.flush()
+    first_stamps = await stamps(dumped)
+    assert len(first_stamps) == 2 and first_stamps[0] == first_stamps[1]  # one moment
+    await asyncio.sleep(0.002)
+    later = Pair(lines=[Line(sku="c", quantity=3)]).model_dump(context=batch.context)
+    await batch.flush()
+    assert (await stamps(later))[0] > first_stamps[0]  # stamped when stored, not reused
