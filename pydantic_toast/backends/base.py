@@ -319,12 +319,13 @@ class StorageBackend(ABC):
         _check_id(id)
         ids = (id,)
         try:
-            (found,) = await self.get_many(class_name, ids)
+            stored = await self.get_many(class_name, ids)
         except Exception as exc:
             failure = self.__failure(exc, _doing("load", ids, class_name))
             if failure is exc:
                 raise
             raise failure from exc
+        (found,) = stored  # outside: a primitive that breaks its contract is no store error
         if found is None:
             return None
         record = decode_stored(found, id, class_name)
