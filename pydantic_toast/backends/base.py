@@ -41,7 +41,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 from uuid import UUID
 
 from pydantic_toast._errors import (
@@ -305,11 +305,8 @@ class StorageBackend(ABC):
         records = (record,)
         try:
             (record.created_at,) = self.__kept(records, await self.put_many(records))
-        except Exception as exc:
-            failure = self.__failure(exc, _doing("save", records), lambda: [record.id])
-            if failure is exc:
-                raise
-            raise failure from exc
+        except Exception as exc:  # noqa: BLE001 - raised again, as ours
+            self.__raise_failure(exc, _doing("save", records), lambda: [record.id])
 
     async def read_record(self, class_name: str, id: UUID) -> Record | None:
         """The record of ``class_name`` stored for ``id``, or ``None``."""
@@ -320,11 +317,8 @@ class StorageBackend(ABC):
         ids = (id,)
         try:
             stored = await self.get_many(class_name, ids)
-        except Exception as exc:
-            failure = self.__failure(exc, _doing("load", ids, class_name))
-            if failure is exc:
-                raise
-            raise failure from exc
+        except Exception as exc:  # noqa: BLE001 - raised again, as ours
+            self.__raise_failure(exc, _doing("load", ids, class_name))
         (found,) = stored  # outside: a primitive that breaks its contract is no store error
         if found is None:
             return None
@@ -722,18 +716,16 @@ class StorageBackend(ABC):
         and ``failed`` are only looked at then: on the way through they cost nothing)."""
         try:
             return await operation
-        except Exception as exc:
-            failure = self.__failure(exc, doing, failed)
-            if failure is exc:
-                raise
-            raise failure from exc
+        except Exception as exc:  # noqa: BLE001 - raised again, as ours
+            self.__raise_failure(exc, doing, failed)
 
-    def __failure(
+    def __raise_failure(
         self, exc: Exception, doing: object, failed: Callable[[], Sequence[UUID]] | None = None
-    ) -> Exception:
-        """What a failed primitive raises: the library's own errors as they are, any other
-        mapped by `map_error`; a connection or operation error is given the ids ``failed``
-        names (those it may have left unwritten) unless it names some already."""
+    ) -> NoReturn:
+        """Raise what a failed primitive raises: the library's own errors as they are, any
+        other mapped by `map_error` (with the driver's as its cause); a connection or
+        operation error is given the ids ``failed`` names (those it may have left unwritten)
+        unless it names some already."""
         failure = exc if isinstance(exc, ExternalStorageError) else self.map_error(exc, doing)
         if (
             failed is not None
@@ -741,7 +733,9 @@ class StorageBackend(ABC):
             and not (failure is exc and failure.failed_ids)
         ):
             failure.failed_ids = [str(id) for id in failed()]
-        return failure
+        if failure is exc:
+            raise exc
+        raise failure from exc
 
     def map_error(self, exc: Exception, doing: object) -> ExternalStorageError:
         """Our error for a driver's: transient, refused data, or a permanent failure. The
