@@ -243,10 +243,11 @@ def decode_stored(stored: object, id: UUID, class_name: str) -> Record:
 def _decode(stored: object, id: UUID) -> Record:
     kind = type(stored)
     if kind is bytes:
-        return _decode_envelope(stored, id)  # type: ignore[arg-type]
+        return _decode_envelope(stored, id)  # type: ignore[arg-type]  # not read by position
     if kind not in _ROW_TYPES:
         if isinstance(stored, bytes | bytearray | memoryview):
-            return _decode_envelope(bytes(stored), id)
+            raw = bytes(stored)
+            return _fixed_envelope(raw, id) or _decode_envelope(raw, id)
         if isinstance(stored, Record):
             return stored.copy()  # the caller may change its copy
         if isinstance(stored, dict):
@@ -507,10 +508,8 @@ def decode_envelope(raw: bytes, id: UUID, class_name: str) -> Record:
 def _decode_envelope(raw: bytes, id: UUID) -> Record:
     """Only the small metadata header is parsed here; the model's JSON is validated later by
     the model itself. A compressed record is expanded only up to the size its header
-    declares, and never past `MAX_DECOMPRESSED_SIZE`."""
-    fast = _fixed_envelope(raw, id)
-    if fast is not None:
-        return fast
+    declares, and never past `MAX_DECOMPRESSED_SIZE`. (`_fixed_envelope` reads the common
+    uncompressed envelope before this is asked.)"""
     end, compressed = _layout(raw)
     if compressed:
         header, frame = _compressed_header(raw, end)
