@@ -372,8 +372,17 @@ class RedisBackend(StorageBackend):
         return f"{self.prefix}:{class_name}:{id}"
 
     def _keys(self, class_name: str, ids: Sequence[UUID]) -> list[str]:
+        """`_key` of each id, the ids spelled in one call (a batch's keys)."""
         start = f"{self.prefix}:{class_name}:"
         return [start + text for text in id_texts(ids)]
+
+    def _record_keys(self, records: Sequence[Record]) -> list[str]:
+        """`_key` of each record, the ids spelled in one call."""
+        texts = id_texts([record.id for record in records])
+        return [
+            f"{self.prefix}:{record.class_name}:{text}"
+            for record, text in zip(records, texts, strict=True)
+        ]
 
     async def _acquire(self) -> Redis:
         """The client, once a connection is free; release `_gate` after the command."""
@@ -432,11 +441,7 @@ class RedisBackend(StorageBackend):
             for ttl_ms, group in by_ttl.items():  # one group, unless classes with TTLs mix
                 pairs = [(record, _envelope(record)) for record in group]
                 for call in _script_calls(pairs):
-                    texts = id_texts([record.id for record, _ in call])
-                    keys = [
-                        f"{self.prefix}:{record.class_name}:{text}"
-                        for (record, _), text in zip(call, texts, strict=True)
-                    ]
+                    keys = self._record_keys([record for record, _ in call])
                     values = [value for _, value in call]
                     reply = await self._evalsha(client, keys, (ttl_ms, *values))
                     replies = [reply] if len(call) == 1 else reply
