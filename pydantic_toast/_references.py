@@ -29,8 +29,9 @@ __all__ = [
 _MAX_ID_LENGTH = 64
 
 # Pydantic's UUID parser: a third of the cost of `UUID(text)` (every loaded reference pays it),
-# and stricter: it takes the hyphenated, plain, braced and URN spellings, and refuses what
-# `UUID` lets through, such as hyphens out of place, spaces or non-ASCII digits.
+# and stricter: it takes the hyphenated and plain-hex spellings and the hyphenated one in
+# braces or after "urn:uuid:", and refuses what else `UUID` lets through (plain hex in braces
+# or in a URN, hyphens out of place, spaces, non-ASCII digits).
 _UUID_TEXT = TypeAdapter(UUID).validator
 # The same parser over a list: a batch of ids in one call, a tenth of `UUID(text)` each.
 _UUID_TEXTS = TypeAdapter(list[UUID]).validator
