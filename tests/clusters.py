@@ -120,6 +120,11 @@ class Workload:
                 self.failures.append(exc)
                 return
 
+    def failed(self) -> str:
+        """The failures, whole, a line each: an assertion's message, never cut short as a
+        list's repr would be."""
+        return "\n".join(f"{type(exc).__name__}: {exc}" for exc in self.failures)
+
     def since(self, moment: float) -> list[float]:
         """The moments steps finished after ``moment``."""
         return [t for t in self.done if t > moment]

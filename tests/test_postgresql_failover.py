@@ -86,7 +86,7 @@ async def test_operations_move_to_the_promoted_standby(pair: PostgresPair, names
         await asyncio.to_thread(pair.promote_standby)
         switched = time.monotonic()
         await load.wait_done_since(switched, 10, timeout=30)
-    assert not load.failures, [str(failure) for failure in load.failures]
+    assert not load.failures, load.failed()
     assert len(load.since(switched)) >= 10
     assert await Item.load_external_many(references) == before
     assert await get_backend(storage) is backend

@@ -112,7 +112,7 @@ async def test_a_failover_is_followed_without_restarting(
             wait_until, lambda: sentinels.current_primary() == sentinels.replica, 30, "promoted"
         )
         await load.wait_done_since(killed, 20, timeout=20)
-    assert not load.failures, [str(failure) for failure in load.failures]
+    assert not load.failures, load.failed()
     assert len(load.since(killed)) >= 20
     assert [item.n for item in await Item.load_external_many(references)] == list(range(200))  # type: ignore[attr-defined]
     assert await get_backend(f"{storage}&timeout=3") is backend

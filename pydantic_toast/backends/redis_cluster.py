@@ -42,10 +42,12 @@ __all__ = ["RedisClusterBackend"]
 
 # What makes the client read the slot map again: the node or its connection is gone, or the
 # cluster is reconfiguring. redis-py does this itself for single commands, not for pipelines.
+# A ClusterError is CLUSTERDOWN, or redis-py giving up after 16 redirections in a row ("TTL
+# exhausted") while slots move.
 _TOPOLOGY_CHANGED = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
-    redis_errors.ClusterDownError,
+    redis_errors.ClusterError,
     redis_errors.SlotNotCoveredError,
     redis_errors.MovedError,
     redis_errors.AskError,
@@ -212,11 +214,13 @@ class RedisClusterBackend(RedisBackend):
     def is_transient(self, exc: BaseException) -> bool:
         """A redirection that reaches here (a second one in a row, or to a node the client
         does not know yet) succeeds on a retry, once the slot map is read again."""
+        if isinstance(exc, _TOPOLOGY_CHANGED):
+            return True
         if isinstance(exc, redis_errors.RedisClusterException):
             # Reading the slot map while a failover is under way: nodes that disagree, none
             # reachable, slots without an owner. redis-py gives these no type of their own.
             return str(exc).startswith(_MAP_NOT_READY)
-        return isinstance(exc, _TOPOLOGY_CHANGED) or super().is_transient(exc)
+        return super().is_transient(exc)
 
     async def _drop_idle(self, client: Any) -> None:
         """Nothing: a cluster client has a pool per node, and a failure that reaches here
