@@ -226,11 +226,12 @@ def _rounded_int(class_name: str, data: bytes) -> int:
 
 def verify_content(class_name: str, id: UUID, data: bytes) -> None:
     """Refuse a content-addressed record whose content is not what its id names."""
-    if (id.int >> 76) & 0xF != CONTENT_VERSION or id.version != CONTENT_VERSION:
-        return  # the version nibble first: `UUID.version` costs a property and a variant
+    number = id.int
+    if (number >> 76) & 0xF != CONTENT_VERSION or (number >> 62) & 0x3 != 0x2:
+        return  # not version 8 of RFC 9562's variant (`UUID.version`, without its property)
     try:
         matches = (
-            _content_int(class_name, data) == id.int or _rounded_int(class_name, data) == id.int
+            _content_int(class_name, data) == number or _rounded_int(class_name, data) == number
         )
     except (ValueError, RecursionError, ArithmeticError):
         matches = False

@@ -55,10 +55,10 @@ from pydantic_toast._crypto import (
 )
 from pydantic_toast._errors import StorageValidationError
 from pydantic_toast._model import ExternalBaseModel
-from pydantic_toast._references import parse_id
+from pydantic_toast._references import parse_ids
 from pydantic_toast._retry import DEFAULT_RETRY_POLICY, RetryPolicy, with_backend
 from pydantic_toast.backends.base import StorageBackend
-from pydantic_toast.backends.records import Record, check_class_name
+from pydantic_toast.backends.records import Record, check_class_name, id_text
 
 __all__ = [
     "DEFAULT_MAX_DEPTH",
@@ -191,7 +191,7 @@ def _looks_like_signed_reference(data: Any) -> bool:
         and 2 <= len(data) <= 4
         and "class_name" in data
         and "id" in data
-        and set(data) <= _SIGNED_KEYS
+        and (len(data) == 2 or set(data) <= _SIGNED_KEYS)
     )
 
 
@@ -247,6 +247,7 @@ class _Target:
             self.class_name = re.sub(r"[^A-Za-z0-9_.\-]+", "_", repr(source)).strip("_.-")
         check_class_name(self.class_name)
         self.instance_of = source if is_class else None
+        self.model_source = is_class and issubclass(source, BaseModel)
         _register_target(self)
 
     def reference_json_schema(
@@ -291,7 +292,7 @@ class _Target:
             assert self.model is not None  # only model classes sign
             ttl = self.model.__external_settings__.reference_ttl
             return sign_reference(self.keyring(), record.class_name, record.id, ttl)
-        return {"class_name": record.class_name, "id": str(record.id)}
+        return {"class_name": record.class_name, "id": id_text(record.id)}
 
     @property
     def own_storage(self) -> str | None:
@@ -307,7 +308,7 @@ class _Target:
         return self.adapter.dump_json(value, context=context)
 
     def from_json(self, data: bytes, context: Any) -> Any:
-        if isinstance(self.source, type) and issubclass(self.source, BaseModel):
+        if self.model_source:
             return self.source.model_validate_json(data, context=context)
         return self.adapter.validate_json(data, context=context)
 
@@ -367,7 +368,7 @@ class _Target:
                 "references nest deeper than {max_depth} levels at {class_name} {id}",
                 {"max_depth": session.max_depth, "class_name": self.class_name, "id": str(id)},
             )
-        record = session.fetch(storage, self.class_name, id, self.retry)
+        record = session.fetch(key, storage, self.retry)
         if self.model is not None:
             record = self.model._live(record)
         if record is None:
@@ -438,6 +439,11 @@ async def _on(
 # --- sessions ------------------------------------------------------------------------------------
 
 
+# What `_Session.fetched` answers for a record it has not read (a record read and not found
+# is None there).
+_UNFETCHED = cast(Record, object())
+
+
 class _Session:
     """Bookkeeping of one dump or validate.
 
@@ -469,7 +475,11 @@ class _Session:
                     self.written_at = datetime.now(UTC)
                 record = self._record(target, value, context, None, self.written_at)
                 self.stored[id(value)] = (value, record)
-                self.staged.setdefault(_storage_key(storage), (storage, []))[1].append(record)
+                key = _storage_key(storage)
+                staged = self.staged.get(key)
+                if staged is None:
+                    staged = self.staged[key] = (storage, [])
+                staged[1].append(record)
         else:
             # A plain session may outlive its dump (a context dict reused for many dumps), so
             # it holds values weakly: an entry goes when its value does, and a value that
@@ -507,23 +517,17 @@ class _Session:
             id, created_at = uuid4(), now
         else:
             id, created_at = earlier.id, earlier.created_at
-        record = Record(
-            id=id,
-            class_name=target.class_name,
-            data=data,
-            schema_version=1,
-            created_at=created_at,
-            updated_at=now,
-            compress_above=target.compress_above,
-        )
+        record = Record(id, target.class_name, data, 1, created_at, now, target.compress_above)
         return seal_data(record, target.keyring()) if target.encrypt else record
 
     def fetch(
-        self, storage: Storage, class_name: str, id: UUID, policy: RetryPolicy
+        self, key: tuple[str | int, str, UUID], storage: Storage, policy: RetryPolicy
     ) -> Record | None:
-        key = (_storage_key(storage), class_name, id)
-        if key in self.fetched:
-            return self.fetched[key]
+        """The record ``key`` names: prefetched, else read now."""
+        record = self.fetched.get(key, _UNFETCHED)
+        if record is not _UNFETCHED:
+            return record
+        _, class_name, id = key
         return run_sync(_read(storage, class_name, id, policy))
 
     async def flush(self) -> None:
@@ -642,22 +646,31 @@ def _signature_holds(target: _Target, reference: dict[str, Any], id: UUID) -> bo
 
 def _references_in(data: Any) -> list[_Found]:
     """Every reference-shaped dict in parsed input, signed or not (iteratively: input depth
-    is unbounded)."""
-    found: list[_Found] = []
+    is unbounded), its id parsed with the others' in one call."""
+    shaped: list[dict[str, Any]] = []
     stack = [data]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
             if _looks_like_signed_reference(item):
-                class_name, id = item["class_name"], parse_id(item["id"])
-                if id is not None and _is_class_name(class_name):
-                    found.append((class_name, id, item))
+                shaped.append(item)
                 continue
             stack.extend(item.values())
         elif isinstance(item, list | tuple):
             stack.extend(item)
         elif isinstance(item, BaseModel):
             stack.extend(item.__dict__.values())
+    names: dict[str, bool] = {}  # each class name checked once
+    found: list[_Found] = []
+    for item, id in zip(shaped, parse_ids([item["id"] for item in shaped]), strict=True):
+        class_name = item["class_name"]
+        if id is None or not isinstance(class_name, str):
+            continue
+        valid = names.get(class_name)
+        if valid is None:
+            valid = names[class_name] = _is_class_name(class_name)
+        if valid:
+            found.append((class_name, id, item))
     return found
 
 

@@ -37,7 +37,7 @@ from pydantic_toast._references import (
 )
 from pydantic_toast._retry import with_backend
 from pydantic_toast.backends.base import StorageBackend
-from pydantic_toast.backends.records import Record, id_texts
+from pydantic_toast.backends.records import Record, id_text, id_texts
 
 if TYPE_CHECKING:
     from pydantic_toast._model import ExternalBaseModel
@@ -64,7 +64,7 @@ def _reference(settings: ModelSettings, record: Record) -> ExternalReference:
         keyring = keyring_of(settings)
         signed = sign_reference(keyring, record.class_name, record.id, settings.reference_ttl)
         return signed  # type: ignore[return-value]
-    return {"class_name": record.class_name, "id": str(record.id)}
+    return {"class_name": record.class_name, "id": id_text(record.id)}
 
 
 def _signer(settings: ModelSettings) -> Keyring | None:

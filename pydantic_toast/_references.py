@@ -20,6 +20,7 @@ __all__ = [
     "ExternalReference",
     "ReferenceLike",
     "parse_id",
+    "parse_ids",
     "reference_id",
     "reference_ids",
     "short",
@@ -63,6 +64,19 @@ def parse_id(value: object) -> UUID | None:
     except ValidationError:
         return None
     return parsed
+
+
+def parse_ids(values: Sequence[object]) -> list[UUID | None]:
+    """`parse_id` of each value, in order: when all are id strings (a batch of references
+    read from one document), they are parsed in one call."""
+    if all(type(value) is str and len(value) <= _MAX_ID_LENGTH for value in values):
+        try:
+            ids: list[UUID | None] = _UUID_TEXTS.validate_python(values)
+        except ValidationError:
+            pass  # one of them is no UUID: each answers for itself below
+        else:
+            return ids
+    return [parse_id(value) for value in values]
 
 
 _PLAIN_KEYS = frozenset({"class_name", "id"})

@@ -516,6 +516,23 @@ async def test_1000_items_cost_one_write_batch_and_one_read_batch(storage: str) 
     assert counting.single == 0
 
 
+async def test_a_bad_reference_among_good_ones_leaves_their_batch_whole(memory_url: str) -> None:
+    """The ids of a document's references are parsed together; one that is no UUID, or a
+    class name that is no string, is left out of the reads, and validation names it."""
+    counting = CountingStore(await get_backend(memory_url))
+    order = make_order(3)
+    dumped = await pydantic_toast.dump(order, storage=counting)
+    dumped["lines"] += [{"class_name": "Line", "id": "not-a-uuid"}, {"class_name": 5, "id": 1}]
+    with pytest.raises(ValidationError) as caught:
+        await pydantic_toast.validate(Order, dumped, storage=counting)
+    refused = {error["loc"][:2] for error in caught.value.errors()}
+    assert refused == {("lines", 3), ("lines", 4)}
+    assert sorted(counting.reads) == [1, 4]  # the good lines and the gift, then the note
+    assert counting.single == 0
+    del dumped["lines"][3:]
+    assert await pydantic_toast.validate(Order, dumped, storage=counting) == order
+
+
 async def test_references_shared_across_levels_are_read_once(memory_url: str) -> None:
     counting = CountingStore(await get_backend(memory_url))
     tags = [Level3(value=i) for i in range(3)]

@@ -407,3 +407,29 @@ def test_a_batch_of_references_is_checked_as_each_one_is() -> None:
             reference_ids([*batch, bad, *batch], "Fuzzed")
         with pytest.raises(StorageValidationError, match=re.escape(message)):
             run_sync(Fuzzed.load_external_many([*batch, bad]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.uuids().map(str)
+        | st.uuids()
+        | st.text(max_size=70)
+        | st.sampled_from([FUZZED_ID.upper(), "{" + FUZZED_ID + "}", "x" * 65, " " + FUZZED_ID])
+        | st.integers()
+        | st.none(),
+        max_size=8,
+    )
+)
+def test_ids_parsed_together_are_the_ids_parsed_alone(values: list[Any]) -> None:
+    from pydantic_toast._references import parse_id, parse_ids
+
+    assert parse_ids(values) == [parse_id(value) for value in values]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.uuids(), max_size=4))
+def test_ids_are_spelled_as_str_spells_them(ids: list[UUID]) -> None:
+    from pydantic_toast.backends.records import id_text, id_texts
+
+    assert [id_text(id) for id in ids] == id_texts(ids) == [str(id) for id in ids]

@@ -38,6 +38,7 @@ __all__ = [
     "decompress",
     "encode_envelope",
     "holds_unchanged",
+    "id_text",
     "id_texts",
     "require_zstd",
     "timestamp_text",
@@ -71,9 +72,16 @@ def check_class_name(class_name: object) -> str:
     return class_name
 
 
-# Pydantic's serializer spells a list of UUIDs at a seventh of what `str` costs each: the
-# ids of a batch become keys and references through it.
+# Pydantic's serializer spells a UUID at a quarter of what `str` costs, and a list of them at
+# a seventh each: ids become keys and references through it.
+_ID = TypeAdapter(UUID).serializer
 _ID_LIST = TypeAdapter(list[UUID]).serializer
+
+
+def id_text(id: UUID) -> str:
+    """The id's canonical text, as `str` spells it (lowercase, hyphenated)."""
+    text: str = _ID.to_python(id, mode="json")
+    return text
 
 
 def id_texts(ids: Sequence[UUID]) -> list[str]:

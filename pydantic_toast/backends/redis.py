@@ -57,6 +57,7 @@ from pydantic_toast.backends.records import (
     StoredInfo,
     check_class_name,
     encode_envelope,
+    id_text,
     id_texts,
     timestamp_text,
 )
@@ -369,7 +370,7 @@ class RedisBackend(StorageBackend):
             await client.aclose()
 
     def _key(self, class_name: str, id: UUID) -> str:
-        return f"{self.prefix}:{class_name}:{id}"
+        return f"{self.prefix}:{class_name}:{id_text(id)}"
 
     def _keys(self, class_name: str, ids: Sequence[UUID]) -> list[str]:
         """`_key` of each id, the ids spelled in one call (a batch's keys)."""
