@@ -12,10 +12,9 @@ raised. ``op`` is ``None`` otherwise, and then costs one test per step.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, TypeVar
-from uuid import UUID
 
 from pydantic_toast import _telemetry
 from pydantic_toast._config import ModelSettings
@@ -201,7 +200,8 @@ async def load_many(
     with operation or _telemetry.NOTHING as op:
         signer = _signer(settings)
         ids = reference_ids(references, name, signer)
-        unique = list(dict.fromkeys(ids))
+        # Each id once, found by its integer: a UUID's hash runs Python code, an int's does not.
+        unique = list({id.int: id for id in ids}.values())
         stored = await with_backend(
             settings.storage, lambda b: b.read_records(name, unique), settings.retry, op
         )
@@ -209,10 +209,13 @@ async def load_many(
         missing = [str(id) for id, record in zip(unique, records, strict=True) if record is None]
         if missing and not missing_ok:
             raise RecordNotFoundError(name, missing, settings.storage)
-        loaded = await from_records(cls, (record for record in records if record is not None))
+        loaded = await from_records(cls, records)
         if op is not None:
             op.records = records
-    return [loaded.get(id) for id in ids]
+    if len(unique) == len(ids):
+        return loaded
+    by_id = {id.int: model for id, model in zip(unique, loaded, strict=True)}
+    return [by_id[id.int] for id in ids]
 
 
 async def exists(cls: type[M], reference: ReferenceLike) -> bool:
@@ -312,12 +315,17 @@ async def purge(cls: type[M], older_than: timedelta | float | None, before: date
     return purged
 
 
-async def from_records(cls: type[M], records: Iterable[Record]) -> dict[UUID, M]:
-    """Validate loaded records; write back the migrated ones if the class asks to."""
-    models: dict[UUID, M] = {}
+async def from_records(cls: type[M], records: Sequence[Record | None]) -> list[M | None]:
+    """Validate loaded records, in order (``None`` stays ``None``); write back the migrated
+    ones if the class asks to."""
+    models: list[M | None] = []
     migrated: list[Record] = []
     for record in records:
-        models[record.id], upgraded = cls._from_record_migrated(record)
+        if record is None:
+            models.append(None)
+            continue
+        model, upgraded = cls._from_record_migrated(record)
+        models.append(model)
         if upgraded is not None:
             migrated.append(upgraded)
     if migrated:

@@ -333,6 +333,11 @@ async def test_save_and_load_many_keep_order_and_identity(storage: str) -> None:
     twice = await Row.load_external_many([references[5], references[5]])
     assert twice[0] is twice[1]
     assert twice[0] == rows[5]
+    nowhere = {"class_name": "Row", "id": str(uuid4())}
+    asked = [nowhere, references[7], nowhere, references[5], references[7]]
+    mixed = await Row.load_external_many(asked, missing_ok=True)
+    assert mixed == [None, rows[7], None, rows[5], rows[7]]
+    assert mixed[1] is mixed[4]
 
     rows[1].text = "changed"
     again = await Row.save_external_many(rows[:2])

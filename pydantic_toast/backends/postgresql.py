@@ -356,8 +356,9 @@ class PostgreSQLBackend(StorageBackend):
         """The rows (``StoredRow``'s columns first), as asyncpg returned them."""
         if len(ids) == 1:
             return [await self._run("fetchrow", self._select, ids[0])]
-        found = {row[5]: row for row in await self._run("fetch", self._select_many, ids)}
-        return [found.get(id) for id in ids]
+        # By the ids' integers: a UUID's hash runs Python code, an int's does not.
+        found = {row[5].int: row for row in await self._run("fetch", self._select_many, ids)}
+        return [found.get(id.int) for id in ids]
 
     async def delete_many(self, class_name: str, ids: Sequence[UUID]) -> int:
         status = await self._run("execute", self._delete_many, ids, class_name)
