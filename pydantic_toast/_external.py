@@ -355,7 +355,7 @@ class _Target:
                 "external_reference_refused", "{reason}", {"reason": str(exc)}
             ) from None
         session = _session_for(context)
-        key = (_storage_key(storage), self.class_name, id)
+        key = (_storage_key(storage), self.class_name, id.int)
         if key in session.resolving:
             raise PydanticCustomError(
                 "external_cycle",
@@ -368,7 +368,7 @@ class _Target:
                 "references nest deeper than {max_depth} levels at {class_name} {id}",
                 {"max_depth": session.max_depth, "class_name": self.class_name, "id": str(id)},
             )
-        record = session.fetch(key, storage, self.retry)
+        record = session.fetch(key, id, storage, self.retry)
         if self.model is not None:
             record = self.model._live(record)
         if record is None:
@@ -439,6 +439,9 @@ async def _on(
 # --- sessions ------------------------------------------------------------------------------------
 
 
+# A record as a session knows it: its storage (`_storage_key`), class name and id, the id as
+# its integer (a UUID's hash runs Python code, an int's does not).
+_FetchKey = tuple[str | int, str, int]
 # What `_Session.fetched` answers for a record it has not read (a record read and not found
 # is None there).
 _UNFETCHED = cast(Record, object())
@@ -459,8 +462,8 @@ class _Session:
         self.stored: dict[int, tuple[Any, Record]] = {}
         self.seen: dict[int, tuple[weakref.ref[Any], Record]] = {}
         self.staged: dict[str | int, tuple[Storage, list[Record]]] = {}
-        self.fetched: dict[tuple[str | int, str, UUID], Record | None] = {}
-        self.resolving: list[tuple[str | int, str, UUID]] = []
+        self.fetched: dict[_FetchKey, Record | None] = {}
+        self.resolving: list[_FetchKey] = []
         # The moment of a batched dump's writes, one for all of them (as a batch save has):
         # formatted once, and one envelope header shared by every record read back.
         self.written_at: datetime | None = None
@@ -521,14 +524,13 @@ class _Session:
         return seal_data(record, target.keyring()) if target.encrypt else record
 
     def fetch(
-        self, key: tuple[str | int, str, UUID], storage: Storage, policy: RetryPolicy
+        self, key: _FetchKey, id: UUID, storage: Storage, policy: RetryPolicy
     ) -> Record | None:
-        """The record ``key`` names: prefetched, else read now."""
+        """The record ``key`` (of ``id``) names: prefetched, else read now."""
         record = self.fetched.get(key, _UNFETCHED)
         if record is not _UNFETCHED:
             return record
-        _, class_name, id = key
-        return run_sync(_read(storage, class_name, id, policy))
+        return run_sync(_read(storage, key[1], id, policy))
 
     async def flush(self) -> None:
         """Write everything staged, one batch per backend, then give models their metadata."""
@@ -548,7 +550,7 @@ class _Session:
             if not pending:
                 return
             groups: dict[tuple[str | int, str], tuple[Storage, list[UUID]]] = {}
-            for (key, class_name, id), storage in pending.items():
+            for (key, class_name, _), (storage, id) in pending.items():
                 groups.setdefault((key, class_name), (storage, []))[1].append(id)
             results = await asyncio.gather(
                 *(_read_many(storage, name, ids) for (_, name), (storage, ids) in groups.items())
@@ -557,7 +559,7 @@ class _Session:
             for ((key, class_name), (_, ids)), records in zip(groups.items(), results, strict=True):
                 sealed = _encrypted_target(class_name)
                 for id, record in zip(ids, records, strict=True):
-                    self.fetched[(key, class_name, id)] = record
+                    self.fetched[(key, class_name, id.int)] = record
                     data = b"" if record is None else _readable(sealed, record)
                     if b'"class_name"' in data:
                         found.extend(_references_in(_parse_json(data)))
@@ -565,8 +567,8 @@ class _Session:
 
     def _unfetched(
         self, references: list[_Found], default_storage: Storage | None
-    ) -> dict[tuple[str | int, str, UUID], Storage]:
-        pending: dict[tuple[str | int, str, UUID], Storage] = {}
+    ) -> dict[_FetchKey, tuple[Storage, UUID]]:
+        pending: dict[_FetchKey, tuple[Storage, UUID]] = {}
         # Worked out once per class name, not per reference: the live targets that sign
         # their references, and the storages a reference of that name is read from.
         plans: dict[str, tuple[list[_Target], list[tuple[str | int, Storage]]]] = {}
@@ -578,9 +580,9 @@ class _Session:
             if signers and any(not _signature_holds(t, reference, id) for t in signers):
                 continue  # refused by `resolve`, before any read
             for storage_key, storage in storages:
-                key = (storage_key, class_name, id)
+                key = (storage_key, class_name, id.int)
                 if key not in self.fetched:
-                    pending[key] = storage
+                    pending[key] = (storage, id)
         return pending
 
 
