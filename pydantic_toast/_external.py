@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeGuard, TypeVar, cast, overload
 from uuid import UUID, uuid4
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -323,7 +323,7 @@ class _Target:
                 f"expected {self.class_name}, got {type(value).__name__}"
             )
         context = info.context
-        if not isinstance(context, Mapping) or "storage" not in context:
+        if not _is_mapping(context) or "storage" not in context:
             return handler(value)
         storage = self.own_storage or context.get("storage")
         if storage is None:
@@ -339,7 +339,7 @@ class _Target:
         id: UUID = reference["id"]
         context = info.context
         storage = self.own_storage
-        if storage is None and isinstance(context, Mapping):
+        if storage is None and _is_mapping(context):
             storage = context.get("storage")
         if storage is None:
             raise PydanticCustomError(
@@ -607,9 +607,15 @@ _plain_session: contextvars.ContextVar[_Session | None] = contextvars.ContextVar
 )
 
 
+def _is_mapping(value: object) -> TypeGuard[Mapping[str, Any]]:
+    """``isinstance(value, Mapping)``, answered without the ABC's check for the dict that a
+    context almost always is (it runs for every External value dumped or resolved)."""
+    return type(value) is dict or isinstance(value, Mapping)
+
+
 def _session_for(context: Any) -> _Session:
     """The batched session carried by the context, or the plain session of this context."""
-    if isinstance(context, Mapping):
+    if _is_mapping(context):
         session = context.get(_SESSION_KEY)
         if isinstance(session, _Session):
             return session
