@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gc
 import json
 import socket
 import subprocess
@@ -782,9 +783,29 @@ async def test_a_busy_pool_bounds_the_wait_and_counts_its_connections_back(
         slow.cancel()  # a statement cancelled gives its connection back too
         with pytest.raises(asyncio.CancelledError):
             await slow
+        # Cancelled again while asyncpg hands the connection back (it waits for the server to
+        # cancel the statement): the hand-back is finished once, and nothing is left to log.
+        reported: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(
+            lambda _, context: reported.append(context)
+        )
+        slow = asyncio.create_task(backend._run("execute", "SELECT pg_sleep(10)"))
+        await asyncio.sleep(0.1)
+        slow.cancel()
+        await asyncio.sleep(0)
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        for _ in range(100):
+            if backend._taken == 0:
+                break
+            await asyncio.sleep(0.02)
+        gc.collect()
+        assert reported == []
         # Every connection is back: loads go out at once, one after another, without a bound.
         for _ in range(3):
             assert await backend.read_record("Busy", uuid4()) is None
         assert backend._taken == 0
     finally:
+        asyncio.get_running_loop().set_exception_handler(None)
         await backend.disconnect()

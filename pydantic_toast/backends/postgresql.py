@@ -434,8 +434,15 @@ class PostgreSQLBackend(StorageBackend):
             self._taken -= 1
 
     def _released(self, task: asyncio.Task[None]) -> None:
+        """A hand-back after a cancel has ended. When only the caller was cancelled, asyncpg's
+        own shielded hand-back went on too: if it was still waiting for the server to cancel
+        the statement, this second one ran beside it and fails at the end ("inactivity timer
+        already exists") with the connection back in the pool all the same. Its outcome is
+        taken here, so that no error is left for asyncio to report."""
         self._releases.discard(task)
         self._taken -= 1
+        if not task.cancelled():
+            task.exception()
 
     def _open(self) -> Any:
         if self._pool is None:
