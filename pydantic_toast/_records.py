@@ -54,7 +54,7 @@ def new_record(
         settings.compress_above,
         settings.ttl,
     )
-    return sealed(settings, record)
+    return seal_data(record, keyring_of(settings)) if settings.encrypt else record
 
 
 def keyring_of(settings: ModelSettings) -> Keyring:
@@ -85,10 +85,13 @@ def check_storable(model: BaseModel, data: bytes, class_name: str) -> None:
     (``ser_json_inf_nan="strings"`` or ``"constants"``) may store them.
     """
     cls = type(model)
-    floats = cls.__dict__.get("__external_floats__")
-    if floats is None:
-        floats = _float_plan(cls)
-        type.__setattr__(cls, "__external_floats__", floats)
+    # `getattr` answers from the type's attribute cache (`cls.__dict__` builds a proxy per
+    # call); a plan found on a base class is the base's, so the plan is kept with its class.
+    planned = getattr(cls, "__external_floats__", None)
+    if planned is None or planned[0] is not cls:
+        planned = (cls, _float_plan(cls))
+        type.__setattr__(cls, "__external_floats__", planned)
+    floats = planned[1]
     if floats is False:
         return
     if floats is not True and len(data) > _SUM_ABOVE:
@@ -113,9 +116,10 @@ def check_storable(model: BaseModel, data: bytes, class_name: str) -> None:
 #: Every float a model's values hold, found by a plan read once from its class's core schema.
 _FloatsOf = Callable[[Any], Iterable[float]]
 
-# A class's plan is kept as its ``__external_floats__``: False when its schema can hold no
-# float (most models); True when it holds some the plan cannot follow (then the JSON is
-# scanned for null and the values walked, which finds any NaN but costs more).
+# A class's plan is kept as its ``__external_floats__`` (with the class, as ``(cls, plan)``):
+# False when its schema can hold no float (most models); True when it holds some the plan
+# cannot follow (then the JSON is scanned for null and the values walked, which finds any NaN
+# but costs more).
 # Below this size, scanning the JSON for null costs less than summing the floats.
 _SUM_ABOVE = 2048
 # `re` finds a literal about twice as fast as `bytes.__contains__` in long JSON.

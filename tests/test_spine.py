@@ -272,6 +272,17 @@ async def test_a_value_that_cannot_round_trip_is_refused_at_save(storage: str) -
     with pytest.raises(StorageValidationError, match=r"Reading field values\.1 is not a finite"):
         await Reading(values=[1.0, float("nan")]).save_external()
 
+    class Counted(ExternalBaseModel):  # no float: nothing to check, and saved first
+        model_config = ExternalConfigDict(storage=storage)
+        count: int
+
+    class Measured(Counted):  # its own check, not its base's
+        weight: float
+
+    await Counted(count=1).save_external()
+    with pytest.raises(StorageValidationError, match=r"Measured field weight is not a finite"):
+        await Measured(count=1, weight=float("inf")).save_external()
+
     class Lenient(ExternalBaseModel):
         model_config = ExternalConfigDict(storage=storage, ser_json_inf_nan="strings")
         value: float
