@@ -668,16 +668,10 @@ def _references_in(data: Any) -> list[_Found]:
             stack.extend(item)
         elif isinstance(item, BaseModel):
             stack.extend(item.__dict__.values())
-    names: dict[str, bool] = {}  # each class name checked once
     found: list[_Found] = []
     for item, id in zip(shaped, parse_ids([item["id"] for item in shaped]), strict=True):
         class_name = item["class_name"]
-        if id is None or not isinstance(class_name, str):
-            continue
-        valid = names.get(class_name)
-        if valid is None:
-            valid = names[class_name] = _is_class_name(class_name)
-        if valid:
+        if id is not None and _is_class_name(class_name):
             found.append((class_name, id, item))
     return found
 

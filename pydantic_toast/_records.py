@@ -54,7 +54,7 @@ def new_record(
         settings.compress_above,
         settings.ttl,
     )
-    return seal_data(record, keyring_of(settings)) if settings.encrypt else record
+    return sealed(settings, record)
 
 
 def keyring_of(settings: ModelSettings) -> Keyring:
