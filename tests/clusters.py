@@ -211,6 +211,10 @@ class RedisNodes:
             lambda: redis_command(port, "PING") == "PONG", 10, f"redis on port {port} answers"
         )
 
+    def live(self) -> list[int]:
+        """The ports whose server is running."""
+        return [port for port, process in self.processes.items() if process.poll() is None]
+
     def kill(self, port: int) -> None:
         """SIGKILL: the node dies at once, as a crash would."""
         process = self.processes[port]
@@ -287,11 +291,7 @@ class RedisCluster:
 
     def is_ok(self) -> bool:
         """Every live node says ``cluster_state:ok`` and agrees on who the primaries are."""
-        states = [
-            redis_command(port, "CLUSTER", "INFO")
-            for port, process in self.nodes.processes.items()
-            if process.poll() is None
-        ]
+        states = [redis_command(port, "CLUSTER", "INFO") for port in self.nodes.live()]
         return bool(states) and all("cluster_state:ok" in state for state in states)
 
     def wait_ok(self, timeout: float = 30) -> None:

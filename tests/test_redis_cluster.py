@@ -275,7 +275,7 @@ def _move_slot(cluster: RedisCluster, slot: int, target: int) -> None:
     target_id = node_id(target)
     for port in [target, source, *(p for p in cluster.primaries() if p not in (target, source))]:
         assert redis_command(port, "CLUSTER", "SETSLOT", str(slot), "NODE", target_id) == "OK"
-    live = [port for port, process in cluster.nodes.processes.items() if process.poll() is None]
+    live = cluster.nodes.live()
     wait_until(
         lambda: all(_owner(port, slot) == target for port in live),
         10,
