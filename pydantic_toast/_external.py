@@ -35,7 +35,18 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeGuard, TypeVar, cast, overload
+from typing import (
+    TYPE_CHECKING,
+    Annotated,
+    Any,
+    Literal,
+    TypedDict,
+    TypeGuard,
+    TypeVar,
+    Unpack,
+    cast,
+    overload,
+)
 from uuid import UUID, uuid4
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -59,6 +70,9 @@ from pydantic_toast._references import parse_ids
 from pydantic_toast._retry import DEFAULT_RETRY_POLICY, RetryPolicy, with_backend
 from pydantic_toast.backends.base import StorageBackend
 from pydantic_toast.backends.records import Record, check_class_name, id_text
+
+if TYPE_CHECKING:
+    from pydantic.main import IncEx
 
 __all__ = [
     "DEFAULT_MAX_DEPTH",
@@ -757,6 +771,51 @@ class DumpBatch:
         await self._session.flush()
 
 
+class _DumpOptions(TypedDict, total=False):
+    """The keyword arguments `dump` passes on to ``model_dump`` (or a TypeAdapter's
+    ``dump_python``), as Pydantic names them."""
+
+    include: IncEx | None
+    exclude: IncEx | None
+    by_alias: bool
+    exclude_unset: bool
+    exclude_defaults: bool
+    exclude_none: bool
+    round_trip: bool
+    warnings: bool | Literal["none", "warn", "error"]
+    serialize_as_any: bool
+
+
+class _DumpJsonOptions(_DumpOptions, total=False):
+    """`dump_json`'s: ``model_dump_json``'s, which has ``indent`` and no ``mode``."""
+
+    indent: int | None
+
+
+@overload
+async def dump(
+    value: BaseModel,
+    *,
+    storage: Storage | None = ...,
+    as_type: Any = ...,
+    mode: Literal["json", "python"] = ...,
+    context: Mapping[str, Any] | None = ...,
+    **kwargs: Unpack[_DumpOptions],
+) -> dict[str, Any]: ...
+
+
+@overload
+async def dump(
+    value: Any,
+    *,
+    storage: Storage | None = ...,
+    as_type: Any = ...,
+    mode: Literal["json", "python"] = ...,
+    context: Mapping[str, Any] | None = ...,
+    **kwargs: Unpack[_DumpOptions],
+) -> Any: ...
+
+
 async def dump(
     value: Any,
     *,
@@ -764,7 +823,7 @@ async def dump(
     as_type: Any = None,
     mode: Literal["json", "python"] = "python",
     context: Mapping[str, Any] | None = None,
-    **kwargs: Any,
+    **kwargs: Unpack[_DumpOptions],
 ) -> Any:
     """Dump ``value`` with every `External` value stored and replaced by its reference.
 
@@ -793,7 +852,7 @@ async def dump_json(
     storage: Storage | None = None,
     as_type: Any = None,
     context: Mapping[str, Any] | None = None,
-    **kwargs: Any,
+    **kwargs: Unpack[_DumpJsonOptions],
 ) -> str:
     """`dump` as JSON text, like ``model_dump_json``."""
     session = _Session(None, batched=True)
@@ -885,16 +944,57 @@ def _adapter(type_: Any) -> TypeAdapter[Any]:
     return adapter
 
 
-def dump_sync(value: Any, **kwargs: Any) -> Any:
-    """`dump` for synchronous code."""
+class _DumpArguments(_DumpOptions, total=False):
+    """`dump`'s keyword arguments, for `dump_sync`."""
+
+    storage: Storage | None
+    as_type: Any
+    mode: Literal["json", "python"]
+    context: Mapping[str, Any] | None
+
+
+class _DumpJsonArguments(_DumpJsonOptions, total=False):
+    """`dump_json`'s keyword arguments, for `dump_json_sync`."""
+
+    storage: Storage | None
+    as_type: Any
+    context: Mapping[str, Any] | None
+
+
+class _ValidateArguments(TypedDict, total=False):
+    """`validate`'s keyword arguments, for `validate_sync`."""
+
+    storage: Storage | None
+    context: Mapping[str, Any] | None
+    max_depth: int
+
+
+@overload
+def dump_sync(value: BaseModel, **kwargs: Unpack[_DumpArguments]) -> dict[str, Any]: ...
+
+
+@overload
+def dump_sync(value: Any, **kwargs: Unpack[_DumpArguments]) -> Any: ...
+
+
+def dump_sync(value: Any, **kwargs: Unpack[_DumpArguments]) -> Any:
+    """`dump` for synchronous code, with the same keyword arguments."""
     return run_sync(dump(value, **kwargs))
 
 
-def dump_json_sync(value: Any, **kwargs: Any) -> str:
-    """`dump_json` for synchronous code."""
+def dump_json_sync(value: Any, **kwargs: Unpack[_DumpJsonArguments]) -> str:
+    """`dump_json` for synchronous code, with the same keyword arguments."""
     return run_sync(dump_json(value, **kwargs))
 
 
-def validate_sync(type_: type[M], data: Any, **kwargs: Any) -> M:
-    """`validate` for synchronous code."""
-    return cast(M, run_sync(validate(type_, data, **kwargs)))
+@overload
+def validate_sync(type_: type[M], data: Any, **kwargs: Unpack[_ValidateArguments]) -> M: ...
+
+
+@overload
+def validate_sync(type_: Any, data: Any, **kwargs: Unpack[_ValidateArguments]) -> Any: ...
+
+
+def validate_sync(type_: Any, data: Any, **kwargs: Unpack[_ValidateArguments]) -> Any:
+    """`validate` for synchronous code, with the same keyword arguments."""
+    return run_sync(validate(type_, data, **kwargs))

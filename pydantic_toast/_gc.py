@@ -116,17 +116,18 @@ class GarbageReport(BaseModel):
 async def collect_garbage(
     storage: Storage,
     *,
-    roots_from: Sequence[Storage] = (),
+    roots_from: Storage | Sequence[Storage] = (),
     grace: timedelta = timedelta(days=1),
     dry_run: bool = False,
 ) -> GarbageReport:
     """Delete the content-addressed records of ``storage`` that no record references.
 
     ``storage`` is a URL or a connected backend, as everywhere in the library. Records of the
-    storages in ``roots_from`` are roots too (an order in PostgreSQL whose lines live in
-    Redis); nothing is deleted there. Content-addressed records updated within ``grace`` are
-    kept whatever references them: a reference a dump returned must be stored in a root within
-    that time. With ``dry_run`` nothing is deleted and the report says what would have been.
+    storages in ``roots_from`` (one storage or a sequence of them) are roots too (an order in
+    PostgreSQL whose lines live in Redis); nothing is deleted there. Content-addressed
+    records updated within ``grace`` are kept whatever references them: a reference a dump
+    returned must be stored in a root within that time. With ``dry_run`` nothing is deleted
+    and the report says what would have been.
     Records that cannot be decoded are counted and skipped, never deleted. Encrypted records
     are opened with their class's keyring, else the installed one or ``PYDANTIC_TOAST_KEYS``;
     when one cannot be opened, a `StorageValidationError` names it and nothing is deleted.
@@ -137,7 +138,7 @@ async def collect_garbage(
 def collect_garbage_sync(
     storage: Storage,
     *,
-    roots_from: Sequence[Storage] = (),
+    roots_from: Storage | Sequence[Storage] = (),
     grace: timedelta = timedelta(days=1),
     dry_run: bool = False,
 ) -> GarbageReport:
@@ -148,7 +149,7 @@ def collect_garbage_sync(
 async def _collect(
     storage: Storage,
     *,
-    roots_from: Sequence[Storage] = (),
+    roots_from: Storage | Sequence[Storage] = (),
     grace: timedelta = timedelta(days=1),
     dry_run: bool = False,
     on_corrupt: Callable[[CorruptRecordError], None] | None = None,

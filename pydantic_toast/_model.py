@@ -14,7 +14,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Generic,
+    Literal,
+    NoReturn,
+    Protocol,
+    Self,
+    TypeGuard,
+    TypeVar,
+    overload,
+)
 from uuid import UUID, uuid4
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -44,18 +56,52 @@ class ExternalMetadata:
     updated_at: datetime
 
 
-class _instance_or_class:
-    """A method callable on the class (``User.delete_external(ref)``) and on an instance
-    (``user.delete_external()``): the function gets the class and the instance or ``None``."""
+R_co = TypeVar("R_co", covariant=True)
 
-    def __init__(self, function: Callable[..., Any]) -> None:
+
+class _DeleteByReference(Protocol[R_co]):
+    """``User.delete_external(reference)``: the record a reference points to."""
+
+    def __call__(self, reference: ReferenceLike, *, missing_ok: bool = True) -> R_co: ...
+
+
+class _DeleteOwn(Protocol[R_co]):
+    """``user.delete_external()``: the model's own record."""
+
+    def __call__(self, *, missing_ok: bool = True) -> R_co: ...
+
+
+class _DeleteMethod(Generic[R_co]):
+    """``delete_external``, callable on the class with a reference and on an instance without
+    one: the function gets the class and the instance or ``None``. Type checkers see the
+    signature of each way of access (`_DeleteByReference`, `_DeleteOwn`)."""
+
+    def __init__(self, function: Callable[..., R_co]) -> None:
         self.__func__ = function
         self.__doc__ = function.__doc__
 
-    def __get__(self, instance: object, owner: type) -> Callable[..., Any]:
+    @overload
+    def __get__(self, instance: None, owner: type) -> _DeleteByReference[R_co]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type) -> _DeleteOwn[R_co]: ...
+
+    def __get__(self, instance: object, owner: type) -> Callable[..., R_co]:
         bound = partial(self.__func__, owner, instance)
         bound.__doc__ = self.__doc__
         return bound
+
+
+class _NoStorage:
+    """``ExternalBaseModel.__external_settings__``: the base class itself has no storage, so
+    an operation called on it (not on a subclass) is refused with the library's own error.
+    Subclasses set their own settings, which shadow this."""
+
+    def __get__(self, instance: object, owner: type) -> NoReturn:
+        raise StorageValidationError(
+            f"{owner.__name__} has no storage: call this on a subclass that sets "
+            "model_config = ExternalConfigDict(storage=...)"
+        )
 
 
 class _SyncTwin:
@@ -99,9 +145,12 @@ class ExternalBaseModel(BaseModel):
     # part in equality, dumps or copies: a loaded model equals the one that was saved.
     __slots__ = ("_external_metadata", "_external_pending_id")
 
-    model_config = ConfigDict(ignored_types=(_instance_or_class, _SyncTwin))
+    model_config = ConfigDict(ignored_types=(_DeleteMethod, _SyncTwin))
 
-    __external_settings__: ClassVar[ModelSettings]
+    if TYPE_CHECKING:
+        __external_settings__: ClassVar[ModelSettings]
+    else:
+        __external_settings__ = _NoStorage()
     __external_migrations__: ClassVar[dict[int, Migration]]
 
     @classmethod
@@ -128,7 +177,7 @@ class ExternalBaseModel(BaseModel):
         return ExternalMetadata(*stored)
 
     @classmethod
-    def is_external_reference(cls, data: object) -> bool:
+    def is_external_reference(cls, data: object) -> TypeGuard[ExternalReference]:
         """Whether ``data`` is a reference: exactly ``class_name`` and a UUID ``id`` (and,
         for a class with ``signed_references``, a ``sig`` and an optional ``exp``).
 
@@ -217,7 +266,7 @@ class ExternalBaseModel(BaseModel):
         """
         return await _operations.delete_many(cls, references, missing_ok=missing_ok)
 
-    @_instance_or_class
+    @_DeleteMethod
     async def delete_external(
         cls: type[ExternalBaseModel],
         instance: ExternalBaseModel | None,
@@ -278,7 +327,7 @@ class ExternalBaseModel(BaseModel):
             cls, references: Iterable[ReferenceLike], *, missing_ok: bool = True
         ) -> int: ...
 
-        @_instance_or_class
+        @_DeleteMethod
         def delete_external_sync(
             cls: type[ExternalBaseModel],
             instance: ExternalBaseModel | None,

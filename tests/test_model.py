@@ -242,6 +242,27 @@ def test_is_external_reference_on_a_subclass_checks_the_class() -> None:
     assert not Thing.is_external_reference({**reference, "class_name": "Other"})
 
 
+async def test_operations_on_the_base_class_itself_say_it_has_no_storage() -> None:
+    reference = await Thing(value=1).save_external()
+    calls = {
+        "load_external": lambda: ExternalBaseModel.load_external(reference),
+        "load_external_many": lambda: ExternalBaseModel.load_external_many([reference]),
+        "delete_external": lambda: ExternalBaseModel.delete_external(reference),
+        "save_external": lambda: ExternalBaseModel().save_external(),
+        "purge_external": lambda: ExternalBaseModel.purge_external(),
+    }
+    for name, call in calls.items():
+        with pytest.raises(StorageValidationError) as raised:
+            await call()
+        assert str(raised.value) == (
+            "ExternalBaseModel has no storage: call this on a subclass that sets "
+            "model_config = ExternalConfigDict(storage=...)"
+        ), name
+    with pytest.raises(StorageValidationError, match="ExternalBaseModel has no storage"):
+        ExternalBaseModel.load_external_sync(reference)
+    assert await Thing.load_external(reference) == Thing(value=1)  # subclasses unaffected
+
+
 def test_a_copy_is_a_new_record_and_equality_ignores_metadata() -> None:
     thing = Thing(value=1)
     reference = thing.save_external_sync()
