@@ -9,7 +9,7 @@ import os
 import warnings
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import timedelta
 from typing import Any
 
@@ -111,6 +111,11 @@ class ModelSettings:
     keyring: Keyring | None = None
     signed_references: bool = False
     reference_ttl: timedelta | None = None
+
+    def __repr__(self) -> str:
+        values = {field.name: getattr(self, field.name) for field in fields(self)}
+        values["storage"] = mask_url(self.storage)
+        return f"ModelSettings({', '.join(f'{name}={value!r}' for name, value in values.items())})"
 
 
 _CONFIG_KEYS = ExternalConfigDict.__optional_keys__ | ExternalConfigDict.__required_keys__

@@ -122,7 +122,7 @@ class Keyring:
             if not isinstance(key, bytes) or len(key) != _KEY_SIZE:
                 size = f"{len(key)} bytes" if isinstance(key, bytes) else type(key).__name__
                 raise StorageValidationError(
-                    f"key {key_id!r} must be {_KEY_SIZE} bytes (AES-256), not {size}"
+                    f"key {_shown_id(key_id)} must be {_KEY_SIZE} bytes (AES-256), not {size}"
                 )
             derived[key_id] = _Derived(
                 _hkdf(key, b"encryption"), _hkdf(key, b"signing"), _hkdf(key, b"content")
@@ -130,7 +130,7 @@ class Keyring:
         if not isinstance(primary, str) or primary not in derived:
             raise StorageValidationError(
                 f"primary key {_shown_id(primary)} is not in the keyring "
-                f"(it holds {', '.join(map(repr, derived))})"
+                f"(it holds {', '.join(map(_shown_id, derived))})"
             )
         self.__derived = derived
         self.primary = primary
@@ -188,11 +188,13 @@ def content_secrets(keyring: Keyring) -> tuple[bytes, ...]:
 
 
 def _shown_id(value: object) -> str:
-    """A key id for a message; anything but a str may be a key, so only its type shows."""
+    """A key id for a message. Anything but a str may be a key, and so may a str as long as
+    a key's text (an id and a key swapped): of those, only the type or the length shows."""
     if not isinstance(value, str):
         return f"(a {type(value).__name__}, not shown)"
-    shown = repr(value)
-    return shown if len(shown) <= 70 else shown[:67] + "..."
+    if len(value) >= _LONGEST_SHOWN_ID:
+        return f"of {len(value)} characters (not shown: it may be a key)"
+    return repr(value)
 
 
 _installed: Keyring | None = None
@@ -244,7 +246,9 @@ def keyring_from_text(text: str) -> Keyring:
                 f"{KEYS_VARIABLE}: the key of entry {position} is not base64url"
             ) from None
         if key_id in keys:
-            raise StorageValidationError(f"{KEYS_VARIABLE}: key id {key_id!r} is given twice")
+            raise StorageValidationError(
+                f"{KEYS_VARIABLE}: key id {_shown_id(key_id)} is given twice"
+            )
         keys[key_id] = key
     first = next(iter(keys))
     try:

@@ -24,8 +24,11 @@ The tree. Catch the four public bases; the leaves say more::
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 __all__ = [
     "CorruptRecordError",
@@ -35,6 +38,7 @@ __all__ = [
     "StorageOperationError",
     "StorageValidationError",
     "UnsupportedOperationError",
+    "invalid_data",
     "mask_url",
     "scrub_password",
 ]
@@ -64,7 +68,9 @@ def mask_url(url: str) -> str:
         pairs = []
         for pair in query.split("&"):
             key, equals, _value = pair.partition("=")
-            pairs.append(f"{key}={_MASK}" if equals and _is_secret_option(key) else pair)
+            # Drivers decode the name (``pass%77ord`` is ``password``), so it is judged decoded.
+            secret = equals and _is_secret_option(unquote(key))
+            pairs.append(f"{key}={_MASK}" if secret else pair)
         rest = f"{head}?{'&'.join(pairs)}{hashmark}{fragment}"
     return f"{scheme}://{rest}"
 
@@ -97,6 +103,30 @@ def _is_secret_option(key: str) -> bool:
         word in key
         for word in ("password", "passwd", "secret", "token", "access_key", "api_key", "private")
     )
+
+
+# How much of a ValidationError `invalid_data` shows: the first errors, within a bound.
+_SHOWN_ERRORS = 5
+_SHOWN_PART = 40
+_SHOWN_TEXT = 2000
+
+
+def invalid_data(error: ValidationError) -> str:
+    """What a ValidationError of stored (or received) data says, without the data: each
+    error's location and message. Pydantic's own text quotes every input, which would put a
+    decrypted field into a log or an HTTP response, and formats a record of hundreds of
+    megabytes whole; this is bounded whatever the input."""
+    details = error.errors(include_url=False, include_context=False, include_input=False)
+    shown = [
+        f"{'.'.join(str(part)[:_SHOWN_PART] for part in detail['loc']) or '(the value)'}: "
+        f"{detail['msg']}"
+        for detail in details[:_SHOWN_ERRORS]
+    ]
+    if len(details) > _SHOWN_ERRORS:
+        shown.append(f"and {len(details) - _SHOWN_ERRORS} more")
+    count = len(details)
+    text = f"{count} validation error{'' if count == 1 else 's'}: {'; '.join(shown)}"
+    return text if len(text) <= _SHOWN_TEXT else text[: _SHOWN_TEXT - 3] + "..."
 
 
 class ExternalStorageError(Exception):

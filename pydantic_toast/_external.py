@@ -64,7 +64,7 @@ from pydantic_toast._crypto import (
     sign_reference,
     verify_reference,
 )
-from pydantic_toast._errors import StorageValidationError
+from pydantic_toast._errors import StorageValidationError, invalid_data
 from pydantic_toast._model import ExternalBaseModel
 from pydantic_toast._references import parse_ids
 from pydantic_toast._retry import DEFAULT_RETRY_POLICY, RetryPolicy, with_backend
@@ -399,12 +399,14 @@ class _Target:
                 return self.from_json(open_data(record, self.keyring()), context)
             verify_content(self.class_name, id, record.data)
             return self.from_json(record.data, context)
-        except (ValidationError, StorageValidationError) as exc:
+        except StorageValidationError as exc:  # it names the record itself
+            raise PydanticCustomError("external_invalid", "{error}", {"error": str(exc)}) from None
+        except ValidationError as exc:  # not chained: it quotes the stored data
             raise PydanticCustomError(
                 "external_invalid",
                 "stored {class_name} record {id} does not validate: {errors}",
-                {"class_name": self.class_name, "id": str(id), "errors": str(exc)},
-            ) from exc
+                {"class_name": self.class_name, "id": str(id), "errors": invalid_data(exc)},
+            ) from None
         finally:
             session.resolving.pop()
 

@@ -37,7 +37,7 @@ from pydantic_toast._bridge import run_sync
 from pydantic_toast._config import ModelSettings, settings_for
 from pydantic_toast._content import CONTENT_VERSION, content_id, verify_content
 from pydantic_toast._crypto import content_secret
-from pydantic_toast._errors import StorageValidationError
+from pydantic_toast._errors import StorageValidationError, invalid_data
 from pydantic_toast._records import Migration
 from pydantic_toast._references import ExternalReference, ReferenceLike, is_reference
 from pydantic_toast.backends.records import Record
@@ -443,9 +443,11 @@ class ExternalBaseModel(BaseModel):
         try:
             model = cls.model_validate_json(data, context=context)
         except ValidationError as exc:
+            # Not chained: the ValidationError quotes the stored data.
             raise StorageValidationError(
-                f"stored {settings.class_name} record {record.id} no longer validates: {exc}"
-            ) from exc
+                f"stored {settings.class_name} record {record.id} no longer validates: "
+                f"{invalid_data(exc)}"
+            ) from None
         upgraded = None
         if data is not record.data and record.id.version != CONTENT_VERSION:
             # Write back what the migration produced (references stay references), with this

@@ -23,6 +23,7 @@ from pydantic_toast._errors import (
     ExternalStorageError,
     StorageValidationError,
     mask_url,
+    scrub_password,
 )
 from pydantic_toast._loader import cancel_batch_reads
 from pydantic_toast.backends.base import StorageBackend
@@ -130,12 +131,15 @@ def check_storage_url(url: object, owner: str) -> None:
     """
     try:
         backend_class_for(url)(url)  # type: ignore[arg-type]
-    except StorageValidationError as exc:
-        raise StorageValidationError(f"{owner}: {exc}") from exc
-    except (TypeError, ValueError) as exc:
-        raise StorageValidationError(
-            f"{owner}: invalid storage URL {mask_url(str(url))!r}: {exc}"
-        ) from exc
+    except (StorageValidationError, TypeError, ValueError) as exc:
+        # A custom backend's message may quote the URL: shown scrubbed, and not chained
+        # when it did (the chained exception would print it whole).
+        text = str(exc)
+        shown = scrub_password(text, str(url))
+        cause = exc if shown == text else None
+        if not isinstance(exc, StorageValidationError):
+            shown = f"invalid storage URL {mask_url(str(url))!r}: {shown}"
+        raise StorageValidationError(f"{owner}: {shown}") from cause
 
 
 class _LoopBackends:

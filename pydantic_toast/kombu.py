@@ -48,6 +48,7 @@ from pydantic_toast._errors import (
     CorruptRecordError,
     RecordNotFoundError,
     StorageValidationError,
+    invalid_data,
     mask_url,
 )
 from pydantic_toast._external import DumpBatch, validate
@@ -291,7 +292,7 @@ def _validated(slot: _ModelSlot) -> BaseModel:
         return slot.cls.model_validate_json(slot.json)
     except ValidationError as exc:
         raise StorageValidationError(
-            f"the {slot.cls.__qualname__} in the message does not validate: {exc}"
+            f"the {slot.cls.__qualname__} in the message does not validate: {invalid_data(exc)}"
         ) from None
 
 
@@ -302,7 +303,7 @@ async def _validate_all(slots: list[_ModelSlot], storage: str) -> list[BaseModel
         except ValidationError as exc:
             raise StorageValidationError(
                 f"the {slot.cls.__qualname__} in the message does not validate "
-                f"(storage {mask_url(storage)}): {exc}"
+                f"(storage {mask_url(storage)}): {invalid_data(exc)}"
             ) from None
         return model
 

@@ -17,13 +17,14 @@ import re
 import sqlite3
 import subprocess
 import sys
+import traceback
 from contextlib import closing
 from pathlib import Path
 from typing import Annotated, Any
 from uuid import UUID, uuid4
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from pydantic_toast import (
     External,
@@ -160,21 +161,37 @@ def test_a_bad_keyring_is_refused_at_set_up_without_showing_a_key(
 
 
 @pytest.mark.parametrize(
-    ("keys", "message"),
+    ("keys", "primary", "message"),
     [
-        ({K1: "k1"}, "invalid key id: a bytes, not a str (are the ids and the keys swapped?)"),
+        (
+            {K1: "k1"},
+            "k1",
+            "invalid key id: a bytes, not a str (are the ids and the keys swapped?)",
+        ),
         (
             {b64(K1): "k1"},
+            "k1",
             "a key id of 43 characters (not shown: it may be a key) has a str for its key, "
             "not 32 bytes (are the ids and the keys swapped?)",
         ),
-        ({"k1": K1}, "primary key (a bytes, not shown) is not in the keyring (it holds 'k1')"),
+        (
+            {b64(K1): b"abc"},
+            b64(K1),
+            "key of 43 characters (not shown: it may be a key) must be 32 bytes (AES-256), "
+            "not 3 bytes",
+        ),
+        ({"k1": K1}, K1, "primary key (a bytes, not shown) is not in the keyring (it holds 'k1')"),
+        (
+            {"k1": K1},
+            b64(K1),
+            "primary key of 43 characters (not shown: it may be a key) is not in the keyring "
+            "(it holds 'k1')",
+        ),
     ],
 )
 def test_a_keyring_given_keys_for_ids_does_not_show_them(
-    keys: dict[Any, Any], message: str
+    keys: dict[Any, Any], primary: Any, message: str
 ) -> None:
-    primary: Any = K1 if "primary" in message else "k1"
     with pytest.raises(StorageValidationError, match="^" + re.escape(message) + "$") as caught:
         Keyring(keys, primary)
     shown = str(caught.value) + repr(caught.value)
@@ -217,6 +234,12 @@ async def test_keys_come_from_the_environment_when_no_keyring_is_installed(
         ("k1:!!!!", "the key of entry 1 is not base64url"),
         (f"k1:{b64(K1[:20])}", "key 'k1' must be 32 bytes (AES-256), not 20 bytes"),
         (f"k1:{b64(K1)},k1:{b64(K2)}", "key id 'k1' is given twice"),
+        # an entry written key:id, the id a base64url word that decodes to 3 bytes
+        (
+            f"{b64(K1)}:abcd",
+            "key of 43 characters (not shown: it may be a key) must be 32 bytes (AES-256), "
+            "not 3 bytes",
+        ),
     ],
 )
 async def test_a_bad_environment_keyring_is_refused_without_showing_a_key(
@@ -462,6 +485,32 @@ async def test_an_encrypted_external_value_holds_no_field_value_at_rest(storage:
     assert b"4111" not in raw and b"5500" not in raw and b"A256GCM" in raw
     assert await validate(Vault, dumped, storage=storage) == vault
     assert Vault.model_validate(dumped, context={"storage": storage}) == vault
+
+
+async def test_a_record_that_no_longer_validates_never_shows_its_decrypted_data(
+    memory_url: str,
+) -> None:
+    reference = await define_user(memory_url)(email=SECRET).save_external()
+
+    class User(ExternalBaseModel):  # the same class, its field changed since
+        model_config = ExternalConfigDict(storage=memory_url, encrypt=True)
+        email: int
+
+    with pytest.raises(StorageValidationError) as caught:
+        await User.load_external(reference)
+    assert str(caught.value) == (
+        f"stored User record {reference['id']} no longer validates: 1 validation error: "
+        "email: Input should be a valid integer, unable to parse string as an integer"
+    )
+    assert SECRET not in "".join(traceback.format_exception(caught.value))
+
+    class Pocket(BaseModel):  # and through an External field of another model
+        user: External[User]
+
+    with pytest.raises(ValidationError) as invalid:
+        await validate(Pocket, {"user": reference}, storage=memory_url)
+    assert invalid.value.errors()[0]["type"] == "external_invalid"
+    assert SECRET not in "".join(traceback.format_exception(invalid.value))
 
 
 def test_encrypt_on_an_external_field_of_a_clear_model_is_refused(memory_url: str) -> None:

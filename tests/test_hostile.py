@@ -433,3 +433,24 @@ def test_ids_are_spelled_as_str_spells_them(ids: list[UUID]) -> None:
     from pydantic_toast.backends.records import id_text, id_texts
 
     assert [id_text(id) for id in ids] == id_texts(ids) == [str(id) for id in ids]
+
+
+def test_invalid_stored_data_is_described_without_its_values_and_within_bounds() -> None:
+    from pydantic import ValidationError
+
+    from pydantic_toast._errors import invalid_data
+
+    class Wide(BaseModel):
+        values: dict[str, int]
+
+    data = {"values": {f"k{n}-" + "x" * 10_000: "y" * 10_000 for n in range(1000)}}
+    with pytest.raises(ValidationError) as caught:
+        Wide.model_validate_json(json.dumps(data))
+    text = invalid_data(caught.value)
+    key = ("k0-" + "x" * 100)[:40]  # a location's parts are cut to 40 characters
+    assert text.startswith(
+        f"1000 validation errors: values.{key}: Input should be a valid integer, unable to "
+        "parse string as an integer; values.k1-"
+    )
+    assert text.endswith("; and 995 more")
+    assert "yyyy" not in text and len(text) < 1000

@@ -24,6 +24,7 @@ from pydantic_toast import (
     StorageBackend,
     StorageConnectionError,
     StorageValidationError,
+    _registry,
     register_backend,
 )
 from pydantic_toast._errors import CorruptRecordError, StorageOperationError, mask_url
@@ -289,6 +290,8 @@ def test_a_copy_is_a_new_record_and_equality_ignores_metadata() -> None:
         ("redis://user:pw@h/0?prefix=app", "redis://user:***@h/0?prefix=app"),
         ("postgresql://u:p#ss/w?rd@host/db", "postgresql://u:***@host/db"),
         ("s3://bucket/token=abc?token=abc", "s3://bucket/token=abc?token=***"),
+        # drivers decode option names: this one is "password"
+        ("postgresql://h/db?pass%77ord=k3y&x=1", "postgresql://h/db?pass%77ord=***&x=1"),
     ],
 )
 def test_mask_url(url: str, masked: str) -> None:
@@ -328,6 +331,31 @@ async def test_passwords_never_appear_in_errors_reprs_or_tracebacks() -> None:
     assert shown.count("Sup3rS3cret") <= 1
     backend = LeakyBackend("leaky://admin:Sup3rS3cret@db.internal:99/x")
     assert "Sup3rS3cret" not in repr(backend)
+    settings = repr(Secretive.__external_settings__)
+    assert "Sup3rS3cret" not in settings and "leaky://admin:***@db.internal:99/x" in settings
+
+
+class PickyBackend(LeakyBackend):
+    """A backend whose constructor refuses its URL quoting it whole, password and all."""
+
+    def __init__(self, url: str) -> None:
+        raise ValueError(f"cannot use {url}")
+
+
+def test_a_custom_backend_quoting_its_url_at_class_definition_is_scrubbed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_registry, "_registered", dict(_registry._registered))
+    register_backend("picky", PickyBackend)
+    with pytest.raises(StorageValidationError) as caught:
+
+        class Refused(ExternalBaseModel):
+            model_config = ExternalConfigDict(storage="picky://u:Zq9secretXy@host/bad")
+
+    assert str(caught.value).endswith(
+        ".Refused: invalid storage URL 'picky://u:***@host/bad': cannot use picky://u:***@host/bad"
+    )
+    assert "Zq9secretXy" not in "".join(traceback.format_exception(caught.value))
 
 
 # --- lifecycle -------------------------------------------------------------------------------
