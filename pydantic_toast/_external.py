@@ -31,7 +31,7 @@ import contextvars
 import json
 import re
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -50,7 +50,12 @@ from typing import (
 from uuid import UUID, uuid4
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
-from pydantic_core import PydanticCustomError, PydanticSerializationUnexpectedValue, core_schema
+from pydantic_core import (
+    PydanticCustomError,
+    PydanticSerializationError,
+    PydanticSerializationUnexpectedValue,
+    core_schema,
+)
 
 from pydantic_toast import _telemetry
 from pydantic_toast._bridge import run_sync
@@ -64,8 +69,9 @@ from pydantic_toast._crypto import (
     sign_reference,
     verify_reference,
 )
-from pydantic_toast._errors import StorageValidationError, invalid_data
+from pydantic_toast._errors import ExternalStorageError, StorageValidationError, invalid_data
 from pydantic_toast._model import ExternalBaseModel
+from pydantic_toast._records import check_storable
 from pydantic_toast._references import parse_ids
 from pydantic_toast._retry import DEFAULT_RETRY_POLICY, RetryPolicy, with_backend
 from pydantic_toast.backends.base import StorageBackend
@@ -483,8 +489,17 @@ class _Session:
         # The moment of a batched dump's writes, one for all of them (as a batch save has):
         # formatted once, and one envelope header shared by every record read back.
         self.written_at: datetime | None = None
+        # What stopped a store, kept for `dump`: Pydantic hands it on only as text.
+        self.failure: ExternalStorageError | None = None
 
     def store(self, target: _Target, value: Any, storage: Storage, context: Any) -> Any:
+        try:
+            return self._store(target, value, storage, context)
+        except ExternalStorageError as exc:
+            self.failure = exc
+            raise
+
+    def _store(self, target: _Target, value: Any, storage: Storage, context: Any) -> Any:
         if self.batched:
             known = self.stored.get(id(value))
             if known is not None:
@@ -526,6 +541,7 @@ class _Session:
             raise StorageValidationError(
                 f"{target.class_name} cannot be serialized to JSON: {exc}"
             ) from exc
+        check_storable(value, data, target.class_name)
         if target.content_addressed:
             # The same value, the same id, in every process: a record that exists already is
             # rewritten with its created_at kept and updated_at refreshed (so a collection
@@ -839,10 +855,11 @@ async def dump(
     merged = _context(storage, context, session)
     root = as_type or type(value)
     with _telemetry.start(_telemetry.DUMP, storage, _name(root)) or _telemetry.NOTHING as op:
-        if isinstance(value, BaseModel):
-            result = value.model_dump(mode=mode, context=merged, **kwargs)
-        else:
-            result = _adapter(root).dump_python(value, mode=mode, context=merged, **kwargs)
+        with _own_errors(session):
+            if isinstance(value, BaseModel):
+                result = value.model_dump(mode=mode, context=merged, **kwargs)
+            else:
+                result = _adapter(root).dump_python(value, mode=mode, context=merged, **kwargs)
         await session.flush()
         _observe(op, [record for _, record in session.stored.values()])
     return result
@@ -861,10 +878,11 @@ async def dump_json(
     merged = _context(storage, context, session)
     root = as_type or type(value)
     with _telemetry.start(_telemetry.DUMP, storage, _name(root)) or _telemetry.NOTHING as op:
-        if isinstance(value, BaseModel):
-            result = value.model_dump_json(context=merged, **kwargs)
-        else:
-            result = _adapter(root).dump_json(value, context=merged, **kwargs).decode()
+        with _own_errors(session):
+            if isinstance(value, BaseModel):
+                result = value.model_dump_json(context=merged, **kwargs)
+            else:
+                result = _adapter(root).dump_json(value, context=merged, **kwargs).decode()
         await session.flush()
         _observe(op, [record for _, record in session.stored.values()])
     return result
@@ -921,6 +939,19 @@ async def validate(
         if is_json:
             return adapter.validate_json(data, context=merged)
         return adapter.validate_python(data, context=merged)
+
+
+@contextlib.contextmanager
+def _own_errors(session: _Session) -> Iterator[None]:
+    """Pydantic turns what an `External` serializer raises (a value that cannot be stored, a
+    failed write) into a PydanticSerializationError; a dump raises the library's own error."""
+    try:
+        yield
+    except PydanticSerializationError:
+        failure = session.failure
+        if failure is None:
+            raise
+        raise failure from failure.__cause__
 
 
 def _name(type_: Any) -> str:

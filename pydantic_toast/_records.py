@@ -7,6 +7,7 @@ upgraded by the registered migration steps before it is validated.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -77,39 +78,41 @@ def plain_data(settings: ModelSettings, record: Record) -> bytes:
     return record.data
 
 
-def check_storable(model: BaseModel, data: bytes, class_name: str) -> None:
-    """Refuse to store what cannot be read back.
+def check_storable(value: object, data: bytes, class_name: str) -> None:
+    """Refuse to store what cannot be read back: ``value`` (a model, or any value an
+    `External` field stores) whose JSON is ``data``.
 
     Pydantic writes NaN and infinity as null by default, which never loads back into a float
     field; a model whose config writes them in a form that loads back
     (``ser_json_inf_nan="strings"`` or ``"constants"``) may store them.
     """
-    cls = type(model)
-    # `getattr` answers from the type's attribute cache (`cls.__dict__` builds a proxy per
-    # call); a plan found on a base class is the base's, so the plan is kept with its class.
-    planned = getattr(cls, "__external_floats__", None)
-    if planned is None or planned[0] is not cls:
-        planned = (cls, _float_plan(cls))
-        type.__setattr__(cls, "__external_floats__", planned)
-    floats = planned[1]
-    if floats is False:
-        return
-    if floats is not True and len(data) > _SUM_ABOVE:
-        # Summing every float of the model costs a C loop over them, far less than scanning
-        # megabytes of JSON; one NaN or infinity makes the sum non-finite.
-        try:
-            if math.isfinite(sum(floats(model), 0.0)):
-                return
-        except (TypeError, AttributeError, OverflowError):  # a None, or a huge int: look closer
-            pass
+    if isinstance(value, BaseModel):
+        cls = type(value)
+        # `getattr` answers from the type's attribute cache (`cls.__dict__` builds a proxy
+        # per call); a plan found on a base class is the base's, so it is kept with its class.
+        planned = getattr(cls, "__external_floats__", None)
+        if planned is None or planned[0] is not cls:
+            planned = (cls, _float_plan(cls))
+            type.__setattr__(cls, "__external_floats__", planned)
+        floats = planned[1]
+        if floats is False:
+            return
+        if floats is not True and len(data) > _SUM_ABOVE:
+            # Summing every float of the model costs a C loop over them, far less than
+            # scanning megabytes of JSON; one NaN or infinity makes the sum non-finite.
+            try:
+                if math.isfinite(sum(floats(value), 0.0)):
+                    return
+            except (TypeError, AttributeError, OverflowError):  # a None, a huge int: look closer
+                pass
     if _NULL.search(data) is None:
         return  # no null in the JSON: no NaN either
-    where = _non_finite_float(model)
+    where = _non_finite_float(value)
     if where is not None:
         raise StorageValidationError(
-            f"{class_name} field {where} is not a finite number: it would be stored as null "
-            "and never load back (set ser_json_inf_nan='strings' in the model's config to "
-            "store it)"
+            f"{class_name} {f'field {where}' if where else 'value'} is not a finite number: it "
+            "would be stored as null and never load back (set ser_json_inf_nan='strings' in "
+            "the model's config to store it)"
         )
 
 
@@ -265,12 +268,19 @@ def _fields(parts: list[tuple[str, tuple[str, _FloatsOf | None]]]) -> _FloatsOf:
 
 
 def _non_finite_float(value: object, path: str = "") -> str | None:
-    """The path of the first NaN or infinity in a model's values, or ``None``."""
+    """The path of the first NaN or infinity in a value (``""``: the value itself), or
+    ``None``. Models (their extra fields too), dataclasses, mappings and collections are
+    walked: what Pydantic serializes as JSON objects and arrays."""
     if isinstance(value, float):
-        return None if math.isfinite(value) else path or "the value"
+        return None if math.isfinite(value) else path
     items: Iterable[tuple[object, object]]
     if isinstance(value, BaseModel):
-        items = ((name, getattr(value, name)) for name in type(value).model_fields)
+        extra = value.__pydantic_extra__ or {}
+        items = chain(
+            ((name, getattr(value, name)) for name in type(value).model_fields), extra.items()
+        )
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = ((field.name, getattr(value, field.name)) for field in dataclasses.fields(value))
     elif isinstance(value, Mapping):
         items = value.items()
     elif isinstance(value, list | tuple | set | frozenset):

@@ -4,6 +4,7 @@ batched dump/validate API), errors, JSON schema, and the number of backend round
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import gc
 import json
@@ -22,6 +23,7 @@ from pydantic_toast import (
     ExternalConfigDict,
     ExternalField,
     StorageBackend,
+    StorageValidationError,
 )
 from pydantic_toast._registry import get_backend
 from pydantic_toast.backends.base import Record
@@ -608,3 +610,61 @@ async def test_a_batched_dump_stamps_its_records_once_and_a_reused_batch_afresh(
     later = Pair(lines=[Line(sku="c", quantity=3)]).model_dump(context=batch.context)
     await batch.flush()
     assert (await stamps(later))[0] > first_stamps[0]  # stamped when stored, not reused
+
+
+# --- values that cannot be stored ------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Sample:
+    weight: float
+
+
+class Priced(BaseModel):
+    price: float
+
+
+class Basket(BaseModel):
+    item: External[Priced] | None = None
+    items: list[External[Priced]] = []
+    weight: External[float] | None = None
+
+
+@pytest.mark.parametrize(
+    ("basket", "message"),
+    [
+        (Basket(item=Priced(price=float("nan"))), "Priced field price is not a finite number"),
+        (
+            Basket(items=[Priced(price=1), Priced(price=float("-inf"))]),
+            "Priced field price is not a finite number",
+        ),
+        (Basket(weight=float("inf")), "float value is not a finite number"),
+    ],
+)
+async def test_a_non_finite_float_in_an_external_value_is_refused_and_nothing_written(
+    memory_url: str, basket: Basket, message: str
+) -> None:
+    backend = await get_backend(memory_url)
+    before = [info async for info in backend.scan(None)]
+    for dump_it in (
+        lambda: pydantic_toast.dump(basket, storage=memory_url),
+        lambda: pydantic_toast.dump_json(basket, storage=memory_url),
+    ):
+        with pytest.raises(StorageValidationError, match=f"^{message}: it would be stored as null"):
+            await dump_it()
+    assert [info async for info in backend.scan(None)] == before
+
+
+async def test_a_non_finite_float_in_a_dataclass_or_an_extra_field_is_refused(
+    memory_url: str,
+) -> None:
+    class Sampled(ExternalBaseModel):
+        model_config = ExternalConfigDict(storage=memory_url, extra="allow")
+        sample: Sample
+
+    with pytest.raises(StorageValidationError, match=r"Sampled field sample\.weight is not a"):
+        await Sampled(sample=Sample(weight=float("nan"))).save_external()
+    with pytest.raises(StorageValidationError, match=r"Sampled field spare is not a finite"):
+        await Sampled(sample=Sample(weight=1.0), spare=float("inf")).save_external()
+    kept = Sampled(sample=Sample(weight=1.0), spare=None)
+    assert await Sampled.load_external(await kept.save_external()) == kept
