@@ -20,6 +20,9 @@ corrupt record; 2 for a usage error.
 references too (given once with several URLs, or several times), ``--grace`` (default 1d) how
 long a new value is kept whatever references it.
 
+``ls`` shows the newest 50 records unless given ``--limit`` (``0``: all), and says on stderr
+when it left some out.
+
 ``--older-than`` and ``--grace`` take a number and a unit: ``s``, ``min``, ``h``, ``d`` or
 ``w`` (``90min``, ``1.5h``). There is no ``m``: it could mean minutes or months, so it is
 refused.
@@ -79,6 +82,26 @@ def _grace(text: str) -> timedelta:
     """A duration as for ``--older-than``, or zero (``0s``): nothing is kept for being new, as
     `collect_garbage` allows."""
     return _duration_argument(text, allow_zero=True)
+
+
+def _whole_number(text: str, *, least: int) -> int:
+    """``text`` as an `int` of at least ``least``, or argparse's usage error naming the option."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if number < least:
+        raise argparse.ArgumentTypeError(f"must be {least} or more, not {number}")
+    return number
+
+
+def _limit(text: str) -> int:
+    """How many records ``ls`` shows: zero for all."""
+    return _whole_number(text, least=0)
+
+
+def _batch_size(text: str) -> int:
+    return _whole_number(text, least=1)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -144,7 +167,9 @@ def _parser(words: Sequence[str]) -> _Parser:
     command("stats", "records and bytes per class")
     ls = command("ls", "a class's records, newest first, with sizes")
     ls.add_argument("class_name")
-    ls.add_argument("--limit", type=int, default=50, help="at most this many (0: all)")
+    ls.add_argument(
+        "--limit", type=_limit, default=50, help="at most this many (default %(default)s; 0: all)"
+    )
     get = command("get", "print a record as JSON")
     get.add_argument("target", nargs="+", help="CLASS ID, or a reference as JSON")
     rm = command("rm", "delete records")
@@ -163,7 +188,12 @@ def _parser(words: Sequence[str]) -> _Parser:
     rekey = command("rekey", "re-encrypt a class's records under its primary key")
     rekey.add_argument("model", metavar="MODULE:CLASS", help="the model, e.g. app.models:User")
     rekey.add_argument("--dry-run", action="store_true", help="count, write nothing")
-    rekey.add_argument("--batch-size", type=int, default=200, help="records per read and write")
+    rekey.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=200,
+        help="records per read and write (default %(default)s)",
+    )
     gc = command("gc", "delete content-addressed records that no record references")
     gc.add_argument(
         "--roots-from",
@@ -284,15 +314,20 @@ async def _ls(
         info async for info in backend.scan_records(arguments.class_name, on_corrupt=on_corrupt)
     ]
     infos.sort(key=lambda info: info.updated_at, reverse=True)
-    if arguments.limit:
-        infos = infos[: arguments.limit]
+    shown = infos[: arguments.limit] if arguments.limit else infos
     rows = [
-        {"id": str(i.id), "bytes": i.size, "updated_at": i.updated_at.isoformat()} for i in infos
+        {"id": str(i.id), "bytes": i.size, "updated_at": i.updated_at.isoformat()} for i in shown
     ]
     if arguments.json:
         _print_json(rows)
     else:
         _print_table(rows, ["id", "bytes", "updated_at"])
+        if len(shown) < len(infos):  # a person must not take the first page for all of them
+            print(
+                f"showing the newest {len(shown)} of {len(infos)} {arguments.class_name} "
+                "records; --limit N shows more, --limit 0 all",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -459,6 +494,13 @@ def _target(words: list[str]) -> tuple[str, UUID]:
 def _model_class(path: str) -> Any:
     """The `ExternalBaseModel` subclass ``module:Class`` names (the current directory is on
     the import path, as with ``python -m``)."""
+    if "://" in path:
+        # "redis://app:pw@host" splits at its first colon too: the error would quote the
+        # password as an attribute of module "redis".
+        raise ValueError(
+            "rekey takes the model as module:Class, not a storage URL: "
+            f"{mask_url(path)[:80]!r} (give the storage with --storage)"
+        )
     module_name, colon, qualname = path.partition(":")
     if not colon or not module_name or not qualname:
         raise ValueError(f"give the model as module:Class, not {path[:80]!r}")

@@ -51,6 +51,7 @@ def last_line(text: str) -> str:
         ["--storage", URL, "ls"],  # a usage line
         ["ls", "--storage", URL],
         ["stats", "--limit", URL, "--storage", URL],
+        ["ls", "Invoice", "--limit", URL, "--storage", URL],  # not a whole number
         ["--storage", URL, "frobnicate", URL],
         ["--storage", URL, "get", "Invoice", "--id", URL],
         [f"user:{SECRET}@127.0.0.1:1/db", "ping"],  # no scheme, still a password
@@ -102,6 +103,7 @@ def test_a_masked_url_is_still_recognisable() -> None:
         ["get", LONG_URL, "550e8400-e29b-41d4-a716-446655440000"],
         ["rm", "Invoice", LONG_URL],  # the id is cut to 80 characters
         ["get", '{"class_name": "Invoice", "id": "' + LONG_URL + '"}'],
+        ["rekey", f"redis://app:{SECRET}@cache.internal:6379/0"],  # a URL for MODULE:CLASS
     ],
 )
 def test_argument_errors_never_show_the_password(arguments: list[str], tmp_path: Path) -> None:
@@ -230,6 +232,63 @@ def test_purge_refuses_ambiguous_or_empty_durations(
     assert run("ls", "Invoice", "--json", "--storage", store).stdout.count('"id"') == 2
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["ls", "Invoice", "--limit", "-1"], "argument --limit: must be 0 or more, not -1"),
+        (["ls", "Invoice", "--limit", "1.5"], "argument --limit: not a whole number: '1.5'"),
+        (
+            ["rekey", "app.models:User", "--batch-size", "0"],
+            "argument --batch-size: must be 1 or more, not 0",
+        ),
+        (
+            ["rekey", "app.models:User", "--batch-size", "-5"],
+            "argument --batch-size: must be 1 or more, not -5",
+        ),
+        (
+            ["rekey", "app.models:User", "--batch-size", "many"],
+            "argument --batch-size: not a whole number: 'many'",
+        ),
+    ],
+)
+def test_numbers_out_of_range_are_usage_errors(arguments: list[str], message: str) -> None:
+    result = run(*arguments, "--storage", URL)  # refused before connecting: nothing answers
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"usage: python -m pydantic_toast {arguments[0]} ")
+    assert last_line(result.stderr) == f"python -m pydantic_toast {arguments[0]}: error: {message}"
+
+
+def test_ls_says_on_stderr_when_it_stops_at_the_limit(store: str) -> None:
+    cut = run("ls", "Invoice", "--limit", "1", "--storage", store)
+    assert cut.returncode == 0, cut.stderr
+    assert len(cut.stdout.splitlines()) == 2  # a header and one record
+    assert cut.stderr == (
+        "showing the newest 1 of 2 Invoice records; --limit N shows more, --limit 0 all\n"
+    )
+    for limit in ("2", "0"):  # every record shown: nothing to say
+        whole = run("ls", "Invoice", "--limit", limit, "--storage", store)
+        assert (whole.returncode, len(whole.stdout.splitlines()), whole.stderr) == (0, 3, "")
+    as_json = run("ls", "Invoice", "--limit", "1", "--json", "--storage", store)
+    assert as_json.returncode == 0, as_json.stderr
+    assert as_json.stderr == ""
+    assert [set(row) for row in json.loads(as_json.stdout)] == [{"id", "bytes", "updated_at"}]
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        ("ls", "--limit LIMIT at most this many (default 50; 0: all)"),
+        ("rekey", "--batch-size BATCH_SIZE records per read and write (default 200)"),
+        ("gc", "keep values written within this long (default 1d)"),
+    ],
+)
+def test_help_shows_the_defaults(command: str, shown: str) -> None:
+    result = run(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert shown in " ".join(result.stdout.split())  # however argparse wraps the lines
+
+
 ID = "550e8400-e29b-41d4-a716-446655440000"
 NAME_RULE = (
     "use letters, digits, '_', '.' and '-' (at most 200 characters, starting with a letter or '_')"
@@ -261,6 +320,11 @@ NAME_RULE = (
         (
             ["rekey", "pydantic_toast:nope"],
             "cannot import 'pydantic_toast:nope': pydantic_toast has no attribute 'nope'",
+        ),
+        (
+            ["rekey", f"redis://app:{SECRET}@cache.internal:6379/0"],
+            "rekey takes the model as module:Class, not a storage URL: "
+            "'redis://app:***@cache.internal:6379/0' (give the storage with --storage)",
         ),
     ],
 )
