@@ -367,8 +367,17 @@ class CountingConnection(Connection):
         return await super().read_response(*args, **kwargs)
 
 
+class CountingBackend(RedisBackend):
+    """The backend on `CountingConnection`s (the URL's scheme chooses redis-py's own class)."""
+
+    def _new_client(self) -> Any:
+        client = super()._new_client()
+        client.connection_pool.connection_class = CountingConnection
+        return client
+
+
 async def test_batches_of_1000_are_one_round_trip_each(redis_url: str) -> None:
-    backend = RedisBackend(redis_url, connection_class=CountingConnection)
+    backend = CountingBackend(redis_url)
     await backend.connect()
     try:
         records = [record("Bulk", n) for n in range(1000)]
@@ -395,7 +404,7 @@ async def test_batches_of_1000_are_one_round_trip_each(redis_url: str) -> None:
 
 
 async def test_single_operations_are_one_round_trip(redis_url: str) -> None:
-    backend = RedisBackend(redis_url, connection_class=CountingConnection)
+    backend = CountingBackend(redis_url)
     await backend.connect()
     r = record("Single")
     resaved = Record(r.id, "Single", b"{}", 1, T0, T0 + timedelta(seconds=1))

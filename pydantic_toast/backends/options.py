@@ -8,7 +8,11 @@ the keyword arguments with one set of rules:
 * an option given twice in the URL (``?table=a&table=b``) is an error; a keyword argument
   replaces the URL's value;
 * an unknown option is an error naming the closest known one, unless the backend passes it on
-  to its driver (`BackendOptions.driver_option_names`);
+  to its driver (`BackendOptions.driver_option_names`); the error lists the backend's own
+  options first, then the driver's;
+* a driver option the backend refuses (`BackendOptions.refused_driver_options`) is an error
+  saying why, and one whose value is a Python object (`BackendOptions.driver_keyword_names`)
+  is taken only as a keyword argument;
 * numbers, durations and booleans are validated by the declared type: ``Seconds`` is a finite
   positive number, ``Count`` a positive integer; ``true``/``false``/``1``/``0`` are booleans.
 
@@ -82,6 +86,19 @@ class BackendOptions(BaseModel):
         of its own refuses every other one unless it names them here; a backend that
         declares none (a first-round custom backend reading its own URL) passes them all."""
         return None if cls is BackendOptions else frozenset()
+
+    @classmethod
+    def driver_keyword_names(cls) -> frozenset[str]:
+        """Driver options passed on only as keyword arguments: their values are Python objects
+        (a retry policy, a credential provider), which the text of a URL cannot carry."""
+        return frozenset()
+
+    @classmethod
+    def refused_driver_options(cls) -> Mapping[str, str]:
+        """Driver options refused from the URL and as keywords, each with the reason the error
+        gives: those that would break what the backend relies on (a driver decoding replies
+        the backend reads as bytes), or that the URL itself gives."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -174,6 +191,8 @@ def parse_options(
     label = model.label
     fields = model.model_fields
     passed_on = model.driver_option_names()
+    keyword_only = model.driver_keyword_names()
+    refused = model.refused_driver_options()
     ours: dict[str, Any] = {}
     driver: dict[str, Any] = {}
     seen: set[str] = set()
@@ -189,12 +208,18 @@ def parse_options(
     for name, value, where in given:
         if name in fields:
             ours[name] = value
-        elif passed_on is None or name in passed_on:
+        elif name in refused:
+            raise StorageValidationError(f"{label} option {name!r} is refused: {refused[name]}")
+        elif name in keyword_only and where == "URL":
+            raise StorageValidationError(
+                f"{label} option {name!r} takes a Python object, which a URL cannot carry: "
+                "pass it as a keyword argument to the backend"
+            )
+        elif passed_on is None or name in passed_on or name in keyword_only:
             driver[name] = value
         else:
-            raise StorageValidationError(
-                _unknown(label, name, where, [*fields, *(passed_on or ())])
-            )
+            usable = passed_on if where == "URL" else passed_on | keyword_only
+            raise StorageValidationError(_unknown(label, name, where, list(fields), sorted(usable)))
     try:
         options = model.model_validate(ours)
     except ValidationError as exc:
@@ -202,16 +227,20 @@ def parse_options(
     return options, driver
 
 
-def _unknown(label: str, name: str, where: str, known: list[str]) -> str:
+def _unknown(label: str, name: str, where: str, own: list[str], driver: list[str]) -> str:
     shown = name if len(name) <= 40 else name[:37] + "..."
     message = f"unknown {label} option {shown!r}"
     if where == "keyword":
         message += " (keyword argument)"
-    close = difflib.get_close_matches(name, known, n=1)
+    close = difflib.get_close_matches(name, [*own, *driver], n=1)
     if close:
         return f"{message}: did you mean {close[0]!r}?"
-    ours = ", ".join(sorted(known)[:12]) or "none"
-    return f"{message}; known options: {ours}"
+    # Every name, the backend's own first in the order they are declared (and documented):
+    # a list cut short hides exactly the option someone was looking for.
+    message += f"; {label} options: {', '.join(own) or 'none'}"
+    if driver:
+        message += f"; passed to the driver: {', '.join(driver)}"
+    return message
 
 
 def _invalid(model: type[BackendOptions], exc: ValidationError) -> str:

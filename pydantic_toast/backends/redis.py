@@ -25,7 +25,7 @@ import inspect
 import math
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import cache
 from typing import Annotated, Any, TypeVar, cast
@@ -201,6 +201,62 @@ return out
 """
 
 
+# redis-py's connection options that pass through, from the URL or as keywords: values a URL
+# carries (redis-py types the numbers and booleans among them). Its other parameters are its
+# internals, or would break what this module relies on (`_REFUSED`).
+_CONNECTION_OPTIONS = frozenset(
+    {
+        "client_name",
+        "db",
+        "health_check_interval",
+        "lib_name",
+        "lib_version",
+        "password",
+        "protocol",
+        "retry_on_timeout",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "socket_read_size",
+        "socket_timeout",
+        "ssl_ca_certs",
+        "ssl_ca_data",
+        "ssl_ca_path",
+        "ssl_cert_reqs",
+        "ssl_certfile",
+        "ssl_check_hostname",
+        "ssl_ciphers",
+        "ssl_exclude_verify_flags",
+        "ssl_include_verify_flags",
+        "ssl_keyfile",
+        "ssl_min_version",
+        "ssl_password",
+        "username",
+    }
+)
+# Those whose values are Python objects: keyword arguments only.
+_CONNECTION_KEYWORDS = frozenset(
+    {"credential_provider", "driver_info", "retry", "retry_on_error", "socket_keepalive_options"}
+)
+_AS_UTF8 = "keys are written as UTF-8 and read back as UTF-8"
+_IN_THE_URL = "the URL names the server (host and port, or the socket's path)"
+_REFUSED = {
+    "decode_responses": (
+        "records are read as bytes; replies decoded to str would make every record read back "
+        "as corrupt"
+    ),
+    "encoding": _AS_UTF8,
+    "encoding_errors": _AS_UTF8,
+    "encoder_class": "redis-py's own encoder sends keys and values as this module writes them",
+    "parser_class": "the replies are read by redis-py's own parser",
+    "connection_class": "the URL's scheme chooses it (redis://, rediss://, redis+unix://)",
+    "event_dispatcher": "it is one of redis-py's internals, which redis-py sets up itself",
+    "redis_connect_func": "it would replace redis-py's handshake (login, database, client name)",
+    "host": _IN_THE_URL,
+    "port": _IN_THE_URL,
+    "path": _IN_THE_URL,
+}
+
+
 #: A key prefix: 1 to 200 characters, no whitespace or control characters.
 Prefix = Annotated[
     str,
@@ -239,7 +295,15 @@ class RedisOptions(BackendOptions):
 
     @classmethod
     def driver_option_names(cls) -> frozenset[str]:
-        return _driver_parameters()
+        return _CONNECTION_OPTIONS & _driver_parameters()
+
+    @classmethod
+    def driver_keyword_names(cls) -> frozenset[str]:
+        return _CONNECTION_KEYWORDS & _driver_parameters()
+
+    @classmethod
+    def refused_driver_options(cls) -> Mapping[str, str]:
+        return _REFUSED
 
 
 class RedisBackend(StorageBackend):
@@ -248,7 +312,9 @@ class RedisBackend(StorageBackend):
     none), ``timeout`` seconds to connect, to wait for a reply or for a free connection
     (default 10), and ``max_connections`` in the pool (default 50; more operations wait).
     redis-py's own connection options pass through (``client_name``,
-    ``health_check_interval``, ``ssl_ca_certs``, ``retry`` ...); anything else is refused.
+    ``health_check_interval``, ``ssl_ca_certs``, ``retry`` ...), those taking a Python object
+    (``retry``) only as keywords; anything else is refused, and so is a ``db`` option naming
+    another database than the URL's path.
     """
 
     options_model = RedisOptions
@@ -322,6 +388,7 @@ class RedisBackend(StorageBackend):
         location = self.location
         driver_query = self._driver_query(options)
         netloc = self._userinfo() + location.netloc
+        database = ""
         if location.scheme == "redis+unix":
             # redis-py spells it unix://; the path is the socket and ?db= picks the database.
             if not location.path:
@@ -334,13 +401,25 @@ class RedisBackend(StorageBackend):
                     f"the path of a redis URL is the database number (/0, /15), "
                     f"not {location.path!r}"
                 )
+            database = location.path.strip("/")
             where = f"{location.host or 'localhost'}:{location.port or 6379}"
             driver_parts = (location.scheme, netloc, location.path, driver_query, "")
         else:
             raise StorageValidationError(f"RedisBackend does not serve {location.scheme!r} URLs")
         self._driver_url = urlunsplit(driver_parts)
         _parse_driver_url(self._driver_url)
+        self._check_database(database)
         return where
+
+    def _check_database(self, database: str) -> None:
+        """Refuse a ``db`` option naming another database than the URL's path (``database``,
+        ``""`` when the path names none): redis-py would quietly take one of the two."""
+        db = self.driver_options.get("db")
+        if database and db is not None and not (str(db).isdecimal() and int(db) == int(database)):
+            raise StorageValidationError(
+                f"{self.options.label} option db={str(db)[:20]!r} conflicts with the database "
+                f"in the URL's path ({int(database)}): name the database once, in the path"
+            )
 
     @property
     def where(self) -> str:
@@ -808,8 +887,9 @@ def _kept_created_at(record: Record, value: bytes, kept: bytes | None) -> dateti
 
 @cache
 def _driver_parameters() -> frozenset[str]:
-    """The keyword arguments redis-py's connection classes (and their bases) accept."""
-    names: set[str] = {"connection_class", "max_connections", "path", "host", "port", "db"}
+    """The keyword arguments the installed redis-py's connection classes (and their bases)
+    accept: an option an older redis-py lacks is refused when the model is defined."""
+    names: set[str] = set()
     for connection_class in (Connection, SSLConnection, UnixDomainSocketConnection):
         for cls in connection_class.__mro__:
             init = cls.__dict__.get("__init__")

@@ -18,7 +18,7 @@ reply names, followed by a ``WAIT`` there.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any, cast
@@ -31,8 +31,11 @@ from redis.crc import key_slot
 from pydantic_toast._errors import StorageValidationError
 from pydantic_toast.backends.records import Record, timestamp_text
 from pydantic_toast.backends.redis import (
+    _CONNECTION_KEYWORDS,
+    _CONNECTION_OPTIONS,
     _DELETE_STALE_SCRIPT,
     _HEADS_SCRIPT,
+    _REFUSED,
     RedisBackend,
     RedisOptions,
     _parse_driver_url,
@@ -61,6 +64,18 @@ _MAP_NOT_READY = (
 _REDIRECTED = (redis_errors.MovedError, redis_errors.AskError)
 # A cluster has one database; these name the one server or socket of a plain client.
 _NOT_FOR_A_CLUSTER = {"host", "port", "path", "connection_class", "startup_nodes"}
+# The cluster client's own options, besides the connection options of `redis`.
+_CLUSTER_OPTIONS = frozenset(
+    {
+        "cluster_error_retry_attempts",
+        "dynamic_startup_nodes",
+        "read_from_replicas",
+        "reinitialize_steps",
+        "require_full_coverage",
+    }
+)
+_CLUSTER_KEYWORDS = frozenset({"address_remap", "load_balancing_strategy"})
+_CLUSTER_REFUSED = {**_REFUSED, "startup_nodes": "the URL names the nodes"}
 
 
 class RedisClusterOptions(RedisOptions):
@@ -68,7 +83,15 @@ class RedisClusterOptions(RedisOptions):
 
     @classmethod
     def driver_option_names(cls) -> frozenset[str]:
-        return _cluster_parameters()
+        return (_CONNECTION_OPTIONS | _CLUSTER_OPTIONS) & _cluster_parameters()
+
+    @classmethod
+    def driver_keyword_names(cls) -> frozenset[str]:
+        return (_CONNECTION_KEYWORDS | _CLUSTER_KEYWORDS) & _cluster_parameters()
+
+    @classmethod
+    def refused_driver_options(cls) -> Mapping[str, str]:
+        return _CLUSTER_REFUSED
 
 
 class RedisClusterBackend(RedisBackend):

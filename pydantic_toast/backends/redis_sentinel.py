@@ -61,6 +61,7 @@ class RedisSentinelBackend(RedisBackend):
         self._connection_options = _parse_driver_url(
             f"redis://{self._userinfo()}{first}/{db}?{self._driver_query(options)}"
         )
+        self._check_database(path["db"] or "")
         for name in ("host", "port", "connection_class"):
             self._connection_options.pop(name, None)
         self._sentinels = [(host, port or 26379) for host, port in location.hosts]
