@@ -176,9 +176,16 @@ def _host_port(item: str, url: str) -> tuple[str, int | None]:
         host, _, port_text = item.partition(":")
     if not port_text:
         return unquote(host), None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not port_text.isdigit():
+        # Most often a password holding a raw '/', '?' or '#': what looks like the port is
+        # then the password's start, so it is not shown.
         raise StorageValidationError(
-            f"malformed storage URL {mask_url(url)!r}: port {port_text[:20]!r} is not 1-65535"
+            f"malformed storage URL {mask_url(url)!r}: the port is not a number (a '/', '?' "
+            "or '#' in a password must be percent-encoded)"
+        )
+    if not 0 < int(port_text) < 65536:
+        raise StorageValidationError(
+            f"malformed storage URL {mask_url(url)!r}: port {port_text[:20]} is not 1-65535"
         )
     return unquote(host), int(port_text)
 
