@@ -253,7 +253,7 @@ class _Target:
         self.encrypt = options.encrypt
         self.signed = False
         if self.model is not None:
-            settings = self.model.__external_settings__
+            settings = self.model._settings()
             if options.encrypt and not settings.encrypt:
                 raise StorageValidationError(
                     f"ExternalField(encrypt=True) on {self.model.__name__}, which is stored "

@@ -156,16 +156,26 @@ class ExternalBaseModel(BaseModel):
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
-        stored_bases = tuple(
-            base
-            for base in cls.__mro__[1:]
-            if isinstance(base, type)
-            and issubclass(base, ExternalBaseModel)
-            and base is not ExternalBaseModel
-        )
-        settings = settings_for(cls, cls.model_config, stored_bases)
-        cls.__external_settings__ = settings
+        cls._settings()
         cls.__external_migrations__ = {}
+
+    @classmethod
+    def _settings(cls) -> ModelSettings:
+        """The class's checked settings, worked out once: when the class is defined, or
+        before, while Pydantic builds the schema of a class with an `External` field of its
+        own type (``children: list[External[Node]]``), which needs its class name."""
+        settings: ModelSettings | None = cls.__dict__.get("__external_settings__")
+        if settings is None:
+            stored_bases = tuple(
+                base
+                for base in cls.__mro__[1:]
+                if isinstance(base, type)
+                and issubclass(base, ExternalBaseModel)
+                and base is not ExternalBaseModel
+            )
+            settings = settings_for(cls, cls.model_config, stored_bases)
+            cls.__external_settings__ = settings
+        return settings
 
     @property
     def external_metadata(self) -> ExternalMetadata | None:

@@ -668,3 +668,21 @@ async def test_a_non_finite_float_in_a_dataclass_or_an_extra_field_is_refused(
         await Sampled(sample=Sample(weight=1.0), spare=float("inf")).save_external()
     kept = Sampled(sample=Sample(weight=1.0), spare=None)
     assert await Sampled.load_external(await kept.save_external()) == kept
+
+
+# --- a stored model that holds its own kind ------------------------------------------------------
+
+
+class StoredNode(ExternalBaseModel):
+    model_config = ExternalConfigDict(storage="memory://tree", class_name="TreeNode")
+    name: str
+    children: list[External[StoredNode]] = []
+
+
+async def test_a_stored_model_with_external_fields_of_its_own_type() -> None:
+    leaf = StoredNode(name="leaf")
+    root = StoredNode(name="root", children=[StoredNode(name="mid", children=[leaf])])
+    dumped = await pydantic_toast.dump(root, storage="memory://tree")
+    assert dumped["children"][0]["class_name"] == "TreeNode"  # the configured name, not StoredNode
+    assert await pydantic_toast.validate(StoredNode, dumped, storage="memory://tree") == root
+    assert await StoredNode.load_external(await root.save_external()) == root
