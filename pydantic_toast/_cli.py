@@ -256,12 +256,9 @@ def _check(arguments: argparse.Namespace) -> None:
 
 async def _run(arguments: argparse.Namespace, on_corrupt: _CorruptRecords) -> int:
     backend = backend_class_for(arguments.storage)(arguments.storage)
-    if arguments.command in _READ_ONLY:
-        # Looking must not change the store: a typo in a table name or a path reads as a store
-        # without records, not as a new table or directory.
-        backend.create_missing = False
-    if arguments.command == "gc" and arguments.dry_run:
-        backend.create_missing = False
+    # Every command works on records that exist, so none needs a new table or directory: a
+    # typo in a table name or a path is an error, not an empty store made on the spot.
+    backend.create_missing = False
     await backend.open()
     try:
         return await _COMMANDS[arguments.command](backend, arguments, on_corrupt)
@@ -471,7 +468,6 @@ _COMMANDS: dict[str, _Command] = {
     "rekey": _rekey,
     "gc": _gc,
 }
-_READ_ONLY = frozenset({"ping", "stats", "ls", "get"})
 
 
 def _target(words: list[str]) -> tuple[str, UUID]:

@@ -142,8 +142,8 @@ class StorageBackend(ABC):
     ``self.location``, options in ``self.options``, what is left for the driver in
     ``self.driver_options``). The constructor must not do I/O: the library builds one when a
     model class is defined, to check its URL early; `connect` opens connections, once.
-    ``create_missing`` (default true) lets `connect` create tables and directories; read-only
-    tools set it to false first.
+    ``create_missing`` (default true) lets `connect` create tables and directories; tools
+    that work only on what exists (the command-line tool) set it to false first.
     """
 
     options_model: ClassVar[type[BackendOptions]] = BackendOptions

@@ -282,8 +282,8 @@ class PostgreSQLBackend(StorageBackend):
         Processes starting together would race in ``CREATE TABLE IF NOT EXISTS`` (it can fail
         with a unique violation on ``pg_type``), so creation holds a transaction-level advisory
         lock keyed by the table name. When both exist nothing is created, so a role without
-        the CREATE privilege can still use a table made for it; read-only tools
-        (``create_missing`` false) create nothing and say what is missing.
+        the CREATE privilege can still use a table made for it; the command-line tool
+        (``create_missing`` false) creates nothing and says what is missing.
         """
         quoted = f'"{self.table}"'
         async with pool.acquire() as connection, connection.transaction():
