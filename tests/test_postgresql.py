@@ -7,6 +7,7 @@ The shared behaviour (round trips, re-save, not-found, ...) is in test_contract.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import gc
 import json
@@ -536,6 +537,31 @@ async def test_data_jsonb_cannot_hold_is_a_validation_error(postgresql_url: str)
     ) as caught:
         await user.save_external()
     assert isinstance(caught.value.__cause__, asyncpg.DataError)
+
+
+async def test_a_batch_of_several_statements_with_a_refused_record_writes_none(
+    postgresql_url: str, sql: Any, namespace: str
+) -> None:
+    backend = PostgreSQLBackend(postgresql_url)
+    backend.capabilities = dataclasses.replace(backend.capabilities, batch_size=3)
+    await backend.connect()
+    try:
+        records = [record(n=n) for n in range(7)]
+        bad = records[5]
+        bad.data = b'{"name":"nul \\u0000 byte"}'
+        records[2].data = b'{"name":"a backslash and u0000: \\\\u0000"}'  # no NUL: stored
+        with pytest.raises(StorageValidationError) as caught:
+            await backend.write_records(records)
+        assert str(caught.value) == (
+            f"{backend.where} cannot store Batch record {bad.id}: JSONB cannot hold the "
+            "character U+0000 (a NUL in a string); no record of the batch of 7 was written"
+        )
+        assert await sql.fetchval(f'SELECT count(*) FROM "{namespace}"') == 0
+        del records[5]
+        await backend.write_records(records)
+        assert await sql.fetchval(f'SELECT count(*) FROM "{namespace}"') == 6
+    finally:
+        await backend.disconnect()
 
 
 async def test_operations_need_a_connected_backend(postgresql_url: str) -> None:

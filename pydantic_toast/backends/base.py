@@ -290,6 +290,12 @@ class StorageBackend(ABC):
         at fault, not the store): then a `StorageValidationError`."""
         return False
 
+    def refusal(self, record: Record) -> str | None:
+        """Why the store would refuse ``record``'s data, or ``None`` (the default). A batch
+        of several primitive calls is checked with it before the first call: a refusal in
+        a later call would leave the earlier ones written."""
+        return None
+
     # --- the public operations ---------------------------------------------------------------
 
     async def write_record(self, record: Record) -> None:
@@ -371,6 +377,8 @@ class StorageBackend(ABC):
                 checked = check_class_name(record.class_name)
             if type(record.id) is not UUID:
                 _check_id(record.id)
+        if len(records) > self.capabilities.batch_size:
+            self.__refuse_unstorable(records)
         if len(records) > 1:
             # By the ids' integers: a UUID's hash runs Python code, an int's does not.
             unique = list({record.id.int: record for record in records}.values())
@@ -408,6 +416,15 @@ class StorageBackend(ABC):
         rest = [record for record in records if record.id not in written]
         if rest:
             await self.__write_chunks(rest)
+
+    def __refuse_unstorable(self, records: Sequence[Record]) -> None:
+        for record in records:
+            reason = self.refusal(record)
+            if reason is not None:
+                raise StorageValidationError(
+                    f"{self.where} cannot store {record.class_name} record {record.id}: "
+                    f"{reason}; no record of the batch of {len(records)} was written"
+                )
 
     async def __adopt_created_at(self, records: Sequence[Record]) -> None:
         """Give each record the ``created_at`` stored under its id, if any (not atomic: the
@@ -479,6 +496,8 @@ class StorageBackend(ABC):
                 )
         if not records:
             return []
+        if len(records) > self.capabilities.batch_size:
+            self.__refuse_unstorable(records)
         primitive = (
             self.put_unchanged if self.capabilities.conditional_write else self.__reread_and_put
         )

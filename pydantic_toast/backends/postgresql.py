@@ -456,11 +456,30 @@ class PostgreSQLBackend(StorageBackend):
             return "connection" in str(exc) or "closed" in str(exc)
         return isinstance(exc, _TRANSIENT) or super().is_transient(exc)
 
+    def refusal(self, record: Record) -> str | None:
+        if _holds_nul(record.data):
+            return "JSONB cannot hold the character U+0000 (a NUL in a string)"
+        return None
+
     def invalid(self, exc: BaseException) -> bool:
         # Class 22: the server refused the data itself (a NUL in JSON text, a value out of
         # range), so the data is at fault and no retry can help; or asyncpg refused its own
         # configuration.
         return isinstance(exc, (asyncpg.DataError, *_MISCONFIGURED))
+
+
+def _holds_nul(data: bytes) -> bool:
+    """Whether JSON text holds the escape ``\\u0000``, which JSONB refuses: one not escaped
+    itself, so preceded by an even number of backslashes."""
+    start = data.find(b"\\u0000")
+    while start >= 0:
+        before = start
+        while before > 0 and data[before - 1] == 0x5C:  # a backslash
+            before -= 1
+        if (start - before) % 2 == 0:
+            return True
+        start = data.find(b"\\u0000", start + 1)
+    return False
 
 
 def _quoted(options: dict[str, Any]) -> list[tuple[str, str]]:
