@@ -379,13 +379,13 @@ class _Target:
         if key in session.resolving:
             raise PydanticCustomError(
                 "external_cycle",
-                "reference cycle: {class_name} {id} refers back to itself",
+                _NESTING_ERRORS["external_cycle"],
                 {"class_name": self.class_name, "id": str(id)},
             )
         if len(session.resolving) >= session.max_depth:
             raise PydanticCustomError(
                 "external_too_deep",
-                "references nest deeper than {max_depth} levels at {class_name} {id}",
+                _NESTING_ERRORS["external_too_deep"],
                 {"max_depth": session.max_depth, "class_name": self.class_name, "id": str(id)},
             )
         record = session.fetch(key, id, storage, self.retry)
@@ -408,6 +408,11 @@ class _Target:
         except StorageValidationError as exc:  # it names the record itself
             raise PydanticCustomError("external_invalid", "{error}", {"error": str(exc)}) from None
         except ValidationError as exc:  # not chained: it quotes the stored data
+            for error in exc.errors(include_url=False, include_input=False):
+                if error["type"] in _NESTING_ERRORS:  # found deeper: said as itself, once
+                    raise PydanticCustomError(
+                        error["type"], _NESTING_ERRORS[error["type"]], error.get("ctx")
+                    ) from None
             raise PydanticCustomError(
                 "external_invalid",
                 "stored {class_name} record {id} does not validate: {errors}",
@@ -415,6 +420,17 @@ class _Target:
             ) from None
         finally:
             session.resolving.pop()
+
+
+# What is wrong with how references nest, wherever it is found; raised by the level that
+# finds it and passed up unwrapped by the levels above.
+_NESTING_ERRORS = {
+    "external_cycle": "reference cycle: {class_name} {id} refers back to itself",
+    "external_too_deep": (
+        "references nest deeper than {max_depth} levels at {class_name} {id} "
+        "(pydantic_toast.validate's max_depth sets the limit)"
+    ),
+}
 
 
 def _mentions_external(schema: Any) -> bool:
