@@ -166,7 +166,9 @@ def settings_for(cls: type, config: Mapping[str, Any], bases: tuple[type, ...]) 
         raise StorageValidationError(f"{owner}: {exc}") from exc
     ttl = as_duration(config.get("ttl"))
     if ttl is not None and (not isinstance(ttl, timedelta) or ttl <= timedelta(0)):
-        raise StorageValidationError(f"{owner}: ttl must be a positive duration, not {ttl!r}")
+        raise StorageValidationError(
+            f"{owner}: ttl must be a positive duration, not {config.get('ttl')!r}"
+        )
     compress_above = config.get("compress_above")
     if compress_above is not None:
         if not isinstance(compress_above, int) or compress_above < 0:
@@ -226,7 +228,8 @@ def _security(
     ttl = as_duration(config.get("reference_ttl"))
     if ttl is not None and (not isinstance(ttl, timedelta) or ttl <= timedelta(0)):
         raise StorageValidationError(
-            f"{owner}: reference_ttl must be a positive duration, not {ttl!r}"
+            f"{owner}: reference_ttl must be a positive duration, not "
+            f"{config.get('reference_ttl')!r}"
         )
     if ttl is not None and not signed:
         raise StorageValidationError(

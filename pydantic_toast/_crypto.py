@@ -420,14 +420,25 @@ def sign_reference(
 
 
 def verify_reference(
-    keyring: Keyring, class_name: str, id: UUID, reference: Mapping[str, Any]
+    keyring: Keyring,
+    class_name: str,
+    id: UUID,
+    reference: Mapping[str, Any],
+    *,
+    expiring: bool = False,
 ) -> None:
     """Refuse a reference to ``class_name`` whose signature is missing, malformed or wrong
-    under every key of the keyring, or whose expiry has passed. Touches no storage."""
+    under every key of the keyring, or whose expiry has passed; with ``expiring`` (the class
+    has a ``reference_ttl``), one without an expiry too, such as one signed before the ttl
+    was set, which would never expire. Touches no storage."""
     sig, exp = reference.get("sig"), reference.get("exp")
     where = f"reference to {class_name} {id}"
     if sig is None:
         raise StorageValidationError(f"{where} is not signed, and {class_name} requires it")
+    if exp is None and expiring:
+        raise StorageValidationError(
+            f"{where} has no expiry, and {class_name}'s references expire (reference_ttl)"
+        )
     if not isinstance(sig, str) or len(sig) != _SIGNATURE_LENGTH:
         raise StorageValidationError(f"{where} has a malformed signature")
     if exp is not None and (

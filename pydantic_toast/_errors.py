@@ -206,4 +206,6 @@ class CorruptRecordError(StorageValidationError):
     def __init__(self, class_name: str, id: object, problem: str) -> None:
         self.class_name = class_name
         self.id = str(id)
-        super().__init__(f"stored {class_name} record {id} is corrupt: {problem}")
+        # A listing of every class may meet a record whose class cannot be read: "" then.
+        named = f" {class_name}" if class_name else ""
+        super().__init__(f"stored{named} record {id} is corrupt: {problem}")

@@ -305,7 +305,9 @@ class _Target:
     def check_signature(self, reference: Mapping[str, Any], id: UUID) -> None:
         """Refuse an unsigned, forged or expired reference to a signed class (no I/O)."""
         if self.signed:
-            verify_reference(self.keyring(), self.class_name, id, reference)
+            assert self.model is not None  # only model classes sign
+            expiring = self.model.__external_settings__.reference_ttl is not None
+            verify_reference(self.keyring(), self.class_name, id, reference, expiring=expiring)
 
     def reference_to(self, record: Record) -> dict[str, Any]:
         if self.signed:

@@ -375,10 +375,15 @@ class ExternalBaseModel(BaseModel):
                 return {**data, "first_name": first, "last_name": last}
         """
         current = cls.__external_settings__.schema_version
+        if current == 1:
+            raise StorageValidationError(
+                f"{cls.__name__}: schema_version is 1, so no version is older to migrate from "
+                "(raise schema_version, then register the step from the version before)"
+            )
         if not isinstance(from_version, int) or not 1 <= from_version < current:
             raise StorageValidationError(
-                f"{cls.__name__}: a migration goes from a version below the current "
-                f"schema_version {current}, not from {from_version!r}"
+                f"{cls.__name__}: a migration goes from one of the versions 1 to {current - 1} "
+                f"(below the current schema_version {current}), not from {from_version!r}"
             )
 
         def register(step: Migration) -> Migration:

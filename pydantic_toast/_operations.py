@@ -71,6 +71,11 @@ def _signer(settings: ModelSettings) -> Keyring | None:
     return keyring_of(settings) if settings.signed_references else None
 
 
+def _expiring(settings: ModelSettings) -> bool:
+    """Whether the class's references must carry an expiry (it has a ``reference_ttl``)."""
+    return settings.reference_ttl is not None
+
+
 async def save(model: ExternalBaseModel) -> ExternalReference:
     settings = type(model).__external_settings__
     op = _telemetry.start(_telemetry.SAVE, settings.storage, settings.class_name)
@@ -171,7 +176,7 @@ async def load(cls: type[M], reference: ReferenceLike) -> M:
     name = settings.class_name
     op = _telemetry.start(_telemetry.LOAD, settings.storage, name)
     try:
-        id = reference_id(reference, name, _signer(settings))
+        id = reference_id(reference, name, _signer(settings), expiring=_expiring(settings))
         stored = await with_backend(
             settings.storage, lambda b: load_record(b, name, id), settings.retry, op
         )
@@ -199,7 +204,7 @@ async def load_many(
     operation = _telemetry.start(_telemetry.LOAD_MANY, settings.storage, name, len(references))
     with operation or _telemetry.NOTHING as op:
         signer = _signer(settings)
-        ids = reference_ids(references, name, signer)
+        ids = reference_ids(references, name, signer, expiring=_expiring(settings))
         # Each id once, found by its integer: a UUID's hash runs Python code, an int's does not.
         unique = list({id.int: id for id in ids}.values())
         stored = await with_backend(
@@ -222,7 +227,7 @@ async def exists(cls: type[M], reference: ReferenceLike) -> bool:
     settings = cls.__external_settings__
     name = settings.class_name
     with _telemetry.start(_telemetry.EXISTS, settings.storage, name) or _telemetry.NOTHING as op:
-        id = reference_id(reference, name, _signer(settings))
+        id = reference_id(reference, name, _signer(settings), expiring=_expiring(settings))
         stored = await with_backend(
             settings.storage, lambda b: load_record(b, name, id), settings.retry, op
         )
@@ -238,7 +243,9 @@ async def delete_many(
     operation = _telemetry.start(_telemetry.DELETE_MANY, settings.storage, name, len(references))
     with operation or _telemetry.NOTHING as op:
         signer = _signer(settings)
-        ids = list(dict.fromkeys(reference_ids(references, name, signer)))
+        ids = list(
+            dict.fromkeys(reference_ids(references, name, signer, expiring=_expiring(settings)))
+        )
         missing: list[str] = []
         if not missing_ok:  # one read first, to name the missing ids
             found = await with_backend(
@@ -275,7 +282,7 @@ async def delete(
         elif reference is None:
             raise StorageValidationError(f"{cls.__name__}.delete_external() needs a reference")
         else:
-            id = reference_id(reference, name, _signer(settings))
+            id = reference_id(reference, name, _signer(settings), expiring=_expiring(settings))
         deleted = await with_backend(
             settings.storage, lambda b: b.delete_records(name, [id]), settings.retry, op
         )

@@ -7,6 +7,7 @@ any I/O, so hostile input is refused the same way everywhere.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any, NotRequired, TypedDict
 from uuid import UUID
@@ -102,13 +103,17 @@ def is_reference(data: object, class_name: str | None = None, *, signed: bool = 
     return class_name is None or name == class_name
 
 
-def reference_id(reference: object, expected: str, signer: Keyring | None = None) -> UUID:
+def reference_id(
+    reference: object, expected: str, signer: Keyring | None = None, *, expiring: bool = False
+) -> UUID:
     """Check a reference to a record of class ``expected`` and return its id; with a
-    ``signer`` (the keyring of a class with signed references), its signature and expiry."""
+    ``signer`` (the keyring of a class with signed references), its signature and expiry
+    (required when ``expiring``: the class has a ``reference_ttl``)."""
     if type(reference) is not dict and not isinstance(reference, Mapping):
+        hint = " (a coroutine: is an await missing?)" if inspect.iscoroutine(reference) else ""
         raise StorageValidationError(
             f"{expected}: a reference must be a mapping with 'class_name' and 'id', "
-            f"not {type(reference).__name__}"
+            f"not {type(reference).__name__}{hint}"
         )
     allowed = _SIGNED_KEYS if signer is not None else _PLAIN_KEYS
     if len(reference) > 2 and (extra := set(reference) - allowed):
@@ -124,12 +129,16 @@ def reference_id(reference: object, expected: str, signer: Keyring | None = None
     if id is None:
         raise StorageValidationError(f"{expected}: invalid id {short(raw_id)}: not a UUID")
     if signer is not None:
-        verify_reference(signer, expected, id, reference)
+        verify_reference(signer, expected, id, reference, expiring=expiring)
     return id
 
 
 def reference_ids(
-    references: Sequence[object], expected: str, signer: Keyring | None = None
+    references: Sequence[object],
+    expected: str,
+    signer: Keyring | None = None,
+    *,
+    expiring: bool = False,
 ) -> list[UUID]:
     """`reference_id` of each reference, in order. The common batch (unsigned plain dicts of
     ``expected`` with string ids) is checked in one pass and its ids parsed in one call;
@@ -154,7 +163,9 @@ def reference_ids(
                 pass
             else:
                 return ids
-    return [reference_id(reference, expected, signer) for reference in references]
+    return [
+        reference_id(reference, expected, signer, expiring=expiring) for reference in references
+    ]
 
 
 def short(value: object) -> str:

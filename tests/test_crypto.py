@@ -716,7 +716,10 @@ def hostile_references(reference: dict[str, Any], keyring: Keyring) -> list[tupl
         ({**reference, "sig": flip(reference["sig"])}, "invalid signature: forged"),
         ({**reference, "sig": other_id["sig"]}, "invalid signature: forged"),
         ({**reference, "exp": reference["exp"] + 3600}, "invalid signature: forged"),
-        ({k: v for k, v in reference.items() if k != "exp"}, "invalid signature: forged"),
+        ({k: v for k, v in reference.items() if k != "exp"}, "has no expiry, and Invoice's"),
+        # signed right, but without the expiry the class's reference_ttl asks for (as one
+        # signed before the ttl was set): it would never expire
+        (sign_reference(keyring, "Invoice", id, None), "has no expiry, and Invoice's references"),
         ({**reference, "exp": "soon"}, "has a malformed expiry"),
         ({**reference, "exp": 10**5000}, "has a malformed expiry"),  # too long to format
         ({**reference, "sig": ["x"]}, "has a malformed signature"),

@@ -454,3 +454,18 @@ def test_invalid_stored_data_is_described_without_its_values_and_within_bounds()
     )
     assert text.endswith("; and 995 more")
     assert "yyyy" not in text and len(text) < 1000
+
+
+def test_a_corrupt_listing_entry_names_the_class_its_key_names() -> None:
+    from pydantic_toast import CorruptRecordError
+    from pydantic_toast.backends.records import StoredInfo, decode_info
+
+    id = uuid4()
+    for class_name, shown in (
+        ("Invoice", f"stored Invoice record {id}"),
+        (None, f"stored record {id}"),
+        ("../x", f"stored record {id}"),
+    ):
+        with pytest.raises(CorruptRecordError) as caught:
+            decode_info(StoredInfo(id, class_name, 10, None, head=b"junk"), None)
+        assert str(caught.value).startswith(f"{shown} is corrupt: "), str(caught.value)

@@ -4,6 +4,7 @@ lifecycle of backends (one per URL and loop, connected once, closed on request a
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import gc
 import logging
 import re
@@ -142,7 +143,13 @@ def test_schema_version_must_be_a_positive_int(version: Any) -> None:
 
 @pytest.mark.parametrize(
     ("ttl", "shown"),
-    [(float("inf"), "inf"), (float("nan"), "nan"), (10**20, "100000000000000000000")],
+    [
+        (float("inf"), "inf"),
+        (float("nan"), "nan"),
+        (10**20, "100000000000000000000"),
+        (-1, "-1"),  # as given, not as the timedelta it makes
+        (dt.timedelta(seconds=-5), "datetime.timedelta(days=-1, seconds=86395)"),
+    ],
 )
 def test_a_ttl_no_timedelta_can_hold_is_refused_naming_the_class(ttl: Any, shown: str) -> None:
     with pytest.raises(StorageValidationError) as caught:
@@ -249,6 +256,17 @@ def test_is_external_reference_on_a_subclass_checks_the_class() -> None:
     reference = {"class_name": "Thing", "id": str(uuid4())}
     assert Thing.is_external_reference(reference)
     assert not Thing.is_external_reference({**reference, "class_name": "Other"})
+
+
+async def test_a_reference_that_was_not_awaited_says_so() -> None:
+    pending = Thing(value=1).save_external()
+    with pytest.raises(StorageValidationError) as caught:
+        await Thing.load_external(pending)  # type: ignore[arg-type]
+    assert str(caught.value) == (
+        "Thing: a reference must be a mapping with 'class_name' and 'id', not coroutine "
+        "(a coroutine: is an await missing?)"
+    )
+    await pending
 
 
 async def test_operations_on_the_base_class_itself_say_it_has_no_storage() -> None:

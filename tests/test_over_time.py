@@ -121,8 +121,15 @@ async def test_a_missing_or_failing_migration_is_a_clear_error(memory_url: str) 
     with pytest.raises(StorageValidationError, match="from version 1 failed: KeyError"):
         await User.load_external(reference)
 
-    with pytest.raises(StorageValidationError, match="below the current schema_version 3"):
-        User.migration(from_version=3)
+    for version in (3, 0):
+        with pytest.raises(StorageValidationError) as caught:
+            User.migration(from_version=version)
+        assert str(caught.value) == (
+            "User: a migration goes from one of the versions 1 to 2 (below the current "
+            f"schema_version 3), not from {version}"
+        )
+    with pytest.raises(StorageValidationError, match="User: schema_version is 1, so no version"):
+        first.migration(from_version=1)
 
 
 # --- stable names ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ data with the same `CorruptRecordError`, naming class and id.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Sequence
@@ -343,7 +344,10 @@ def decode_info(stored: StoredInfo, class_name: str | None) -> RecordInfo:
         return _decode_info(stored)
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         problem = str(exc)
-    raise CorruptRecordError(class_name or "listed", stored.id, problem)
+    if class_name is None:  # the class its key names, when that is a class name
+        with contextlib.suppress(ValueError):
+            class_name = _name(stored.class_name)
+    raise CorruptRecordError(class_name or "", stored.id, problem)
 
 
 def _decode_info(stored: StoredInfo) -> RecordInfo:
