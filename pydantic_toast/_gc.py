@@ -46,7 +46,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict
 
 from pydantic_toast._bridge import run_sync
-from pydantic_toast._config import ModelSettings
+from pydantic_toast._config import ModelSettings, as_duration
 from pydantic_toast._content import CONTENT_VERSION, content_id
 from pydantic_toast._crypto import (
     KEYS_VARIABLE,
@@ -117,7 +117,7 @@ async def collect_garbage(
     storage: Storage,
     *,
     roots_from: Storage | Sequence[Storage] = (),
-    grace: timedelta = timedelta(days=1),
+    grace: timedelta | float = timedelta(days=1),
     dry_run: bool = False,
 ) -> GarbageReport:
     """Delete the content-addressed records of ``storage`` that no record references.
@@ -139,7 +139,7 @@ def collect_garbage_sync(
     storage: Storage,
     *,
     roots_from: Storage | Sequence[Storage] = (),
-    grace: timedelta = timedelta(days=1),
+    grace: timedelta | float = timedelta(days=1),
     dry_run: bool = False,
 ) -> GarbageReport:
     """`collect_garbage` for synchronous code."""
@@ -150,15 +150,18 @@ async def _collect(
     storage: Storage,
     *,
     roots_from: Storage | Sequence[Storage] = (),
-    grace: timedelta = timedelta(days=1),
+    grace: timedelta | float = timedelta(days=1),
     dry_run: bool = False,
     on_corrupt: Callable[[CorruptRecordError], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> GarbageReport:
     """`collect_garbage`, with hooks for the command-line tool: ``on_corrupt`` hears of each
     record skipped, ``on_progress`` of the records listed so far."""
-    if not isinstance(grace, timedelta) or grace < timedelta(0):
-        raise StorageValidationError(f"grace must be a timedelta of zero or more, not {grace!r}")
+    kept = as_duration(grace)  # seconds, as every other duration
+    if not isinstance(kept, timedelta) or kept < timedelta(0):
+        raise StorageValidationError(
+            f"grace must be a duration (a timedelta or seconds) of zero or more, not {grace!r}"
+        )
     if isinstance(roots_from, str | StorageBackend):
         roots_from = (roots_from,)
     for other in roots_from:
@@ -176,7 +179,7 @@ async def _collect(
         _require(source, "scan", "list its records")
     now = datetime.now(UTC)
     # A grace longer than the calendar (``timedelta.max``) keeps every record.
-    cutoff = now - min(grace, now - datetime.min.replace(tzinfo=UTC))
+    cutoff = now - min(kept, now - datetime.min.replace(tzinfo=UTC))
     run = _Collection(backend, cutoff, on_corrupt, on_progress)
     for source in sources:
         await run.read_roots_from(source)

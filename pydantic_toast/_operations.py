@@ -81,7 +81,14 @@ async def save(model: ExternalBaseModel) -> ExternalReference:
     op = _telemetry.start(_telemetry.SAVE, settings.storage, settings.class_name)
     try:
         record = model._to_record(datetime.now(UTC))
-        await with_backend(settings.storage, lambda b: b.write_record(record), settings.retry, op)
+        try:
+            await with_backend(
+                settings.storage, lambda b: b.write_record(record), settings.retry, op
+            )
+        except (StorageConnectionError, StorageOperationError) as exc:
+            if not exc.failed_ids:  # it failed before writing (connecting): unconfirmed too
+                exc.failed_ids = [str(record.id)]
+            raise
     except BaseException as exc:
         if op is not None:
             op.fail(exc)

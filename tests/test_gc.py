@@ -286,8 +286,14 @@ async def test_roots_in_another_storage_keep_what_they_reference(
 
 
 async def test_arguments_are_checked(memory_url: str, sqlite_url: str) -> None:
-    with pytest.raises(StorageValidationError, match="grace must be a timedelta of zero or more"):
-        await collect_garbage(memory_url, grace=dt.timedelta(seconds=-1))
+    for grace in (dt.timedelta(seconds=-1), -1, float("nan"), "1d"):
+        with pytest.raises(StorageValidationError) as refused:
+            await collect_garbage(memory_url, grace=grace)  # type: ignore[arg-type]
+        assert str(refused.value) == (
+            f"grace must be a duration (a timedelta or seconds) of zero or more, not {grace!r}"
+        )
+    report = await collect_garbage(memory_url, grace=3600)  # seconds, as every duration
+    assert report.cutoff < dt.datetime.now(dt.UTC) - dt.timedelta(seconds=3599)
     with pytest.raises(StorageValidationError) as caught:
         await collect_garbage(memory_url, roots_from=[sqlite_url, memory_url])
     assert str(caught.value) == (

@@ -348,6 +348,9 @@ async def test_passwords_never_appear_in_errors_reprs_or_tracebacks() -> None:
     with pytest.raises(StorageConnectionError) as caught:
         await Secretive(value=1).save_external()
     error = caught.value
+    # It failed while connecting: the record is unconfirmed, as a batch would say.
+    (failed,) = error.failed_ids
+    assert str(UUID(failed)) == failed
     shown = "".join(traceback.format_exception(error))
     assert "Sup3rS3cret" not in str(error) + repr(error)
     assert "db.internal" in str(error)
