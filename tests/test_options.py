@@ -160,3 +160,22 @@ async def test_a_db_option_that_agrees_with_the_path_or_stands_alone_is_used() -
         client = RedisBackend(url)._new_client()  # builds the pool; connects to nothing
         assert client.connection_pool.connection_kwargs["db"] == db, url
         await client.aclose()
+
+
+@pytest.mark.filterwarnings("ignore:Call to '__init__' function with deprecated usage")
+def test_cluster_options_in_a_url_are_typed() -> None:
+    from pydantic_toast.backends.redis_cluster import RedisClusterBackend
+
+    url = "redis+cluster://127.0.0.1:7000?read_from_replicas=false&reinitialize_steps=7"
+    client = RedisClusterBackend(url)._new_client()
+    assert (client.read_from_replicas, client.reinitialize_steps) == (False, 7)
+    client = RedisClusterBackend(
+        "redis+cluster://127.0.0.1:7000?read_from_replicas=1"
+    )._new_client()
+    assert client.read_from_replicas is True
+    assert refused("redis+cluster://127.0.0.1:7000?read_from_replicas=maybe").endswith(
+        "redis cluster option read_from_replicas must be true or false, not 'maybe'"
+    )
+    assert "reinitialize_steps must be" in refused(
+        "redis+cluster://127.0.0.1:7000?reinitialize_steps=-1"
+    )

@@ -21,9 +21,10 @@ import inspect
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from functools import cache
-from typing import Any, cast
+from typing import Annotated, Any, cast
 from uuid import UUID
 
+from pydantic import Field
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
@@ -64,16 +65,8 @@ _MAP_NOT_READY = (
 _REDIRECTED = (redis_errors.MovedError, redis_errors.AskError)
 # A cluster has one database; these name the one server or socket of a plain client.
 _NOT_FOR_A_CLUSTER = {"host", "port", "path", "connection_class", "startup_nodes"}
-# The cluster client's own options, besides the connection options of `redis`.
-_CLUSTER_OPTIONS = frozenset(
-    {
-        "cluster_error_retry_attempts",
-        "dynamic_startup_nodes",
-        "read_from_replicas",
-        "reinitialize_steps",
-        "require_full_coverage",
-    }
-)
+# The cluster client's options that take Python objects, besides those of `redis`; its
+# others are declared (and typed) by `RedisClusterOptions`.
 _CLUSTER_KEYWORDS = frozenset({"address_remap", "load_balancing_strategy"})
 _CLUSTER_REFUSED = {**_REFUSED, "startup_nodes": "the URL names the nodes"}
 
@@ -81,9 +74,21 @@ _CLUSTER_REFUSED = {**_REFUSED, "startup_nodes": "the URL names the nodes"}
 class RedisClusterOptions(RedisOptions):
     label = "redis cluster"
 
+    # redis-py's cluster options, typed here: it takes them from a URL as text, so
+    # ``read_from_replicas=false`` would be a true string. ``None``: redis-py's default.
+    require_full_coverage: bool | None = None
+    read_from_replicas: bool | None = None
+    dynamic_startup_nodes: bool | None = None
+    reinitialize_steps: Annotated[int, Field(ge=0, description="an integer 0 or more")] | None = (
+        None
+    )
+    cluster_error_retry_attempts: (
+        Annotated[int, Field(ge=0, description="an integer 0 or more")] | None
+    ) = None
+
     @classmethod
     def driver_option_names(cls) -> frozenset[str]:
-        return (_CONNECTION_OPTIONS | _CLUSTER_OPTIONS) & _cluster_parameters()
+        return _CONNECTION_OPTIONS & _cluster_parameters()
 
     @classmethod
     def driver_keyword_names(cls) -> frozenset[str]:
@@ -92,6 +97,9 @@ class RedisClusterOptions(RedisOptions):
     @classmethod
     def refused_driver_options(cls) -> Mapping[str, str]:
         return _CLUSTER_REFUSED
+
+
+_CLUSTER_FIELDS = tuple(set(RedisClusterOptions.model_fields) - set(RedisOptions.model_fields))
 
 
 class RedisClusterBackend(RedisBackend):
@@ -137,6 +145,10 @@ class RedisClusterBackend(RedisBackend):
     def _new_client(self) -> RedisCluster:
         options = {**self._connection_options, **self._client_options}
         options.pop("db", None)
+        for name in _CLUSTER_FIELDS:
+            value = getattr(self.options, name)
+            if value is not None:
+                options[name] = value
         return RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in self._startup_nodes],
             **options,
