@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import gc
 import logging
+import pickle
 import re
 import subprocess
 import sys
@@ -256,6 +257,14 @@ def test_is_external_reference_on_a_subclass_checks_the_class() -> None:
     reference = {"class_name": "Thing", "id": str(uuid4())}
     assert Thing.is_external_reference(reference)
     assert not Thing.is_external_reference({**reference, "class_name": "Other"})
+
+
+def test_errors_are_named_where_users_import_them_from() -> None:
+    error = pydantic_toast.StorageConnectionError("down", "redis://:pw@h/0", failed_ids=["a"])
+    line = traceback.format_exception(error)[-1]
+    assert line == "pydantic_toast.StorageConnectionError: down (redis://:***@h/0)\n"
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is pydantic_toast.StorageConnectionError and copy.failed_ids == ["a"]
 
 
 async def test_a_reference_that_was_not_awaited_says_so() -> None:
