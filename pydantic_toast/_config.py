@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -112,10 +113,28 @@ class ModelSettings:
     signed_references: bool = False
     reference_ttl: timedelta | None = None
 
+    @property
+    def references_expire(self) -> bool:
+        """Whether the class's references carry an expiry, which a reference must then have."""
+        return self.reference_ttl is not None
+
     def __repr__(self) -> str:
         values = {field.name: getattr(self, field.name) for field in fields(self)}
         values["storage"] = mask_url(self.storage)
         return f"ModelSettings({', '.join(f'{name}={value!r}' for name, value in values.items())})"
+
+
+def settings_of(cls: type) -> ModelSettings:
+    """A model class's settings, where an operation starts: `ExternalBaseModel` itself has
+    none, and says so with the library's error rather than Pydantic's AttributeError."""
+    try:
+        settings: ModelSettings = cls.__external_settings__  # type: ignore[attr-defined]
+    except AttributeError:
+        raise StorageValidationError(
+            f"{cls.__name__} has no storage: call this on a subclass that sets "
+            "model_config = ExternalConfigDict(storage=...)"
+        ) from None
+    return settings
 
 
 _CONFIG_KEYS = ExternalConfigDict.__optional_keys__ | ExternalConfigDict.__required_keys__
@@ -239,10 +258,23 @@ def _security(
     return encrypt, signed, keyring, ttl
 
 
+def _class_statement_level() -> int:
+    """The ``stacklevel`` of `_claim_name`'s warning that points at the class statement: the
+    first caller outside this library and Pydantic, whose frames in between vary."""
+    frame, level = sys._getframe(2), 2
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in (
+        "pydantic_toast",
+        "pydantic",
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 # Which class stores under which name in which storage: (storage, class name) -> its owner
-# ("module.QualName") and the class, held weakly: a class that was garbage collected holds no
-# name, so a new class may take it.
-_names: dict[tuple[str, str], tuple[str, weakref.ref[type]]] = {}
+# ("module.QualName") and the classes of that owner (one per definition: a cell run again
+# defines it anew), held weakly: classes that were garbage collected hold no name, so a new
+# class may take it.
+_names: dict[tuple[str, str], tuple[str, weakref.WeakSet[type]]] = {}
 
 
 def _claim_name(storage: str, class_name: str, owner: str, cls: type) -> None:
@@ -253,16 +285,20 @@ def _claim_name(storage: str, class_name: str, owner: str, cls: type) -> None:
     """
     key = (storage, class_name)
     claim = _names.get(key)
-    holder = None if claim is None or claim[1]() is None else claim[0]
-    _names[key] = (owner, weakref.ref(cls))
-    if holder is None or holder == owner:
+    holder = None if claim is None or not claim[1] else claim[0]
+    if holder == owner:
+        assert claim is not None
+        claim[1].add(cls)  # an older definition may outlive this one: both hold the name
+        return
+    _names[key] = (owner, weakref.WeakSet([cls]))
+    if holder is None:
         return
     message = (
         f"{owner} and {holder} both store records as {class_name!r} in "
         f"{mask_url(storage)}; give one a stable name: ExternalConfigDict(class_name=...)"
     )
     if "<locals>" in owner or "<locals>" in holder:
-        warnings.warn(message, ExternalNameWarning, stacklevel=5)
+        warnings.warn(message, ExternalNameWarning, stacklevel=_class_statement_level())
         return
     assert claim is not None
     _names[key] = claim  # the live holder keeps the name
