@@ -31,20 +31,6 @@ from pydantic_toast._registry import register_backend
 from pydantic_toast._rekey import RekeyReport, rekey, rekey_sync
 from pydantic_toast.backends.base import StorageBackend
 
-# Tracebacks and reprs name the errors where users import them from, not the private module
-# that defines them (pickle finds them here too).
-for _error in (
-    CorruptRecordError,
-    ExternalStorageError,
-    RecordNotFoundError,
-    StorageConnectionError,
-    StorageOperationError,
-    StorageValidationError,
-    UnsupportedOperationError,
-):
-    _error.__module__ = __name__
-del _error
-
 try:
     # The version lives in pyproject.toml alone; installed metadata carries it here.
     __version__ = _metadata.version("pydantic-toast")

@@ -29,17 +29,22 @@ from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
+    from pydantic_core import ErrorDetails
 
 __all__ = [
+    "NESTING_ERRORS",
     "CorruptRecordError",
     "ExternalStorageError",
+    "NestingError",
     "RecordNotFoundError",
     "StorageConnectionError",
     "StorageOperationError",
     "StorageValidationError",
     "UnsupportedOperationError",
+    "error_details",
     "invalid_data",
     "mask_url",
+    "nesting_in",
     "scrub_password",
 ]
 
@@ -105,28 +110,52 @@ def _is_secret_option(key: str) -> bool:
     )
 
 
-# How much of a ValidationError `invalid_data` shows: the first errors, within a bound.
+# How much of a ValidationError `invalid_data` shows: the first errors, within a bound. Past
+# `_LISTED` errors none is listed: Pydantic builds every error's details at once, and those
+# of a record with a million bad items take hundreds of megabytes.
+_LISTED = 1000
 _SHOWN_ERRORS = 5
 _SHOWN_PART = 40
 _SHOWN_TEXT = 2000
 
 
-def invalid_data(error: ValidationError) -> str:
-    """What a ValidationError of stored (or received) data says, without the data: each
-    error's location and message. Pydantic's own text quotes every input, which would put a
-    decrypted field into a log or an HTTP response, and formats a record of hundreds of
-    megabytes whole; this is bounded whatever the input."""
-    details = error.errors(include_url=False, include_context=False, include_input=False)
+def error_details(error: ValidationError) -> list[ErrorDetails]:
+    """The errors of ``error``, without their inputs; none when there are too many to list."""
+    if error.error_count() > _LISTED:
+        return []
+    return error.errors(include_url=False, include_input=False)
+
+
+def invalid_data(error: ValidationError, details: list[ErrorDetails] | None = None) -> str:
+    """What a ValidationError of stored (or received) data says without its input values:
+    the first errors' locations and messages (``details``: `error_details`, if already
+    taken). Pydantic's own text quotes every input, which would put a decrypted field into
+    a log or an HTTP response, and formats a record of hundreds of megabytes whole."""
+    count = error.error_count()
+    if details is None:
+        details = error_details(error)
     shown = [
         f"{'.'.join(str(part)[:_SHOWN_PART] for part in detail['loc']) or '(the value)'}: "
         f"{detail['msg']}"
         for detail in details[:_SHOWN_ERRORS]
     ]
-    if len(details) > _SHOWN_ERRORS:
-        shown.append(f"and {len(details) - _SHOWN_ERRORS} more")
-    count = len(details)
+    if not shown:
+        return f"{count} validation errors (too many to list)"
+    if count > len(shown):
+        shown.append(f"and {count - len(shown)} more")
     text = f"{count} validation error{'' if count == 1 else 's'}: {'; '.join(shown)}"
     return text if len(text) <= _SHOWN_TEXT else text[: _SHOWN_TEXT - 3] + "..."
+
+
+#: What is wrong with how references nest, by Pydantic error type: the message templates of
+#: the errors `External` raises, and that `NestingError` carries up.
+NESTING_ERRORS = {
+    "external_cycle": "reference cycle: {class_name} {id} refers back to itself",
+    "external_too_deep": (
+        "references nest deeper than {max_depth} levels at {class_name} {id} "
+        "(pydantic_toast.validate's max_depth sets the limit)"
+    ),
+}
 
 
 class ExternalStorageError(Exception):
@@ -199,6 +228,24 @@ class StorageValidationError(ExternalStorageError, ValueError):
     """Configuration, a reference or a stored record is not what it must be."""
 
 
+class NestingError(StorageValidationError):
+    """References that form a cycle or nest past the limit, met while a stored record was
+    validated; passed up as itself through the levels above (``kind``: its Pydantic error
+    type, ``context``: the values of its message)."""
+
+    def __init__(self, kind: str, context: dict[str, Any]) -> None:
+        self.kind, self.context = kind, context
+        super().__init__(NESTING_ERRORS[kind].format(**context))
+
+
+def nesting_in(details: list[ErrorDetails]) -> NestingError | None:
+    """The nesting error among ``details`` (of `error_details`), if one is there."""
+    for detail in details:
+        if detail["type"] in NESTING_ERRORS:
+            return NestingError(detail["type"], dict(detail.get("ctx") or {}))
+    return None
+
+
 class CorruptRecordError(StorageValidationError):
     """A stored record cannot be decoded: it names the class and id (``class_name``, ``id``),
     never the stored bytes."""
@@ -209,3 +256,18 @@ class CorruptRecordError(StorageValidationError):
         # A listing of every class may meet a record whose class cannot be read: "" then.
         named = f" {class_name}" if class_name else ""
         super().__init__(f"stored{named} record {id} is corrupt: {problem}")
+
+
+# Tracebacks and reprs name the public errors where users import them from, not this private
+# module (pickle finds them there too).
+for _public in (
+    CorruptRecordError,
+    ExternalStorageError,
+    RecordNotFoundError,
+    StorageConnectionError,
+    StorageOperationError,
+    StorageValidationError,
+    UnsupportedOperationError,
+):
+    _public.__module__ = "pydantic_toast"
+del _public

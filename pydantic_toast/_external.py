@@ -69,7 +69,15 @@ from pydantic_toast._crypto import (
     sign_reference,
     verify_reference,
 )
-from pydantic_toast._errors import ExternalStorageError, StorageValidationError, invalid_data
+from pydantic_toast._errors import (
+    NESTING_ERRORS,
+    ExternalStorageError,
+    NestingError,
+    StorageValidationError,
+    error_details,
+    invalid_data,
+    nesting_in,
+)
 from pydantic_toast._model import ExternalBaseModel
 from pydantic_toast._records import check_storable
 from pydantic_toast._references import parse_ids
@@ -284,7 +292,7 @@ class _Target:
             properties["sig"]["type"] = "string"
             properties["exp"]["type"] = "integer"
             json_schema["required"] = ["class_name", "id", "sig"]
-            if self.model.__external_settings__.reference_ttl is not None:
+            if self.model.__external_settings__.references_expire:
                 json_schema["required"].append("exp")
         return json_schema
 
@@ -306,7 +314,7 @@ class _Target:
         """Refuse an unsigned, forged or expired reference to a signed class (no I/O)."""
         if self.signed:
             assert self.model is not None  # only model classes sign
-            expiring = self.model.__external_settings__.reference_ttl is not None
+            expiring = self.model.__external_settings__.references_expire
             verify_reference(self.keyring(), self.class_name, id, reference, expiring=expiring)
 
     def reference_to(self, record: Record) -> dict[str, Any]:
@@ -379,17 +387,12 @@ class _Target:
         session = _session_for(context)
         key = (_storage_key(storage), self.class_name, id.int)
         if key in session.resolving:
-            raise PydanticCustomError(
-                "external_cycle",
-                _NESTING_ERRORS["external_cycle"],
-                {"class_name": self.class_name, "id": str(id)},
+            raise _pydantic_error(
+                NestingError("external_cycle", {"class_name": self.class_name, "id": str(id)})
             )
         if len(session.resolving) >= session.max_depth:
-            raise PydanticCustomError(
-                "external_too_deep",
-                _NESTING_ERRORS["external_too_deep"],
-                {"max_depth": session.max_depth, "class_name": self.class_name, "id": str(id)},
-            )
+            context = {"max_depth": session.max_depth, "class_name": self.class_name, "id": str(id)}
+            raise _pydantic_error(NestingError("external_too_deep", context))
         record = session.fetch(key, id, storage, self.retry)
         if self.model is not None:
             record = self.model._live(record)
@@ -407,32 +410,31 @@ class _Target:
                 return self.from_json(open_data(record, self.keyring()), context)
             verify_content(self.class_name, id, record.data)
             return self.from_json(record.data, context)
+        except NestingError as exc:  # found deeper: said as itself, once
+            raise _pydantic_error(exc) from None
         except StorageValidationError as exc:  # it names the record itself
             raise PydanticCustomError("external_invalid", "{error}", {"error": str(exc)}) from None
         except ValidationError as exc:  # not chained: it quotes the stored data
-            for error in exc.errors(include_url=False, include_input=False):
-                if error["type"] in _NESTING_ERRORS:  # found deeper: said as itself, once
-                    raise PydanticCustomError(
-                        error["type"], _NESTING_ERRORS[error["type"]], error.get("ctx")
-                    ) from None
+            details = error_details(exc)
+            nested = nesting_in(details)
+            if nested is not None:
+                raise _pydantic_error(nested) from None
             raise PydanticCustomError(
                 "external_invalid",
                 "stored {class_name} record {id} does not validate: {errors}",
-                {"class_name": self.class_name, "id": str(id), "errors": invalid_data(exc)},
+                {
+                    "class_name": self.class_name,
+                    "id": str(id),
+                    "errors": invalid_data(exc, details),
+                },
             ) from None
         finally:
             session.resolving.pop()
 
 
-# What is wrong with how references nest, wherever it is found; raised by the level that
-# finds it and passed up unwrapped by the levels above.
-_NESTING_ERRORS = {
-    "external_cycle": "reference cycle: {class_name} {id} refers back to itself",
-    "external_too_deep": (
-        "references nest deeper than {max_depth} levels at {class_name} {id} "
-        "(pydantic_toast.validate's max_depth sets the limit)"
-    ),
-}
+def _pydantic_error(nesting: NestingError) -> PydanticCustomError:
+    """A nesting error as the validation error it is inside Pydantic."""
+    return PydanticCustomError(nesting.kind, NESTING_ERRORS[nesting.kind], nesting.context)
 
 
 def _mentions_external(schema: Any) -> bool:
@@ -514,7 +516,8 @@ class _Session:
         try:
             return self._store(target, value, storage, context)
         except ExternalStorageError as exc:
-            self.failure = exc
+            if self.batched:  # only a dump reads it; a plain session may outlive its dump
+                self.failure = exc
             raise
 
     def _store(self, target: _Target, value: Any, storage: Storage, context: Any) -> Any:
@@ -809,16 +812,18 @@ class DumpBatch:
 
 class _DumpOptions(TypedDict, total=False):
     """The keyword arguments `dump` passes on to ``model_dump`` (or a TypeAdapter's
-    ``dump_python``), as Pydantic names them."""
+    ``dump_python``), as Pydantic names them (the newer ones need a Pydantic that has them)."""
 
     include: IncEx | None
     exclude: IncEx | None
-    by_alias: bool
+    by_alias: bool | None
     exclude_unset: bool
     exclude_defaults: bool
     exclude_none: bool
+    exclude_computed_fields: bool
     round_trip: bool
     warnings: bool | Literal["none", "warn", "error"]
+    fallback: Callable[[Any], Any] | None
     serialize_as_any: bool
 
 

@@ -20,7 +20,6 @@ from typing import (
     ClassVar,
     Generic,
     Literal,
-    NoReturn,
     Protocol,
     Self,
     TypeGuard,
@@ -34,10 +33,15 @@ from pydantic_core import PydanticSerializationError
 
 from pydantic_toast import _operations, _records
 from pydantic_toast._bridge import run_sync
-from pydantic_toast._config import ModelSettings, settings_for
+from pydantic_toast._config import ModelSettings, settings_for, settings_of
 from pydantic_toast._content import CONTENT_VERSION, content_id, verify_content
 from pydantic_toast._crypto import content_secret
-from pydantic_toast._errors import StorageValidationError, invalid_data
+from pydantic_toast._errors import (
+    StorageValidationError,
+    error_details,
+    invalid_data,
+    nesting_in,
+)
 from pydantic_toast._records import Migration
 from pydantic_toast._references import ExternalReference, ReferenceLike, is_reference
 from pydantic_toast.backends.records import Record
@@ -92,18 +96,6 @@ class _DeleteMethod(Generic[R_co]):
         return bound
 
 
-class _NoStorage:
-    """``ExternalBaseModel.__external_settings__``: the base class itself has no storage, so
-    an operation called on it (not on a subclass) is refused with the library's own error.
-    Subclasses set their own settings, which shadow this."""
-
-    def __get__(self, instance: object, owner: type) -> NoReturn:
-        raise StorageValidationError(
-            f"{owner.__name__} has no storage: call this on a subclass that sets "
-            "model_config = ExternalConfigDict(storage=...)"
-        )
-
-
 class _SyncTwin:
     """``name_sync``: the async method ``name``, run to completion for synchronous code (in
     a script, a thread or inside a running loop: see `_bridge`)."""
@@ -147,10 +139,7 @@ class ExternalBaseModel(BaseModel):
 
     model_config = ConfigDict(ignored_types=(_DeleteMethod, _SyncTwin))
 
-    if TYPE_CHECKING:
-        __external_settings__: ClassVar[ModelSettings]
-    else:
-        __external_settings__ = _NoStorage()
+    __external_settings__: ClassVar[ModelSettings]
     __external_migrations__: ClassVar[dict[int, Migration]]
 
     @classmethod
@@ -164,6 +153,8 @@ class ExternalBaseModel(BaseModel):
         """The class's checked settings, worked out once: when the class is defined, or
         before, while Pydantic builds the schema of a class with an `External` field of its
         own type (``children: list[External[Node]]``), which needs its class name."""
+        if cls is ExternalBaseModel:
+            return settings_of(cls)  # refused: the base class has no storage
         settings: ModelSettings | None = cls.__dict__.get("__external_settings__")
         if settings is None:
             stored_bases = tuple(
@@ -374,7 +365,7 @@ class ExternalBaseModel(BaseModel):
                 first, _, last = data.pop("name").partition(" ")
                 return {**data, "first_name": first, "last_name": last}
         """
-        current = cls.__external_settings__.schema_version
+        current = settings_of(cls).schema_version
         if current == 1:
             raise StorageValidationError(
                 f"{cls.__name__}: schema_version is 1, so no version is older to migrate from "
@@ -459,9 +450,13 @@ class ExternalBaseModel(BaseModel):
             model = cls.model_validate_json(data, context=context)
         except ValidationError as exc:
             # Not chained: the ValidationError quotes the stored data.
+            details = error_details(exc)
+            nested = nesting_in(details)  # the record is fine: what it references is not
+            if nested is not None:
+                raise nested from None
             raise StorageValidationError(
                 f"stored {settings.class_name} record {record.id} no longer validates: "
-                f"{invalid_data(exc)}"
+                f"{invalid_data(exc, details)}"
             ) from None
         upgraded = None
         if data is not record.data and record.id.version != CONTENT_VERSION:

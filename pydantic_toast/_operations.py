@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, TypeVar
 
 from pydantic_toast import _telemetry
-from pydantic_toast._config import ModelSettings
+from pydantic_toast._config import ModelSettings, settings_of
 from pydantic_toast._crypto import Keyring, sign_reference
 from pydantic_toast._errors import (
     ExternalStorageError,
@@ -71,13 +71,8 @@ def _signer(settings: ModelSettings) -> Keyring | None:
     return keyring_of(settings) if settings.signed_references else None
 
 
-def _expiring(settings: ModelSettings) -> bool:
-    """Whether the class's references must carry an expiry (it has a ``reference_ttl``)."""
-    return settings.reference_ttl is not None
-
-
 async def save(model: ExternalBaseModel) -> ExternalReference:
-    settings = type(model).__external_settings__
+    settings = settings_of(type(model))
     op = _telemetry.start(_telemetry.SAVE, settings.storage, settings.class_name)
     try:
         record = model._to_record(datetime.now(UTC))
@@ -101,7 +96,7 @@ async def save(model: ExternalBaseModel) -> ExternalReference:
 
 async def save_many(cls: type[M], models: Iterable[M]) -> list[ExternalReference]:
     models = list(models)
-    settings = cls.__external_settings__
+    settings = settings_of(cls)
     operation = _telemetry.start(
         _telemetry.SAVE_MANY, settings.storage, settings.class_name, len(models)
     )
@@ -179,11 +174,11 @@ class _BatchWriter:
 
 
 async def load(cls: type[M], reference: ReferenceLike) -> M:
-    settings = cls.__external_settings__
+    settings = settings_of(cls)
     name = settings.class_name
     op = _telemetry.start(_telemetry.LOAD, settings.storage, name)
     try:
-        id = reference_id(reference, name, _signer(settings), expiring=_expiring(settings))
+        id = reference_id(reference, name, _signer(settings), expiring=settings.references_expire)
         stored = await with_backend(
             settings.storage, lambda b: load_record(b, name, id), settings.retry, op
         )
@@ -205,13 +200,13 @@ async def load(cls: type[M], reference: ReferenceLike) -> M:
 async def load_many(
     cls: type[M], references: Iterable[ReferenceLike], *, missing_ok: bool
 ) -> list[M | None]:
-    settings = cls.__external_settings__
+    settings = settings_of(cls)
     name = settings.class_name
     references = list(references)
     operation = _telemetry.start(_telemetry.LOAD_MANY, settings.storage, name, len(references))
     with operation or _telemetry.NOTHING as op:
         signer = _signer(settings)
-        ids = reference_ids(references, name, signer, expiring=_expiring(settings))
+        ids = reference_ids(references, name, signer, expiring=settings.references_expire)
         # Each id once, found by its integer: a UUID's hash runs Python code, an int's does not.
         unique = list({id.int: id for id in ids}.values())
         stored = await with_backend(
@@ -231,10 +226,10 @@ async def load_many(
 
 
 async def exists(cls: type[M], reference: ReferenceLike) -> bool:
-    settings = cls.__external_settings__
+    settings = settings_of(cls)
     name = settings.class_name
     with _telemetry.start(_telemetry.EXISTS, settings.storage, name) or _telemetry.NOTHING as op:
-        id = reference_id(reference, name, _signer(settings), expiring=_expiring(settings))
+        id = reference_id(reference, name, _signer(settings), expiring=settings.references_expire)
         stored = await with_backend(
             settings.storage, lambda b: load_record(b, name, id), settings.retry, op
         )
@@ -244,14 +239,16 @@ async def exists(cls: type[M], reference: ReferenceLike) -> bool:
 async def delete_many(
     cls: type[M], references: Iterable[ReferenceLike], *, missing_ok: bool
 ) -> int:
-    settings = cls.__external_settings__
+    settings = settings_of(cls)
     name = settings.class_name
     references = list(references)
     operation = _telemetry.start(_telemetry.DELETE_MANY, settings.storage, name, len(references))
     with operation or _telemetry.NOTHING as op:
         signer = _signer(settings)
         ids = list(
-            dict.fromkeys(reference_ids(references, name, signer, expiring=_expiring(settings)))
+            dict.fromkeys(
+                reference_ids(references, name, signer, expiring=settings.references_expire)
+            )
         )
         missing: list[str] = []
         if not missing_ok:  # one read first, to name the missing ids
@@ -270,7 +267,7 @@ async def delete_many(
 async def delete(
     cls: type[M], instance: M | None, reference: ReferenceLike | None, *, missing_ok: bool
 ) -> bool:
-    settings = cls.__external_settings__
+    settings = settings_of(cls)
     name = settings.class_name
     with _telemetry.start(_telemetry.DELETE, settings.storage, name) or _telemetry.NOTHING as op:
         if instance is not None and reference is not None:
@@ -289,7 +286,9 @@ async def delete(
         elif reference is None:
             raise StorageValidationError(f"{cls.__name__}.delete_external() needs a reference")
         else:
-            id = reference_id(reference, name, _signer(settings), expiring=_expiring(settings))
+            id = reference_id(
+                reference, name, _signer(settings), expiring=settings.references_expire
+            )
         deleted = await with_backend(
             settings.storage, lambda b: b.delete_records(name, [id]), settings.retry, op
         )
@@ -301,7 +300,7 @@ async def delete(
 
 
 async def purge(cls: type[M], older_than: timedelta | float | None, before: datetime | None) -> int:
-    settings = cls.__external_settings__
+    settings = settings_of(cls)
     with (
         _telemetry.start(_telemetry.PURGE, settings.storage, settings.class_name)
         or _telemetry.NOTHING as op
@@ -349,7 +348,7 @@ async def from_records(cls: type[M], records: Sequence[Record | None]) -> list[M
 
 async def _write_back(cls: type[M], migrated: list[Record]) -> None:
     """Store migrated records if the class asks to."""
-    settings = cls.__external_settings__
+    settings = settings_of(cls)
     if not settings.save_migrated:
         return
     try:  # best effort: the models were read fine, the next load migrates again

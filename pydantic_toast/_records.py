@@ -83,7 +83,7 @@ def check_storable(value: object, data: bytes, class_name: str) -> None:
     `External` field stores) whose JSON is ``data``.
 
     Pydantic writes NaN and infinity as null by default, which never loads back into a float
-    field; a model whose config writes them in a form that loads back
+    field; a model or dataclass whose config writes them in a form that loads back
     (``ser_json_inf_nan="strings"`` or ``"constants"``) may store them.
     """
     if isinstance(value, BaseModel):
@@ -97,22 +97,32 @@ def check_storable(value: object, data: bytes, class_name: str) -> None:
         floats = planned[1]
         if floats is False:
             return
-        if floats is not True and len(data) > _SUM_ABOVE:
-            # Summing every float of the model costs a C loop over them, far less than
-            # scanning megabytes of JSON; one NaN or infinity makes the sum non-finite.
+        if floats is not True:
+            # Short JSON without null holds no NaN, and is scanned faster than the floats are
+            # summed; otherwise the sum (a C loop) is finite unless a float is NaN or infinite.
+            if len(data) <= _SUM_ABOVE and _NULL.search(data) is None:
+                return
             try:
                 if math.isfinite(sum(floats(value), 0.0)):
                     return
             except (TypeError, AttributeError, OverflowError):  # a None, a huge int: look closer
                 pass
-    if _NULL.search(data) is None:
-        return  # no null in the JSON: no NaN either
+        elif _NULL.search(data) is None:
+            return
+    else:
+        if _NULL.search(data) is None:
+            return  # no null in the JSON: no NaN either
+        try:  # plain JSON data (a dict of an `Any` field) is checked in C
+            json.dumps(value, allow_nan=False)
+            return
+        except (TypeError, ValueError, RecursionError):  # other objects, or a NaN: look closer
+            pass
     where = _non_finite_float(value)
     if where is not None:
         raise StorageValidationError(
             f"{class_name} {f'field {where}' if where else 'value'} is not a finite number: it "
-            "would be stored as null and never load back (set ser_json_inf_nan='strings' in "
-            "the model's config to store it)"
+            "would be stored as null and never load back (a model or dataclass config with "
+            "ser_json_inf_nan='strings' stores it)"
         )
 
 
@@ -275,11 +285,16 @@ def _non_finite_float(value: object, path: str = "") -> str | None:
         return None if math.isfinite(value) else path
     items: Iterable[tuple[object, object]]
     if isinstance(value, BaseModel):
+        if value.model_config.get("ser_json_inf_nan", "null") != "null":
+            return None  # written in a form that loads back
         extra = value.__pydantic_extra__ or {}
         items = chain(
             ((name, getattr(value, name)) for name in type(value).model_fields), extra.items()
         )
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        config = getattr(value, "__pydantic_config__", None) or {}
+        if config.get("ser_json_inf_nan", "null") != "null":
+            return None
         items = ((field.name, getattr(value, field.name)) for field in dataclasses.fields(value))
     elif isinstance(value, Mapping):
         items = value.items()

@@ -27,6 +27,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict
 
 from pydantic_toast._bridge import run_sync
+from pydantic_toast._config import settings_of
 from pydantic_toast._crypto import open_data, seal_data, sealed_key_id
 from pydantic_toast._errors import StorageValidationError
 from pydantic_toast._model import ExternalBaseModel
@@ -84,7 +85,7 @@ async def rekey(
     if not (isinstance(cls, type) and issubclass(cls, ExternalBaseModel)):
         shown = cls.__name__ if isinstance(cls, type) else short(cls)
         raise StorageValidationError(f"rekey needs an ExternalBaseModel subclass, not {shown}")
-    settings = cls.__external_settings__
+    settings = settings_of(cls)
     if not settings.encrypt:
         raise StorageValidationError(
             f"{cls.__name__} is not encrypted: set ExternalConfigDict(encrypt=True) to rekey it"

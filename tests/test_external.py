@@ -8,11 +8,13 @@ import dataclasses
 import datetime as dt
 import gc
 import json
+import math
 import weakref
 from collections.abc import Sequence
 from typing import Annotated, Any, Generic, TypeVar
 from uuid import UUID, uuid4
 
+import pydantic.dataclasses
 import pytest
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
@@ -663,6 +665,42 @@ async def test_a_non_finite_float_in_an_external_value_is_refused_and_nothing_wr
     assert [info async for info in backend.scan(None)] == before
 
 
+class Lenient(BaseModel):
+    model_config = ConfigDict(ser_json_inf_nan="strings")
+    weight: float
+    note: str | None = None
+
+
+@pydantic.dataclasses.dataclass(config=ConfigDict(ser_json_inf_nan="strings"))
+class LenientSample:
+    weight: float
+    note: str | None = None
+
+
+class Kept(BaseModel):
+    one: External[Lenient]
+    many: External[list[Lenient]]
+    sample: External[LenientSample]
+    loose: External[dict[str, Any]]
+
+
+async def test_non_finite_floats_a_config_writes_as_strings_are_stored(memory_url: str) -> None:
+    nan = float("nan")
+    kept = Kept(
+        one=Lenient(weight=float("inf")),
+        many=[Lenient(weight=nan), Lenient(weight=1.5)],
+        sample=LenientSample(weight=nan),
+        loose={"a": None, "b": [1.5, None]},  # nulls, and no NaN: checked in C, stored
+    )
+    dumped = await pydantic_toast.dump(kept, storage=memory_url)
+    again = await pydantic_toast.validate(Kept, dumped, storage=memory_url)
+    assert again.one.weight == float("inf") and again.loose == kept.loose
+    assert math.isnan(again.many[0].weight) and math.isnan(again.sample.weight)
+    refused = Kept(**{**dict(kept), "loose": {"a": nan}})
+    with pytest.raises(StorageValidationError, match=r"Any field a is not a finite number"):
+        await pydantic_toast.dump(refused, storage=memory_url)
+
+
 async def test_a_non_finite_float_in_a_dataclass_or_an_extra_field_is_refused(
     memory_url: str,
 ) -> None:
@@ -694,3 +732,43 @@ async def test_a_stored_model_with_external_fields_of_its_own_type() -> None:
     assert dumped["children"][0]["class_name"] == "TreeNode"  # the configured name, not StoredNode
     assert await pydantic_toast.validate(StoredNode, dumped, storage="memory://tree") == root
     assert await StoredNode.load_external(await root.save_external()) == root
+
+
+async def test_a_cycle_or_the_depth_limit_through_stored_models_is_said_once() -> None:
+    backend = await get_backend("memory://tree")
+    a, b = uuid4(), uuid4()
+    now = dt.datetime.now(dt.UTC)
+
+    def node(name: str, child: UUID) -> bytes:
+        return b'{"name":"%s","children":[{"class_name":"TreeNode","id":"%s"}]}' % (
+            name.encode(),
+            str(child).encode(),
+        )
+
+    await backend.write_records(
+        [
+            Record(a, "TreeNode", node("a", b), 1, now, now),
+            Record(b, "TreeNode", node("b", a), 1, now, now),
+        ]
+    )
+    reference = {"class_name": "TreeNode", "id": str(a)}
+    with pytest.raises(ValidationError) as caught:
+        await pydantic_toast.validate(
+            StoredNode, {"name": "root", "children": [reference]}, storage="memory://tree"
+        )
+    (error,) = caught.value.errors()
+    assert error["type"] == "external_cycle"
+    assert error["msg"] == f"reference cycle: TreeNode {a} refers back to itself"
+    with pytest.raises(StorageValidationError) as loaded:  # a load says it as plainly
+        await StoredNode.load_external(reference)
+    assert str(loaded.value).startswith("reference cycle: TreeNode ")
+
+    chain = StoredNode(name="0")
+    for depth in range(1, 6):
+        chain = StoredNode(name=str(depth), children=[chain])
+    dumped = await pydantic_toast.dump(chain, storage="memory://tree")
+    with pytest.raises(ValidationError) as deep:
+        await pydantic_toast.validate(StoredNode, dumped, storage="memory://tree", max_depth=2)
+    (error,) = deep.value.errors()
+    assert error["type"] == "external_too_deep"
+    assert error["msg"].startswith("references nest deeper than 2 levels at TreeNode ")

@@ -455,6 +455,13 @@ def test_invalid_stored_data_is_described_without_its_values_and_within_bounds()
     assert text.endswith("; and 995 more")
     assert "yyyy" not in text and len(text) < 1000
 
+    class Many(BaseModel):
+        values: list[int]
+
+    with pytest.raises(ValidationError) as caught:  # so many that none is listed
+        Many.model_validate_json(json.dumps({"values": ["x"] * 200_000}))
+    assert invalid_data(caught.value) == "200000 validation errors (too many to list)"
+
 
 def test_a_corrupt_listing_entry_names_the_class_its_key_names() -> None:
     from pydantic_toast import CorruptRecordError
