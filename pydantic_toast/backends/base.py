@@ -143,7 +143,8 @@ class StorageBackend(ABC):
     ``self.driver_options``). The constructor must not do I/O: the library builds one when a
     model class is defined, to check its URL early; `connect` opens connections, once.
     ``create_missing`` (default true) lets `connect` create tables and directories; tools
-    that work only on what exists (the command-line tool) set it to false first.
+    that work only on what exists (the command-line tool) set it to false first, and
+    ``read_only`` when nothing but reads follow (SQLite then opens its file read-only).
     """
 
     options_model: ClassVar[type[BackendOptions]] = BackendOptions
@@ -159,6 +160,7 @@ class StorageBackend(ABC):
             type(self).options_model, self.location, options
         )
         self.create_missing = True
+        self.read_only = False
         #: Set by the registry when it closes this backend (``aclose()``, a loop shutting
         #: down, exit): an operation still in flight then failed because of that, and a retry
         #: gets a fresh backend, so its failure is transient.
@@ -291,9 +293,9 @@ class StorageBackend(ABC):
         return False
 
     def refusal(self, record: Record) -> str | None:
-        """Why the store would refuse ``record``'s data, or ``None`` (the default). A batch
-        of several primitive calls is checked with it before the first call: a refusal in
-        a later call would leave the earlier ones written."""
+        """Why the store would refuse ``record``'s data, or ``None`` (the default). A write
+        that takes several primitive calls checks its records with it before the first: a
+        refusal in a later call would leave the earlier calls' records written."""
         return None
 
     # --- the public operations ---------------------------------------------------------------
@@ -377,8 +379,6 @@ class StorageBackend(ABC):
                 checked = check_class_name(record.class_name)
             if type(record.id) is not UUID:
                 _check_id(record.id)
-        if len(records) > self.capabilities.batch_size:
-            self.__refuse_unstorable(records)
         if len(records) > 1:
             # By the ids' integers: a UUID's hash runs Python code, an int's does not.
             unique = list({record.id.int: record for record in records}.values())
@@ -386,6 +386,7 @@ class StorageBackend(ABC):
                 await self.__write_many(unique)
                 _copy_created_at(records, unique)
                 return
+            self.__refuse_unstorable(records)
         if self.capabilities.keeps_created_at:
             await self.__write_chunks(records)
             return
@@ -418,6 +419,16 @@ class StorageBackend(ABC):
             await self.__write_chunks(rest)
 
     def __refuse_unstorable(self, records: Sequence[Record]) -> None:
+        """Refuse a write of several primitive calls (more records than ``batch_size``, or a
+        first save's conditional create and then an upsert) whose records the engine would
+        refuse one of: the calls before it would be written."""
+        capabilities = self.capabilities
+        if (
+            type(self).refusal is StorageBackend.refusal  # the engine refuses nothing ahead
+            or len(records) < 2
+            or (len(records) <= capabilities.batch_size and capabilities.keeps_created_at)
+        ):
+            return
         for record in records:
             reason = self.refusal(record)
             if reason is not None:
@@ -496,8 +507,7 @@ class StorageBackend(ABC):
                 )
         if not records:
             return []
-        if len(records) > self.capabilities.batch_size:
-            self.__refuse_unstorable(records)
+        self.__refuse_unstorable(records)
         primitive = (
             self.put_unchanged if self.capabilities.conditional_write else self.__reread_and_put
         )
