@@ -259,6 +259,7 @@ async def _run(arguments: argparse.Namespace, on_corrupt: _CorruptRecords) -> in
     # Every command works on records that exist, so none needs a new table or directory: a
     # typo in a table name or a path is an error, not an empty store made on the spot.
     backend.create_missing = False
+    backend.read_only = arguments.command in _READ_ONLY or getattr(arguments, "dry_run", False)
     await backend.open()
     try:
         return await _COMMANDS[arguments.command](backend, arguments, on_corrupt)
@@ -423,7 +424,7 @@ async def _gc(
     try:
         for url in arguments.roots_from:
             source = backend_class_for(url)(url)
-            source.create_missing = False  # only read
+            source.create_missing, source.read_only = False, True  # only read
             await source.open()
             sources.append(source)
         progress = _Progress("scanned")
@@ -458,6 +459,8 @@ async def _gc(
 
 
 _Command = Callable[[StorageBackend, argparse.Namespace, "_CorruptRecords"], Awaitable[int]]
+# Commands that only read (a dry run of the others reads too).
+_READ_ONLY = frozenset({"ping", "stats", "ls", "get"})
 _COMMANDS: dict[str, _Command] = {
     "ping": _ping,
     "stats": _stats,

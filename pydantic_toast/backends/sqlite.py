@@ -98,8 +98,9 @@ class SQLiteBackend(StorageBackend):
             if self.path.parent != Path():
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             connection = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
-        else:  # tools working on what exists: never create the file (mode=rw) or the table
-            uri = f"{self.path.absolute().as_uri()}?mode=rw"
+        else:  # tools working on what exists: never create the file or the table
+            mode = "ro" if self.read_only else "rw"
+            uri = f"{self.path.absolute().as_uri()}?mode={mode}"
             connection = sqlite3.connect(uri, timeout=self.timeout, isolation_level=None, uri=True)
         try:
             if self.create_missing:
