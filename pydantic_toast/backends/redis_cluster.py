@@ -68,7 +68,13 @@ _NOT_FOR_A_CLUSTER = {"host", "port", "path", "connection_class", "startup_nodes
 # The cluster client's options that take Python objects, besides those of `redis`; its
 # others are declared (and typed) by `RedisClusterOptions`.
 _CLUSTER_KEYWORDS = frozenset({"address_remap", "load_balancing_strategy"})
-_CLUSTER_REFUSED = {**_REFUSED, "startup_nodes": "the URL names the nodes"}
+_CLUSTER_REFUSED = {
+    **_REFUSED,
+    "startup_nodes": "the URL names the nodes",
+    "cluster_error_retry_attempts": (
+        "redis-py does not retry here: the model's retries (ExternalConfigDict) do"
+    ),
+}
 
 
 class RedisClusterOptions(RedisOptions):
@@ -82,9 +88,6 @@ class RedisClusterOptions(RedisOptions):
     reinitialize_steps: Annotated[int, Field(ge=0, description="an integer 0 or more")] | None = (
         None
     )
-    cluster_error_retry_attempts: (
-        Annotated[int, Field(ge=0, description="an integer 0 or more")] | None
-    ) = None
 
     @classmethod
     def driver_option_names(cls) -> frozenset[str]:
