@@ -142,7 +142,8 @@ class Keyring:
         return tuple(self.__derived)
 
     def __repr__(self) -> str:
-        return f"Keyring(key_ids={list(self.__derived)!r}, primary={self.primary!r})"
+        ids = ", ".join(map(_shown_id, self.__derived))
+        return f"Keyring(key_ids=[{ids}], primary={_shown_id(self.primary)})"
 
     __str__ = __repr__
 
@@ -193,7 +194,7 @@ def _shown_id(value: object) -> str:
     if not isinstance(value, str):
         return f"(a {type(value).__name__}, not shown)"
     if len(value) >= _LONGEST_SHOWN_ID:
-        return f"of {len(value)} characters (not shown: it may be a key)"
+        return f"({len(value)} characters, not shown: it may be a key)"
     return repr(value)
 
 

@@ -177,14 +177,14 @@ def test_a_bad_keyring_is_refused_at_set_up_without_showing_a_key(
         (
             {b64(K1): b"abc"},
             b64(K1),
-            "key of 43 characters (not shown: it may be a key) must be 32 bytes (AES-256), "
+            "key (43 characters, not shown: it may be a key) must be 32 bytes (AES-256), "
             "not 3 bytes",
         ),
         ({"k1": K1}, K1, "primary key (a bytes, not shown) is not in the keyring (it holds 'k1')"),
         (
             {"k1": K1},
             b64(K1),
-            "primary key of 43 characters (not shown: it may be a key) is not in the keyring "
+            "primary key (43 characters, not shown: it may be a key) is not in the keyring "
             "(it holds 'k1')",
         ),
     ],
@@ -201,6 +201,11 @@ def test_a_keyring_given_keys_for_ids_does_not_show_them(
 def test_a_keyring_shows_its_key_ids_and_never_its_keys() -> None:
     ring = Keyring({"old": K1, "new": K2}, "new")
     assert repr(ring) == str(ring) == "Keyring(key_ids=['old', 'new'], primary='new')"
+    named_by_its_text = Keyring({b64(K1): K1}, b64(K1))  # an id as long as a key's text
+    assert repr(named_by_its_text) == (
+        "Keyring(key_ids=[(43 characters, not shown: it may be a key)], "
+        "primary=(43 characters, not shown: it may be a key))"
+    )
     assert ring.key_ids == ("old", "new")
     assert not any(text in repr(ring) + str(vars_of(ring)) for text in key_texts(K1, K2))
     with pytest.raises(TypeError, match="not pickled"):
@@ -237,7 +242,7 @@ async def test_keys_come_from_the_environment_when_no_keyring_is_installed(
         # an entry written key:id, the id a base64url word that decodes to 3 bytes
         (
             f"{b64(K1)}:abcd",
-            "key of 43 characters (not shown: it may be a key) must be 32 bytes (AES-256), "
+            "key (43 characters, not shown: it may be a key) must be 32 bytes (AES-256), "
             "not 3 bytes",
         ),
     ],
