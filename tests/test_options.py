@@ -179,3 +179,7 @@ def test_cluster_options_in_a_url_are_typed() -> None:
     assert "reinitialize_steps must be" in refused(
         "redis+cluster://127.0.0.1:7000?reinitialize_steps=-1"
     )
+    assert refused("redis+cluster://127.0.0.1:7000?cluster_error_retry_attempts=3").endswith(
+        "redis cluster option 'cluster_error_retry_attempts' is refused: redis-py does not "
+        "retry here: the model's retries (ExternalConfigDict) do"
+    )
