@@ -126,19 +126,26 @@ def error_details(error: ValidationError) -> list[ErrorDetails]:
     return error.errors(include_url=False, include_input=False)
 
 
-def invalid_data(error: ValidationError, details: list[ErrorDetails] | None = None) -> str:
+def invalid_data(
+    error: ValidationError, details: list[ErrorDetails] | None = None, *, sealed: bool = False
+) -> str:
     """What a ValidationError of stored (or received) data says without its input values:
     the first errors' locations and messages (``details``: `error_details`, if already
     taken). Pydantic's own text quotes every input, which would put a decrypted field into
-    a log or an HTTP response, and formats a record of hundreds of megabytes whole."""
+    a log or an HTTP response, and formats a record of hundreds of megabytes whole. Of data
+    that was ``sealed`` (decrypted for this), only the locations: a validator's message may
+    quote the value it refused."""
     count = error.error_count()
     if details is None:
         details = error_details(error)
     shown = [
-        f"{'.'.join(str(part)[:_SHOWN_PART] for part in detail['loc']) or '(the value)'}: "
-        f"{detail['msg']}"
+        ".".join(str(part)[:_SHOWN_PART] for part in detail["loc"]) or "(the value)"
         for detail in details[:_SHOWN_ERRORS]
     ]
+    if not sealed:
+        shown = [f"{where}: {detail['msg']}" for where, detail in zip(shown, details, strict=False)]
+    elif shown:
+        shown[-1] += " (messages not shown: the record is encrypted)"
     if not shown:
         return f"{count} validation errors (too many to list)"
     if count > len(shown):

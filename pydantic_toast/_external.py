@@ -425,7 +425,7 @@ class _Target:
                 {
                     "class_name": self.class_name,
                     "id": str(id),
-                    "errors": invalid_data(exc, details),
+                    "errors": invalid_data(exc, details, sealed=self.encrypt),
                 },
             ) from None
         finally:
@@ -645,9 +645,13 @@ def _fetch_plan(
     """For references named ``class_name``: the live targets that check signatures, and
     the storages to read them from, as `resolve` will: a model's own storage, else the
     default one (two models may share a name in different storages: read from each; with
-    no storage at all, validation reports it, naming the field)."""
+    no storage at all, validation reports it, naming the field). A name no `External`
+    field stores is read from nowhere: nothing would resolve it (a reference-shaped dict in
+    an ``Any`` field costs no query)."""
     targets = _targets_named(class_name)
-    owners = {t.own_storage for t in targets} or {None}
+    if not targets:
+        return [], []
+    owners = {t.own_storage for t in targets}
     storages = {own or default_storage for own in owners}
     return (
         [t for t in targets if t.signed],

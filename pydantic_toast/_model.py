@@ -456,7 +456,7 @@ class ExternalBaseModel(BaseModel):
                 raise nested from None
             raise StorageValidationError(
                 f"stored {settings.class_name} record {record.id} no longer validates: "
-                f"{invalid_data(exc, details)}"
+                f"{invalid_data(exc, details, sealed=settings.encrypt)}"
             ) from None
         upgraded = None
         if data is not record.data and record.id.version != CONTENT_VERSION:

@@ -772,3 +772,19 @@ async def test_a_cycle_or_the_depth_limit_through_stored_models_is_said_once() -
     (error,) = deep.value.errors()
     assert error["type"] == "external_too_deep"
     assert error["msg"].startswith("references nest deeper than 2 levels at TreeNode ")
+
+
+class Envelope(BaseModel):
+    line: External[Line]
+    extra: dict[str, Any] = {}
+
+
+async def test_references_no_field_stores_are_not_read(memory_url: str) -> None:
+    counting = CountingStore(await get_backend(memory_url))
+    dumped = await pydantic_toast.dump(Envelope(line=Line(sku="a", quantity=1)), storage=counting)
+    # Reference-shaped dicts of classes no External field stores: nothing reads them.
+    dumped["extra"] = {f"n{n}": {"class_name": f"Nobody{n}", "id": str(uuid4())} for n in range(50)}
+    counting.reads.clear()
+    again = await pydantic_toast.validate(Envelope, dumped, storage=counting)
+    assert again.line == Line(sku="a", quantity=1) and len(again.extra) == 50
+    assert counting.reads == [1]  # the one Line, in one batch
