@@ -38,9 +38,11 @@ import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 from pydantic import BaseModel, ValidationError
 
+from pydantic_toast import _telemetry
 from pydantic_toast._bridge import run_sync
 from pydantic_toast._config import as_duration
 from pydantic_toast._content import CONTENT_VERSION, content_id, verify_content
@@ -178,9 +180,30 @@ class _ClaimCheck:
         )
 
     async def _write(self, batch: DumpBatch, record: Record) -> None:
-        await asyncio.gather(
-            batch.flush(), with_backend(self.storage, lambda backend: backend.write_record(record))
-        )
+        await asyncio.gather(batch.flush(), self._write_body(record))
+
+    async def _write_body(self, record: Record) -> None:
+        with (
+            _telemetry.start(_telemetry.SAVE, self.storage, PAYLOAD_CLASS)
+            or _telemetry.NOTHING as op
+        ):
+            await with_backend(
+                self.storage, lambda backend: backend.write_record(record), observed=op
+            )
+            if op is not None:
+                op.records = (record,)
+
+    async def _read_body(self, id: UUID) -> Record | None:
+        with (
+            _telemetry.start(_telemetry.LOAD, self.storage, PAYLOAD_CLASS)
+            or _telemetry.NOTHING as op
+        ):
+            record = await with_backend(
+                self.storage, lambda backend: backend.read_record(PAYLOAD_CLASS, id), observed=op
+            )
+            if op is not None:
+                op.records = (record,)
+        return record
 
     # --- receiving -------------------------------------------------------------------------
 
@@ -212,9 +235,7 @@ class _ClaimCheck:
             raise StorageValidationError(
                 f"claim-check reference {id} is not a content id: this serializer never issued it"
             )
-        record = run_sync(
-            with_backend(self.storage, lambda backend: backend.read_record(PAYLOAD_CLASS, id))
-        )
+        record = run_sync(self._read_body(id))
         if record is None or (self.ttl is not None and expired(record.updated_at, self.ttl)):
             raise RecordNotFoundError(PAYLOAD_CLASS, [str(id)], self.storage)
         if len(record.data) > self.max_size + len(b'{"body":}'):

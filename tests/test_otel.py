@@ -458,3 +458,22 @@ def test_the_overhead_benchmark_runs() -> None:
     for cells in table.values():
         times = [float(cell) for cell in cells[::2]]
         assert len(times) == 3 and all(time > 0 for time in times), result.stdout
+
+
+def test_claim_check_bodies_are_saved_and_loaded_in_spans(otel: Telemetry, memory_url: str) -> None:
+    from kombu.serialization import dumps, loads, registry
+
+    from pydantic_toast.kombu import PAYLOAD_CLASS, register_claim_check
+
+    content_type = register_claim_check(memory_url, threshold=16, name="toast-otel-spans")
+    try:
+        value = {"text": "x" * 100}
+        _, encoding, body = dumps(value, serializer="toast-otel-spans")
+        assert loads(body, content_type, encoding, accept=[content_type]) == value
+    finally:
+        registry.unregister("toast-otel-spans")
+    saved, loaded = otel.only("pydantic_toast.save"), otel.only("pydantic_toast.load")
+    for span in (saved, loaded):
+        attributes = dict(span.attributes or {})
+        assert attributes["pydantic_toast.class_name"] == PAYLOAD_CLASS
+        assert attributes["pydantic_toast.bytes"] > 100
