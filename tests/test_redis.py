@@ -452,6 +452,22 @@ async def test_large_batches_are_split_and_keep_order(backend: RedisBackend) -> 
     assert await backend.delete_records("Large", ids) == 2500
 
 
+async def test_a_value_longer_than_redis_takes_is_refused_before_anything_is_sent(
+    backend: RedisBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pydantic_toast.backends.redis as redis_backend
+
+    monkeypatch.setattr(redis_backend, "MAX_VALUE_BYTES", 400)  # as if 512 MiB were this
+    small, big = record("Sized", 1), record("Sized", 2)
+    big.data = b'{"text":"' + b"x" * 400 + b'"}'
+    for batch in ([big], [small, big]):
+        with pytest.raises(StorageValidationError) as caught:
+            await backend.write_records(batch)
+        assert str(caught.value).startswith(f"Sized record {big.id} is ")
+        assert "more than a Redis value may be (400, the server's default" in str(caught.value)
+    assert await backend.read_records("Sized", [small.id, big.id]) == [None, None]
+
+
 async def test_empty_batches_do_nothing(backend: RedisBackend) -> None:
     await backend.write_records([])
     assert await backend.read_records("Empty", []) == []

@@ -70,6 +70,8 @@ _DB_PATH = re.compile(r"/?\d*")
 # without serving other clients, and a request must stay far below its 1 GB query buffer.
 _BATCH_RECORDS = 1000
 _BATCH_BYTES = 16 << 20
+#: The longest value Redis takes by default (``proto-max-bulk-len``, 512 MiB).
+MAX_VALUE_BYTES = 512 << 20
 
 # Failures that go away by themselves: a connection lost or refused, a timeout, a server
 # loading its data set, a replica promoted or a cluster resharding (failover). A refused login
@@ -516,10 +518,14 @@ class RedisBackend(StorageBackend):
         by_ttl: dict[bytes, list[Record]] = {}
         for record in records:
             by_ttl.setdefault(self._ttl_ms_for(record), []).append(record)
+        # Every envelope before the first call: one that is refused must leave none written.
+        groups = [
+            (ttl_ms, [(record, _envelope(record)) for record in group])
+            for ttl_ms, group in by_ttl.items()  # one group, unless classes with TTLs mix
+        ]
         client = await self._acquire()
         try:
-            for ttl_ms, group in by_ttl.items():  # one group, unless classes with TTLs mix
-                pairs = [(record, _envelope(record)) for record in group]
+            for ttl_ms, pairs in groups:
                 for call in _script_calls(pairs):
                     keys = self._record_keys([record for record, _ in call])
                     values = [value for _, value in call]
@@ -864,13 +870,21 @@ def _script_calls(items: Sequence[_Item]) -> list[Sequence[_Item]]:
 
 
 def _envelope(record: Record) -> bytes:
-    """The record's envelope, with `created_at` in the fixed width the script relies on."""
+    """The record's envelope, with `created_at` in the fixed width the script relies on;
+    one longer than a Redis value may be is refused before anything is sent (the server
+    would reset the connection, which reads as a failure worth retrying)."""
     if record.updated_at.utcoffset():  # UTC, so that the delete script can compare it as text
         record.updated_at = record.updated_at.astimezone(UTC)
     value = encode_envelope(record)
     if value[_QUOTE_AT] != ord('"'):  # an offset such as +05:30:15 is longer: use UTC
         record.created_at = record.created_at.astimezone(UTC)
         value = encode_envelope(record)
+    if len(value) > MAX_VALUE_BYTES:
+        raise StorageValidationError(
+            f"{record.class_name} record {record.id} is {len(value)} bytes stored, more than "
+            f"a Redis value may be ({MAX_VALUE_BYTES}, the server's default "
+            "proto-max-bulk-len): compress it (compress_above) or keep it elsewhere"
+        )
     return value
 
 
