@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from pydantic_toast import _telemetry
 from pydantic_toast._config import ModelSettings, settings_of
-from pydantic_toast._crypto import Keyring, sign_reference
+from pydantic_toast._crypto import sign_reference
 from pydantic_toast._errors import (
     ExternalStorageError,
     RecordNotFoundError,
@@ -39,6 +39,8 @@ from pydantic_toast.backends.base import StorageBackend
 from pydantic_toast.backends.records import Record, id_text, id_texts
 
 if TYPE_CHECKING:
+    from uuid import UUID
+
     from pydantic_toast._model import ExternalBaseModel
 
 __all__ = [
@@ -66,9 +68,25 @@ def _reference(settings: ModelSettings, record: Record) -> ExternalReference:
     return {"class_name": record.class_name, "id": id_text(record.id)}
 
 
-def _signer(settings: ModelSettings) -> Keyring | None:
-    """The keyring references to the class are checked under, if they are signed."""
-    return keyring_of(settings) if settings.signed_references else None
+def _id_of(settings: ModelSettings, reference: object) -> UUID:
+    """The id of a reference to the class, checked: with its signature and expiry when the
+    class signs its references."""
+    if not settings.signed_references:
+        return reference_id(reference, settings.class_name)
+    keyring = keyring_of(settings)
+    return reference_id(
+        reference, settings.class_name, keyring, expiring=settings.references_expire
+    )
+
+
+def _ids_of(settings: ModelSettings, references: Sequence[object]) -> list[UUID]:
+    """`_id_of` of each reference, in order."""
+    if not settings.signed_references:
+        return reference_ids(references, settings.class_name)
+    keyring = keyring_of(settings)
+    return reference_ids(
+        references, settings.class_name, keyring, expiring=settings.references_expire
+    )
 
 
 async def save(model: ExternalBaseModel) -> ExternalReference:
@@ -178,7 +196,7 @@ async def load(cls: type[M], reference: ReferenceLike) -> M:
     name = settings.class_name
     op = _telemetry.start(_telemetry.LOAD, settings.storage, name)
     try:
-        id = reference_id(reference, name, _signer(settings), expiring=settings.references_expire)
+        id = _id_of(settings, reference)
         stored = await with_backend(
             settings.storage, lambda b: load_record(b, name, id), settings.retry, op
         )
@@ -205,8 +223,7 @@ async def load_many(
     references = list(references)
     operation = _telemetry.start(_telemetry.LOAD_MANY, settings.storage, name, len(references))
     with operation or _telemetry.NOTHING as op:
-        signer = _signer(settings)
-        ids = reference_ids(references, name, signer, expiring=settings.references_expire)
+        ids = _ids_of(settings, references)
         # Each id once, found by its integer: a UUID's hash runs Python code, an int's does not.
         unique = list({id.int: id for id in ids}.values())
         stored = await with_backend(
@@ -229,7 +246,7 @@ async def exists(cls: type[M], reference: ReferenceLike) -> bool:
     settings = settings_of(cls)
     name = settings.class_name
     with _telemetry.start(_telemetry.EXISTS, settings.storage, name) or _telemetry.NOTHING as op:
-        id = reference_id(reference, name, _signer(settings), expiring=settings.references_expire)
+        id = _id_of(settings, reference)
         stored = await with_backend(
             settings.storage, lambda b: load_record(b, name, id), settings.retry, op
         )
@@ -244,12 +261,7 @@ async def delete_many(
     references = list(references)
     operation = _telemetry.start(_telemetry.DELETE_MANY, settings.storage, name, len(references))
     with operation or _telemetry.NOTHING as op:
-        signer = _signer(settings)
-        ids = list(
-            dict.fromkeys(
-                reference_ids(references, name, signer, expiring=settings.references_expire)
-            )
-        )
+        ids = list(dict.fromkeys(_ids_of(settings, references)))
         missing: list[str] = []
         if not missing_ok:  # one read first, to name the missing ids
             found = await with_backend(
@@ -286,9 +298,7 @@ async def delete(
         elif reference is None:
             raise StorageValidationError(f"{cls.__name__}.delete_external() needs a reference")
         else:
-            id = reference_id(
-                reference, name, _signer(settings), expiring=settings.references_expire
-            )
+            id = _id_of(settings, reference)
         deleted = await with_backend(
             settings.storage, lambda b: b.delete_records(name, [id]), settings.retry, op
         )
