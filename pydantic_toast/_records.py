@@ -151,7 +151,7 @@ def _float_plan(cls: type[BaseModel]) -> _FloatsOf | bool:
     """How to find every float of a model class's values (kept as the class's
     ``__external_floats__``); False also when its config writes NaN in a form that loads
     back."""
-    if cls.model_config.get("ser_json_inf_nan", "null") != "null":
+    if _loads_back_non_finite(cls.model_config):
         return False
     try:
         plan = _plan(cls.__pydantic_core_schema__, {}, frozenset())
@@ -277,6 +277,12 @@ def _fields(parts: list[tuple[str, tuple[str, _FloatsOf | None]]]) -> _FloatsOf:
     return lambda model: chain.from_iterable(floats(get(model)) for get, floats in getters)
 
 
+def _loads_back_non_finite(config: Mapping[str, Any]) -> bool:
+    """Whether a model's or dataclass's config writes NaN and infinity in a form that loads
+    back (``ser_json_inf_nan`` ``"strings"`` or ``"constants"``), not as null."""
+    return bool(config.get("ser_json_inf_nan", "null") != "null")
+
+
 def _non_finite_float(value: object, path: str = "") -> str | None:
     """The path of the first NaN or infinity in a value (``""``: the value itself), or
     ``None``. Models (their extra fields too), dataclasses, mappings and collections are
@@ -285,15 +291,14 @@ def _non_finite_float(value: object, path: str = "") -> str | None:
         return None if math.isfinite(value) else path
     items: Iterable[tuple[object, object]]
     if isinstance(value, BaseModel):
-        if value.model_config.get("ser_json_inf_nan", "null") != "null":
-            return None  # written in a form that loads back
+        if _loads_back_non_finite(value.model_config):
+            return None
         extra = value.__pydantic_extra__ or {}
         items = chain(
             ((name, getattr(value, name)) for name in type(value).model_fields), extra.items()
         )
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        config = getattr(value, "__pydantic_config__", None) or {}
-        if config.get("ser_json_inf_nan", "null") != "null":
+        if _loads_back_non_finite(getattr(value, "__pydantic_config__", None) or {}):
             return None
         items = ((field.name, getattr(value, field.name)) for field in dataclasses.fields(value))
     elif isinstance(value, Mapping):
